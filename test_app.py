@@ -1,0 +1,769 @@
+"""rero-slots, tested the way members and the club's admin meet it: real uvicorn on loopback, real
+WebSocket clients, real SQLite files. Only PESU is fake, and only at the HTTP level: a small server on
+loopback (``FakePesu``) or an ``httpx.MockTransport``, so the real client code runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+import app as app_module
+from app import Settings, create_app
+from pesu import AuthUnavailable, InvalidCredentials, PesuChecker
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+HERE = Path(__file__).parent
+PASSWORD = "correct-horse-battery"  # every fake member's password; grep'd for in logs and the database
+USERS = {f"PES1UG20CS{i:03d}": f"Member {i}" for i in range(1, 41)}
+ALICE, BOB = "PES1UG20CS001", "PES1UG20CS002"
+
+
+# -- a fake PESU on loopback ---------------------------------------------------------------------------------
+
+
+class FakePesu:
+    """pesu-auth as seen over HTTP. Usernames pick the behaviour: DOWN* answers 503, SLOW* hangs, GARBAGE*
+    answers HTML, OLDAPI* refuses the old way (200 + status false); known users with PASSWORD succeed."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def authenticate(self, request: Request) -> Response:
+        body = await request.json()
+        username, password = body["username"], body["password"]
+        self.calls.append(username)
+        if username.startswith("DOWN"):
+            return JSONResponse({"detail": "bad gateway"}, 503)
+        if username.startswith("SLOW"):
+            await asyncio.sleep(5)
+        if username.startswith("GARBAGE"):
+            return Response("<html>sleeping</html>", 200, media_type="text/html")
+        if username.startswith("OLDAPI"):
+            return JSONResponse({"status": False, "message": "Invalid username or password"})
+        if username.upper() in USERS and password == PASSWORD:
+            srn = username.upper()
+            profile = {"name": USERS[srn], "prn": srn, "srn": srn, "program": "Bachelor of Technology",
+                       "branch": "Computer Science and Engineering", "campus": "RR", "phone": "99999"}
+            return JSONResponse({"status": True, "profile": profile, "message": "Login successful."})
+        return JSONResponse({"status": False, "message": "Invalid username or password"}, 401)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/authenticate", self.authenticate, methods=["POST"])])
+
+
+class ServerThread:
+    """An ASGI app under real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, asgi_app: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(asgi_app, log_level="warning", ws_max_size=app_module.MAX_SOCKET_MESSAGE_BYTES)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            assert self.thread.is_alive(), "server thread died during start-up"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server did not shut down within 10 s"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/slot-booking"
+
+
+@pytest.fixture(scope="session")
+def fake_pesu() -> Iterator[tuple[FakePesu, str]]:
+    fake = FakePesu()
+    with ServerThread(fake.app()) as server:
+        yield fake, f"{server.url}/authenticate"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_pesu: tuple[FakePesu, str]) -> Settings:
+    return Settings(database_path=str(tmp_path / "data" / "rero.db"), pesu_auth_url=fake_pesu[1],
+                    pesu_timeout=0.5, send_timeout=0.5)
+
+
+class Service:
+    """The app under test, with an HTTP client and WebSocket helpers."""
+
+    def __init__(self, server: ServerThread) -> None:
+        self.server = server
+        self.http = httpx.Client(base_url=server.url, timeout=10)
+        self.stack = contextlib.ExitStack()  # sockets opened by the test, closed when it ends
+
+    def sockets(self, n: int = 1) -> list[ClientConnection]:
+        return [self.socket() for _ in range(n)]
+
+    def socket(self) -> ClientConnection:
+        ws = self.stack.enter_context(ws_connect(self.server.ws_url, open_timeout=5, close_timeout=1))
+        assert receive(ws)["type"] == "slots_update"  # every socket starts with the current state
+        return ws
+
+    def book(self, slot_id: Any, username: str = ALICE, password: str = PASSWORD) -> httpx.Response:
+        return self.http.post("/book-slot", json={"slot_id": slot_id, "username": username, "password": password})
+
+    def cancel(self, slot_id: Any, username: str = ALICE, password: str = PASSWORD) -> httpx.Response:
+        return self.http.post("/cancel-slot", json={"slot_id": slot_id, "username": username, "password": password})
+
+    def slots(self) -> dict[str, Any]:
+        return self.http.get("/slots").json()
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[Service]:
+    with ServerThread(create_app(settings)) as server:
+        service = Service(server)
+        try:
+            yield service
+        finally:
+            service.stack.close()
+            service.http.close()
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[Service]:
+    with running(settings) as service:
+        yield service
+
+
+def receive(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    return orjson.loads(ws.recv(timeout=timeout))
+
+
+def send(ws: ClientConnection, message: Any) -> dict[str, Any]:
+    ws.send(orjson.dumps(message).decode())
+    return receive(ws)
+
+
+def receive_until(ws: ClientConnection, kind: str, timeout: float = 5) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        message = receive(ws, max(0.01, deadline - time.monotonic()))
+        if message["type"] == kind:
+            return message
+
+
+def booked(update: dict[str, Any]) -> list[int]:
+    return update["data"]["booked_slots"]
+
+
+# -- the HTTP API, as in the README ------------------------------------------------------------------------
+
+
+def test_root_health_stats_and_slots_show_twelve_free_slots(service: Service) -> None:
+    root = service.http.get("/").json()
+    assert root == {"message": "Slot Booking API is running", "websocket_endpoint": "/slot-booking",
+                    "active_connections": 0, "booked_slots": []}
+    slots = service.slots()
+    assert [s["id"] for s in slots["slots"]] == list(range(3, 15))
+    assert slots["slots"][0] == {"id": 3, "start_time": "03:00", "end_time": "04:00", "is_booked": False,
+                                 "booked_by": None, "booked_at": None}
+    assert slots["slots"][-1]["start_time"] == "14:00" and slots["slots"][-1]["end_time"] == "15:00"
+    assert slots["available_slots"] == list(range(3, 15)) and slots["booked_slots"] == []
+    health = service.http.get("/health").json()
+    assert health["status"] == "healthy" and health["total_slots"] == 12
+    assert health["booked_slots_count"] == 0 and health["available_slots_count"] == 12
+    assert health["database"]["database_path"].endswith("rero.db")
+    stats = service.http.get("/stats").json()
+    assert stats["slots"] == {"total": 12, "booked": 0, "available": 12}
+    assert stats["websocket"] == {"active_connections": 0}
+
+
+def test_login_returns_the_profile(service: Service) -> None:
+    response = service.http.post("/auth/login", json={"username": ALICE, "password": PASSWORD})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["success"] is True and body["message"] == "Login successful"
+    assert body["user"] == {"name": "Member 1", "srn": ALICE, "prn": ALICE, "program": "Bachelor of Technology",
+                            "branch": "Computer Science and Engineering", "campus": "RR"}
+
+
+@pytest.mark.parametrize("username", [ALICE, "OLDAPI123"])
+@pytest.mark.parametrize("route", ["/auth/login", "/book-slot", "/cancel-slot", "/my-bookings"])
+def test_wrong_password_is_401_on_every_route(service: Service, route: str, username: str) -> None:
+    response = service.http.post(route, json={"slot_id": 5, "username": username, "password": "wrong"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid credentials"}
+
+
+@pytest.mark.parametrize("username", ["DOWN1", "SLOW1", "GARBAGE1"])
+def test_pesu_trouble_is_503_never_invalid_credentials(service: Service, username: str) -> None:
+    for route in ("/auth/login", "/book-slot"):
+        response = service.http.post(route, json={"slot_id": 5, "username": username, "password": PASSWORD})
+        assert response.status_code == 503
+        assert response.json() == {"detail": "Authentication service unavailable"}
+    assert service.slots()["booked_slots"] == []
+
+
+def test_unreachable_pesu_is_503(settings: Settings) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with running(replace(settings, pesu_auth_url=f"http://127.0.0.1:{port}/authenticate")) as service:
+        response = service.http.post("/auth/login", json={"username": ALICE, "password": PASSWORD})
+    assert response.status_code == 503
+
+
+def test_book_cancel_and_my_bookings(service: Service) -> None:
+    response = service.book(5)
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "message": "Slot 5 booked successfully", "slot_id": 5}
+    slot = service.slots()["slots"][2]
+    assert slot["id"] == 5 and slot["is_booked"] is True and slot["booked_by"] == ALICE and slot["booked_at"]
+    assert service.slots()["booked_slots"] == [5]
+
+    mine = service.http.post("/my-bookings", json={"username": ALICE, "password": PASSWORD}).json()
+    assert mine["success"] is True and mine["total_bookings"] == 1
+    assert mine["bookings"] == [{"id": 5, "start_time": "05:00", "end_time": "06:00",
+                                 "booked_at": slot["booked_at"]}]
+
+    response = service.cancel(5)
+    assert response.status_code == 200
+    assert response.json() == {"success": True, "message": "Slot 5 booking cancelled successfully", "slot_id": 5}
+    assert service.slots()["booked_slots"] == []
+
+
+def test_second_booker_is_told_slot_is_taken(service: Service) -> None:
+    assert service.book(9).status_code == 200
+    response = service.book(9, BOB)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Slot 9 is not available"}
+    assert service.slots()["slots"][6]["booked_by"] == ALICE
+
+
+def test_only_your_own_booking_can_be_cancelled(service: Service) -> None:
+    service.book(9)
+    response = service.cancel(9, BOB)
+    assert response.status_code == 400 and "only cancel your own" in response.json()["detail"]
+    response = service.cancel(10)
+    assert response.status_code == 400 and response.json() == {"detail": "Slot 10 is not booked"}
+    assert service.slots()["booked_slots"] == [9]
+
+
+@pytest.mark.parametrize("slot_id", [99, 2, 15, -1, 0, 10**18])
+def test_no_such_slot_is_400(service: Service, slot_id: int) -> None:
+    for call in (service.book, service.cancel):
+        response = call(slot_id)
+        assert response.status_code == 400
+        assert response.json() == {"detail": f"Slot {slot_id} does not exist"}
+
+
+def test_a_slot_id_too_big_for_any_integer_is_refused(service: Service) -> None:
+    response = service.book(10**30)
+    assert response.status_code == 422 and response.json() == {"detail": "slot_id must be an integer"}
+
+
+def test_slot_id_may_be_a_numeric_string_as_in_the_original(service: Service) -> None:
+    assert service.book("7").json()["slot_id"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (b"not json", 400, "Request body must be valid JSON"),
+        (b"", 400, "Request body must be valid JSON"),
+        (b"[1, 2]", 400, "Request body must be a JSON object"),
+        (b"null", 400, "Request body must be a JSON object"),
+        (b'{"username": "PES1UG20CS001", "password": "x"}', 422, "slot_id is required"),
+        (b'{"slot_id": 5, "password": "x"}', 422, "username and password are required"),
+        (b'{"slot_id": "abc", "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
+        (b'{"slot_id": 5.5, "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
+        (b'{"slot_id": true, "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
+        (b'{"slot_id": [5], "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
+        (b'{"slot_id": 5, "username": 12, "password": "x"}', 422, "username must be a non-empty string"),
+        (b'{"slot_id": 5, "username": "a", "password": ""}', 422, "password must be a non-empty string"),
+    ],
+)
+def test_malformed_bodies_get_a_clear_error_and_change_nothing(
+    service: Service, fake_pesu: tuple[FakePesu, str], body: bytes, status: int, detail: str
+) -> None:
+    calls = len(fake_pesu[0].calls)
+    for route in ("/book-slot", "/cancel-slot"):
+        response = service.http.post(route, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status
+        assert response.json() == {"detail": detail}
+    assert service.slots()["booked_slots"] == []
+    assert len(fake_pesu[0].calls) == calls  # refused before anyone asked PESU
+
+
+def test_body_over_64_kib_is_413(service: Service) -> None:
+    padding = "x" * (64 * 1024)
+    response = service.http.post("/book-slot", json={"slot_id": 5, "username": ALICE, "password": PASSWORD,
+                                                      "padding": padding})
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while streaming too
+        yield b'{"padding": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = service.http.post("/book-slot", content=chunks())
+    assert response.status_code == 413
+    assert service.slots()["booked_slots"] == []
+
+
+def test_unknown_route_and_method_are_json(service: Service) -> None:
+    assert service.http.get("/nope").json() == {"detail": "Not Found"}
+    response = service.http.get("/book-slot")
+    assert response.status_code == 405 and response.json() == {"detail": "Method Not Allowed"}
+
+
+def test_cors_with_wildcard_never_allows_credentials(service: Service) -> None:
+    response = service.http.get("/slots", headers={"origin": "https://club.example"})
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in response.headers
+
+
+def test_cors_with_a_list_allows_only_those_origins(settings: Settings) -> None:
+    with running(replace(settings, cors_origins=("https://club.example",))) as service:
+        ok = service.http.get("/slots", headers={"origin": "https://club.example"})
+        other = service.http.get("/slots", headers={"origin": "https://evil.example"})
+    assert ok.headers["access-control-allow-origin"] == "https://club.example"
+    assert ok.headers["access-control-allow-credentials"] == "true"
+    assert "access-control-allow-origin" not in other.headers
+
+
+# -- the WebSocket protocol ----------------------------------------------------------------------------------
+
+
+def test_socket_gets_the_state_on_connect_and_on_get_slots(service: Service) -> None:
+    service.book(6)
+    with ws_connect(service.server.ws_url) as ws:
+        first = receive(ws)
+        assert first["type"] == "slots_update" and booked(first) == [6]
+        assert first["data"]["available_slots"] == [3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14]
+        assert first["data"]["slots"][3]["booked_by"] == ALICE and "timestamp" in first
+        again = send(ws, {"type": "get_slots"})
+        assert again["type"] == "slots_update" and again["data"] == first["data"]
+
+
+def test_booking_over_a_socket_reaches_every_socket(service: Service) -> None:
+    booker, watcher = service.sockets(2)
+    response = send(booker, {"type": "book_slot", "slot_id": 9, "username": ALICE, "password": PASSWORD})
+    assert response == {"type": "booking_response", "success": True, "message": "Slot 9 booked successfully",
+                        "slot_id": 9}
+    assert booked(receive(booker)) == [9]
+    assert booked(receive(watcher)) == [9]
+
+    response = send(booker, {"type": "cancel_slot", "slot_id": 9, "username": ALICE, "password": PASSWORD})
+    assert response == {"type": "cancellation_response", "success": True,
+                        "message": "Slot 9 booking cancelled successfully", "slot_id": 9}
+    assert booked(receive(watcher)) == []
+
+
+def test_http_bookings_reach_every_socket(service: Service) -> None:
+    watchers = service.sockets(3)
+    service.book(4)
+    assert all(booked(receive(ws)) == [4] for ws in watchers)
+    service.cancel(4)
+    assert all(booked(receive(ws)) == [] for ws in watchers)
+
+
+def test_socket_refusals_use_the_readmes_messages(service: Service) -> None:
+    service.book(5, BOB)
+    with ws_connect(service.server.ws_url) as ws:
+        receive(ws)
+        taken = send(ws, {"type": "book_slot", "slot_id": 5, "username": ALICE, "password": PASSWORD})
+        assert taken == {"type": "booking_response", "success": False, "message": "Slot 5 is not available",
+                         "slot_id": 5}
+        wrong = send(ws, {"type": "book_slot", "slot_id": 6, "username": ALICE, "password": "nope"})
+        assert wrong == {"type": "booking_response", "success": False,
+                         "message": "Authentication failed. Invalid credentials.", "slot_id": 6}
+        down = send(ws, {"type": "cancel_slot", "slot_id": 5, "username": "DOWN1", "password": "x"})
+        assert down["type"] == "cancellation_response" and down["success"] is False
+        assert "unavailable" in down["message"] and "Invalid credentials" not in down["message"]
+        theirs = send(ws, {"type": "cancel_slot", "slot_id": 5, "username": ALICE, "password": PASSWORD})
+        assert theirs["success"] is False and "only cancel your own" in theirs["message"]
+    assert service.slots()["booked_slots"] == [5]
+
+
+BAD_MESSAGES = [
+    ("{not json", "Invalid JSON format"),
+    ("null", 'Message must be a JSON object with a "type"'),
+    ("[1, 2]", 'Message must be a JSON object with a "type"'),
+    ("42", 'Message must be a JSON object with a "type"'),
+    ('"book_slot"', 'Message must be a JSON object with a "type"'),
+    ('{"type": null}', "Unknown message type: null"),
+    ('{"type": "launch_rocket"}', "Unknown message type: launch_rocket"),
+    ('{"type": "book_slot", "slot_id": 5}', "Missing slot_id, username, or password in booking request"),
+    ('{"type": "cancel_slot", "username": "a", "password": "b"}',
+     "Missing slot_id, username, or password in cancellation request"),
+    ('{"type": "book_slot", "slot_id": "abc", "username": "a", "password": "b"}', "slot_id must be an integer"),
+    ('{"type": "book_slot", "slot_id": 5.5, "username": "a", "password": "b"}', "slot_id must be an integer"),
+    ('{"type": "book_slot", "slot_id": true, "username": "a", "password": "b"}', "slot_id must be an integer"),
+    ('{"type": "book_slot", "slot_id": 5, "username": ["a"], "password": "b"}',
+     "username must be a non-empty string"),
+    ('{"type": "book_slot", "slot_id": 5, "username": "a", "password": {"p": 1}}',
+     "password must be a non-empty string"),
+]
+
+
+def test_bad_socket_messages_get_an_error_and_the_socket_stays_open(service: Service) -> None:
+    with ws_connect(service.server.ws_url) as ws:
+        receive(ws)
+        for text, message in BAD_MESSAGES:
+            ws.send(text)
+            assert receive(ws) == {"type": "error", "message": message}, text
+        ws.send(b"\x00\x01binary")
+        assert receive(ws)["type"] == "error"
+        # still open and working
+        ok = send(ws, {"type": "book_slot", "slot_id": 3, "username": ALICE, "password": PASSWORD})
+        assert ok["success"] is True
+    assert service.slots()["booked_slots"] == [3]
+
+
+def test_oversized_socket_message_is_closed_with_1009(service: Service) -> None:
+    ws = service.socket()
+    ws.send(orjson.dumps({"type": "get_slots", "padding": "x" * 20_000}).decode())
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            receive(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert service.slots()["booked_slots"] == []
+
+
+# -- concurrency --------------------------------------------------------------------------------------------
+
+
+def test_many_simultaneous_bookers_exactly_one_wins(service: Service) -> None:
+    users = list(USERS)[:30]
+    barrier = threading.Barrier(len(users))
+
+    def attempt(username: str) -> int:
+        with httpx.Client(base_url=service.server.url, timeout=10) as client:
+            client.post("/auth/login", json={"username": username, "password": PASSWORD})  # warm the cache
+            barrier.wait()
+            return client.post("/book-slot", json={"slot_id": 8, "username": username,
+                                                   "password": PASSWORD}).status_code
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        codes = list(pool.map(attempt, users))
+    assert sorted(codes) == [200] + [400] * (len(users) - 1)
+    winner = users[codes.index(200)]
+    assert service.slots()["slots"][5]["booked_by"] == winner
+
+
+def test_a_stuck_socket_slows_no_one_and_is_dropped(service: Service) -> None:
+    stuck = raw_socket_that_never_reads(service.server.port)
+    ws = service.socket()
+    assert service.http.get("/stats").json()["websocket"]["active_connections"] == 2
+    # The stuck client sends thousands of requests and never reads an answer: replies pile up that the
+    # server cannot deliver.
+    stuck.sendall(client_frame(b'{"type": "book_slot"}') * 5000)
+    for i in range(24):
+        slot = 3 + i % 12
+        response = send(ws, {"type": "book_slot", "slot_id": slot, "username": ALICE, "password": PASSWORD})
+        assert response["success"] is True
+        assert booked(receive(ws)) == [slot]  # the working socket is never held up
+        assert send(ws, {"type": "cancel_slot", "slot_id": slot, "username": ALICE,
+                         "password": PASSWORD})["success"] is True
+        assert booked(receive(ws)) == []
+    deadline = time.monotonic() + 10
+    while service.http.get("/stats").json()["websocket"]["active_connections"] != 1:
+        assert time.monotonic() < deadline, "the stuck socket was never dropped"
+        time.sleep(0.05)
+    assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
+    stuck.close()
+
+
+def client_frame(payload: bytes) -> bytes:
+    """One masked WebSocket text frame, as a browser sends it (payload under 126 bytes)."""
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def raw_socket_that_never_reads(port: int) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads: the worst browser tab."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /slot-booking HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    sock.settimeout(5)
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+# -- persistence ----------------------------------------------------------------------------------------------
+
+
+def test_bookings_survive_a_restart(settings: Settings) -> None:
+    with running(settings) as service:
+        service.book(11)
+        service.book(12, BOB)
+        service.cancel(12, BOB)
+    assert Path(settings.database_path).exists()  # the data/ folder was made on first run
+    with running(settings) as service:
+        assert service.slots()["booked_slots"] == [11]
+        assert service.slots()["slots"][8]["booked_by"] == ALICE
+
+
+def test_an_original_database_opens_with_its_bookings(settings: Settings) -> None:
+    """A database made by the original system before it tracked users: no booked_by column."""
+    Path(settings.database_path).parent.mkdir(parents=True)
+    with sqlite3.connect(settings.database_path) as conn:
+        conn.execute("""CREATE TABLE slots (id INTEGER PRIMARY KEY, start_time TEXT NOT NULL,
+            end_time TEXT NOT NULL, is_booked BOOLEAN DEFAULT FALSE, booked_at DATETIME DEFAULT NULL,
+            created_at DATETIME DEFAULT CURRENT_TIMESTAMP, updated_at DATETIME DEFAULT CURRENT_TIMESTAMP)""")
+        for hour in range(3, 15):
+            conn.execute("INSERT INTO slots (id, start_time, end_time, is_booked, booked_at) VALUES (?, ?, ?, ?, ?)",
+                         (hour, f"{hour:02d}:00", f"{hour + 1:02d}:00", hour in (6, 9),
+                          "2025-07-28 10:15:30" if hour in (6, 9) else None))
+    with running(settings) as service:
+        slots = service.slots()
+        assert slots["booked_slots"] == [6, 9]
+        assert slots["slots"][3]["booked_at"] == "2025-07-28 10:15:30"
+        assert service.book(6).status_code == 400  # still taken
+        assert service.book(7).status_code == 200
+
+
+def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO"), running(settings) as service:
+        service.book(5)
+        service.http.post("/book-slot", json={"slot_id": 6, "username": BOB, "password": "wrong-" + PASSWORD})
+        with ws_connect(service.server.ws_url) as ws:
+            receive(ws)
+            send(ws, {"type": "book_slot", "slot_id": 7, "username": ALICE, "password": PASSWORD})
+    files = [p for p in Path(settings.database_path).parent.iterdir()]
+    for path in files:
+        assert PASSWORD.encode() not in path.read_bytes()
+    client_side = ("websockets.client", "httpx", "httpcore")  # this test's own clients log what they send
+    server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith(client_side)]
+    assert any("book slot 5 by PES1UG20CS001" in line for line in server_lines)
+    assert not any(PASSWORD in line for line in server_lines)
+    assert "Member 1" not in b"".join(p.read_bytes() for p in files).decode(errors="replace")
+
+
+# -- the PESU checker on its own, against httpx.MockTransport ----------------------------------------------
+
+
+def pesu_transport(calls: list[str], answer: Any = None) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        assert body["profile"] is True
+        calls.append(body["username"])
+        await asyncio.sleep(0.05)
+        if answer is not None:
+            return answer
+        if body["password"] == PASSWORD:
+            return httpx.Response(200, json={"status": True, "profile": {"srn": body["username"], "name": "A"}})
+        return httpx.Response(401, json={"status": False})
+
+    return httpx.MockTransport(handler)
+
+
+def test_successful_logins_are_cached_until_the_ttl_passes() -> None:
+    async def scenario() -> None:
+        calls: list[str] = []
+        now = [0.0]
+        async with httpx.AsyncClient(transport=pesu_transport(calls)) as client:
+            checker = PesuChecker(client, "http://pesu/authenticate", ttl_seconds=1800, timer=lambda: now[0])
+            assert (await checker.check(ALICE, PASSWORD))["srn"] == ALICE
+            await checker.check(ALICE, PASSWORD)
+            assert calls == [ALICE]
+            now[0] = 1799
+            await checker.check(ALICE, PASSWORD)
+            assert calls == [ALICE]
+            now[0] = 1801
+            await checker.check(ALICE, PASSWORD)
+            assert calls == [ALICE, ALICE]
+            assert all(PASSWORD.encode() not in key and ALICE.encode() not in key for key in checker.cache)
+
+    asyncio.run(scenario())
+
+
+def test_refusals_are_not_cached_and_simultaneous_checks_share_one_call() -> None:
+    async def scenario() -> None:
+        calls: list[str] = []
+        async with httpx.AsyncClient(transport=pesu_transport(calls)) as client:
+            checker = PesuChecker(client, "http://pesu/authenticate")
+            for _ in range(2):
+                with pytest.raises(InvalidCredentials):
+                    await checker.check(ALICE, "wrong")
+            assert calls == [ALICE, ALICE]
+            results = await asyncio.gather(*(checker.check(BOB, PASSWORD) for _ in range(20)))
+            assert all(r["srn"] == BOB for r in results)
+            assert calls.count(BOB) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(500, text="oops"),
+        httpx.Response(502, json={"status": False}),
+        httpx.Response(200, text="<html>"),
+        httpx.Response(200, json={"status": True}),  # success without a profile
+        httpx.Response(200, json=["status", True]),
+        httpx.Response(403, json={"status": False}),
+    ],
+)
+def test_anything_but_a_clear_answer_means_unavailable(answer: httpx.Response) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=pesu_transport([], answer)) as client:
+            with pytest.raises(AuthUnavailable):
+                await PesuChecker(client, "http://pesu/authenticate").check(ALICE, PASSWORD)
+
+    asyncio.run(scenario())
+
+
+# -- configuration ----------------------------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = Settings.from_env({"PORT": "9001", "DATABASE_PATH": "/srv/rero.db", "CACHE_DURATION_MINUTES": "5",
+                                  "CORS_ORIGINS": "https://a.example, https://b.example", "SLOT_START_HOUR": "8",
+                                  "SLOT_END_HOUR": "20", "WORKERS": "4", "LOG_LEVEL": "DEBUG"})
+    assert settings.port == 9001 and settings.database_path == "/srv/rero.db" and settings.cache_minutes == 5
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.hours == range(8, 20) and settings.workers == 4 and settings.log_level == "debug"
+    defaults = Settings.from_env({})
+    assert (defaults.host, defaults.port, defaults.database_path) == ("0.0.0.0", 8000, "data/rero.db")
+    assert defaults.pesu_auth_url == "https://pesu-auth.onrender.com/authenticate"
+    with pytest.raises(SystemExit):
+        Settings.from_env({"PORT": "eighty"})
+    with pytest.raises(SystemExit):
+        Settings.from_env({"SLOT_START_HOUR": "15", "SLOT_END_HOUR": "3"})
+
+
+def test_slot_hours_follow_the_settings(settings: Settings) -> None:
+    with running(replace(settings, slot_start_hour=8, slot_end_hour=10)) as service:
+        slots = service.slots()["slots"]
+        assert [(s["id"], s["start_time"], s["end_time"]) for s in slots] == [(8, "08:00", "09:00"),
+                                                                               (9, "09:00", "10:00")]
+        assert service.book(3).status_code == 400
+
+
+# -- real processes -----------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process(settings: Settings, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``python app.py`` in its own process, as a club would run it."""
+    port = free_port()
+    environ = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DATABASE_PATH": settings.database_path,
+               "PESU_AUTH_URL": settings.pesu_auth_url, "LOG_LEVEL": "warning", **env}
+    proc = subprocess.Popen([sys.executable, str(HERE / "app.py")], env=environ, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "process died"
+            assert time.monotonic() < deadline, "server did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_two_processes_on_one_file_book_each_slot_once_and_hear_each_other(settings: Settings) -> None:
+    with process(settings) as (_, url_a), process(settings) as (_, url_b), contextlib.ExitStack() as stack:
+        watcher = stack.enter_context(ws_connect(url_a.replace("http", "ws") + "/slot-booking"))
+        receive(watcher)
+        users = list(USERS)[:20]
+        barrier = threading.Barrier(len(users))
+
+        def attempt(i: int) -> int:
+            url = (url_a, url_b)[i % 2]
+            with httpx.Client(base_url=url, timeout=10) as client:
+                client.post("/auth/login", json={"username": users[i], "password": PASSWORD})
+                barrier.wait()
+                return client.post("/book-slot", json={"slot_id": 10, "username": users[i],
+                                                       "password": PASSWORD}).status_code
+
+        with ThreadPoolExecutor(len(users)) as pool:
+            codes = list(pool.map(attempt, range(len(users))))
+        assert sorted(codes) == [200] + [400] * (len(users) - 1)
+
+        # a booking made on B reaches a socket connected to A, and both serve the same state
+        httpx.post(f"{url_b}/book-slot", json={"slot_id": 13, "username": ALICE, "password": PASSWORD})
+        while booked(receive_until(watcher, "slots_update")) != [10, 13]:
+            pass
+        assert httpx.get(f"{url_a}/slots").json()["booked_slots"] == [10, 13]
+        assert httpx.get(f"{url_b}/slots").json()["booked_slots"] == [10, 13]
+
+
+def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
+    with process(settings) as (proc, url):
+        assert httpx.post(f"{url}/book-slot", json={"slot_id": 14, "username": ALICE,
+                                                    "password": PASSWORD}).status_code == 200
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+    with process(settings) as (_, url):
+        assert httpx.get(f"{url}/slots").json()["booked_slots"] == [14]
+
+
+def test_sigterm_closes_sockets_with_1001_and_exits(settings: Settings) -> None:
+    with process(settings) as (proc, url), contextlib.ExitStack() as stack:
+        ws = stack.enter_context(ws_connect(url.replace("http", "ws") + "/slot-booking"))
+        receive(ws)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            receive(ws, 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert proc.wait(5) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        assert time.monotonic() - started < 5
