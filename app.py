@@ -14,9 +14,10 @@ import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, TypedDict
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 import orjson
@@ -32,7 +33,7 @@ from starlette.websockets import WebSocket
 import pesu
 from db import SlotStore
 from pesu import AuthUnavailable, InvalidCredentials, PesuChecker
-from slots import Board, SlotError
+from slots import Board, Day, Forbidden, Rules, SlotError, parse_date
 
 logger = logging.getLogger("rero")
 
@@ -58,6 +59,12 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)
     slot_start_hour: int = 3
     slot_end_hour: int = 15
+    timezone: str = "Asia/Kolkata"
+    booking_days_ahead: int = 7
+    booking_grace_minutes: int = 30
+    max_bookings_per_day: int = 0  # 0 = no limit
+    max_upcoming_bookings: int = 0  # 0 = no limit
+    admin_srns: frozenset[str] = frozenset()
     send_timeout: float = 10.0  # a socket whose send takes longer than this is dropped
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
@@ -86,10 +93,38 @@ class Settings:
             ),
             slot_start_hour=get("SLOT_START_HOUR", int, cls.slot_start_hour),
             slot_end_hour=get("SLOT_END_HOUR", int, cls.slot_end_hour),
+            timezone=get("TIMEZONE", str, cls.timezone),
+            booking_days_ahead=get("BOOKING_DAYS_AHEAD", int, cls.booking_days_ahead),
+            booking_grace_minutes=get("BOOKING_GRACE_MINUTES", int, cls.booking_grace_minutes),
+            max_bookings_per_day=get("MAX_BOOKINGS_PER_DAY", int, cls.max_bookings_per_day),
+            max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings),
+            admin_srns=get(
+                "ADMIN_SRNS", lambda v: frozenset(s.strip().upper() for s in v.split(",") if s.strip()),
+                cls.admin_srns,
+            ),
         )
         if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
             raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
+        if min(settings.booking_days_ahead, settings.booking_grace_minutes, settings.max_bookings_per_day,
+               settings.max_upcoming_bookings) < 0:
+            raise SystemExit("BOOKING_* and MAX_* settings cannot be negative")
+        settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
+
+    def rules(self) -> Rules:
+        try:
+            zone = ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise SystemExit(f"TIMEZONE={self.timezone!r} is not a known IANA time zone") from None
+        return Rules(
+            hours=self.hours,
+            timezone=zone,
+            days_ahead=self.booking_days_ahead,
+            grace_minutes=self.booking_grace_minutes,
+            max_per_day=self.max_bookings_per_day,
+            max_upcoming=self.max_upcoming_bookings,
+            admins=self.admin_srns,
+        )
 
     @property
     def hours(self) -> range:
@@ -179,6 +214,7 @@ class Peer:
         self.close_code: int | None = None
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.date: str | None = None  # the day this socket watches; None follows "today" across midnight
 
     def send_state(self, text: str) -> None:
         self.latest = text
@@ -211,9 +247,17 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await peer.task
 
-    def broadcast(self, text: str) -> None:
+    def broadcast(self, day: Day, today: str) -> None:
+        """Send a day's new state to the sockets watching that day."""
         for peer in self.peers:
-            peer.send_state(text)
+            if (peer.date or today) == day.date:
+                peer.send_state(day.update_text)
+
+    def roll_over(self, day: Day) -> None:
+        """A new day began: sockets watching "today" now watch it."""
+        for peer in self.peers:
+            if peer.date is None:
+                peer.send_state(day.update_text)
 
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
         if len(peer.replies) >= self.max_backlog:
@@ -268,8 +312,12 @@ class State(TypedDict):
     store: SlotStore
 
 
-async def authenticate(state: State, username: str, password: str) -> dict[str, Any]:
-    """The member's PESU profile, or an HTTPException saying why not (401 or 503)."""
+async def authenticate(state: State, username: str, password: str) -> str:
+    """The member's SRN, or an HTTPException saying why not (401 or 503)."""
+    return (await profile_of(state, username, password))["srn"]
+
+
+async def profile_of(state: State, username: str, password: str) -> dict[str, Any]:
     try:
         return await state["pesu"].check(username, password)
     except InvalidCredentials:
@@ -280,12 +328,16 @@ async def authenticate(state: State, username: str, password: str) -> dict[str, 
         raise HTTPException(503, "Authentication service unavailable") from None
 
 
-def db_summary(state: State) -> dict[str, Any]:
+async def today(state: State) -> Day:
     board = state["board"]
+    return await board.day(board.today())
+
+
+def db_summary(state: State, day: Day) -> dict[str, Any]:
     return {
-        "total_slots": len(board.slots),
-        "booked_slots": len(board.booked),
-        "available_slots": len(board.available),
+        "total_slots": len(day.slots),
+        "booked_slots": len(day.booked),
+        "available_slots": len(day.available),
         "database_path": state["settings"].database_path,
     }
 
@@ -295,35 +347,36 @@ def db_summary(state: State) -> dict[str, Any]:
 
 async def root(request: Request[State]) -> Response:
     state = request.state
+    day = await today(state)
     return JSONResponse(
         {
             "message": "Slot Booking API is running",
             "websocket_endpoint": "/slot-booking",
             "active_connections": len(state["hub"].peers),
-            "booked_slots": state["board"].booked,
+            "booked_slots": day.booked,
         }
     )
 
 
 async def health(request: Request[State]) -> Response:
     state = request.state
-    board = state["board"]
+    day = await today(state)
     return JSONResponse(
         {
             "status": "healthy",
-            "timestamp": board.clock().isoformat(),
+            "timestamp": state["board"].now().isoformat(),
             "active_connections": len(state["hub"].peers),
-            "total_slots": len(board.slots),
-            "booked_slots_count": len(board.booked),
-            "available_slots_count": len(board.available),
-            "database": db_summary(state),
+            "total_slots": len(day.slots),
+            "booked_slots_count": len(day.booked),
+            "available_slots_count": len(day.available),
+            "database": db_summary(state, day),
         }
     )
 
 
 async def stats(request: Request[State]) -> Response:
     state = request.state
-    summary = db_summary(state)
+    summary = db_summary(state, await today(state))
     return JSONResponse(
         {
             "database": summary,
@@ -338,71 +391,135 @@ async def stats(request: Request[State]) -> Response:
 
 
 async def list_slots(request: Request[State]) -> Response:
-    state = request.state
-    return Response(state["board"].slots_json, media_type="application/json")
+    board = request.state["board"]
+    try:
+        date = board.resolve(request.query_params.get("date"))
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
+    return Response((await board.day(date)).slots_json, media_type="application/json")
 
 
-async def parse(request: Request[State], *, slot: bool) -> tuple[int, str, str]:
-    """slot_id (0 when not asked for), username, password from a JSON body; 400/422 if they are not there."""
+@dataclass(frozen=True)
+class Ask:
+    """A request's fields, checked: the member's credentials and, where the route takes them, date and slot."""
+
+    username: str
+    password: str
+    date: str
+    slot_id: int
+    data: dict[str, Any]
+
+
+def ask_of(board: Board, data: dict[str, Any], *, slot: bool) -> Ask:
+    """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
+    slot_id = slot_id_of(data) if slot else 0
+    username, password = credentials_of(data)
+    return Ask(username, password, board.resolve(data.get("date")), slot_id, data)
+
+
+async def parse(request: Request[State], *, slot: bool) -> Ask:
+    """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
     data = await read_json(request)
     try:
-        slot_id = slot_id_of(data) if slot else 0
-        username, password = credentials_of(data)
+        return ask_of(request.state["board"], data, slot=slot)
     except BadInput as exc:
         raise HTTPException(422, str(exc)) from None
-    return slot_id, username, password
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 async def login(request: Request[State]) -> Response:
-    state = request.state
-    _, username, password = await parse(request, slot=False)
-    profile = await authenticate(state, username, password)
+    ask = await parse(request, slot=False)
+    profile = await profile_of(request.state, ask.username, ask.password)
     return JSONResponse({"success": True, "message": "Login successful", "user": profile})
 
 
-async def book_slot(request: Request[State]) -> Response:
-    state = request.state
-    slot_id, username, password = await parse(request, slot=True)
-    profile = await authenticate(state, username, password)
-    await change(state, "book", slot_id, profile["srn"], via="http")
-    return JSONResponse({"success": True, "message": f"Slot {slot_id} booked successfully", "slot_id": slot_id})
+MESSAGES = {
+    "book": "Slot {} booked successfully",
+    "cancel": "Slot {} booking cancelled successfully",
+    "close": "Slot {} closed",
+    "open": "Slot {} reopened",
+}
 
 
-async def cancel_slot(request: Request[State]) -> Response:
-    state = request.state
-    slot_id, username, password = await parse(request, slot=True)
-    profile = await authenticate(state, username, password)
-    await change(state, "cancel", slot_id, profile["srn"], via="http")
-    return JSONResponse(
-        {"success": True, "message": f"Slot {slot_id} booking cancelled successfully", "slot_id": slot_id}
-    )
+def slot_route(action: str) -> Callable[[Request[State]], Any]:
+    """POST /book-slot, /cancel-slot, /admin/close-slot, /admin/open-slot: the same steps, another action."""
+
+    async def endpoint(request: Request[State]) -> Response:
+        ask = await parse(request, slot=True)
+        srn = await authenticate(request.state, ask.username, ask.password)
+        await change(request.state, action, ask, srn, via="http")
+        message = MESSAGES[action].format(ask.slot_id)
+        return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
+
+    endpoint.__name__ = f"{action}_slot"
+    return endpoint
 
 
 async def my_bookings(request: Request[State]) -> Response:
-    state = request.state
-    _, username, password = await parse(request, slot=False)
-    profile = await authenticate(state, username, password)
-    bookings = await state["board"].bookings_of(profile["srn"])
+    ask = await parse(request, slot=False)
+    srn = await authenticate(request.state, ask.username, ask.password)
+    bookings = await request.state["board"].bookings_of(srn)
     return JSONResponse({"success": True, "bookings": bookings, "total_bookings": len(bookings)})
 
 
-async def change(state: State, action: str, slot_id: int, srn: str, *, via: str) -> None:
-    """Book or cancel, then tell every socket; a refusal is a 400 with the rules' own sentence."""
-    board = state["board"]
+def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:
+    value = data.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise HTTPException(422, f"{name} must be an integer from 1 to {most}")
+    return value
+
+
+async def admin_history(request: Request[State]) -> Response:
+    """The change log, newest first, for admins: filter by date range (from, to) and srn; paged."""
+    ask = await parse(request, slot=False)
+    data, board = ask.data, request.state["board"]
+    page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 50, 500)
     try:
-        changed = await (board.book if action == "book" else board.cancel)(slot_id, srn)
+        since = None if data.get("from") is None else board.resolve(data["from"])
+        until = None if data.get("to") is None else board.resolve(data["to"])
     except SlotError as exc:
         raise HTTPException(400, str(exc)) from None
-    logger.info("%s slot %d by %s via %s", action, slot_id, srn, via)
-    if changed:
-        state["hub"].broadcast(board.update_text)
+    who = data.get("srn")
+    if who is not None and not isinstance(who, str):
+        raise HTTPException(422, "srn must be a string")
+    srn = await authenticate(request.state, ask.username, ask.password)
+    try:
+        total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    return JSONResponse(
+        {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
+    )
+
+
+async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> None:
+    """Book, cancel, close or reopen, then tell the sockets watching that day.
+
+    A refusal is a 400 with the rules' own sentence (403 where only admins may).
+    """
+    board = state["board"]
+    try:
+        if action == "book":
+            day = await board.book(ask.date, ask.slot_id, srn, via)
+        elif action == "cancel":
+            day = await board.cancel(ask.date, ask.slot_id, srn, via)
+        else:
+            day = await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
+    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via)
+    if day is not None:
+        state["hub"].broadcast(day, board.today())
 
 
 # -- the WebSocket endpoint ------------------------------------------------------------------------------------
 
 SOCKET_ACTIONS = {
-    "book_slot": ("book", "booking_response", "booking", "Slot {} booked successfully"),
-    "cancel_slot": ("cancel", "cancellation_response", "cancellation", "Slot {} booking cancelled successfully"),
+    "book_slot": ("book", "booking_response", "booking"),
+    "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
 }
 
 
@@ -411,7 +528,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
     await websocket.accept()
     hub = state["hub"]
     peer = hub.join(websocket)
-    peer.send_state(state["board"].update_text)
+    peer.send_state((await today(state)).update_text)
     try:
         while True:
             message = await websocket.receive()
@@ -430,60 +547,68 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
 
 async def on_message(state: State, peer: Peer, text: str) -> None:
     """Answer one client message; a bad one gets an ``error`` reply and the socket stays open."""
-    hub = state["hub"]
+    hub, board = state["hub"], state["board"]
+
+    def error(message: str) -> None:
+        hub.reply(peer, {"type": "error", "message": message})
+
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return hub.reply(peer, {"type": "error", "message": "Invalid JSON format"})
+        return error("Invalid JSON format")
     if not isinstance(data, dict):
-        return hub.reply(peer, {"type": "error", "message": "Message must be a JSON object with a \"type\""})
+        return error('Message must be a JSON object with a "type"')
     kind = data.get("type")
     if kind == "get_slots":
-        return peer.send_state(state["board"].update_text)
+        try:
+            date = None if data.get("date") is None else parse_date(data["date"])
+        except SlotError as exc:
+            return error(str(exc))
+        peer.date = date  # watch that day from now on; without a date, watch today
+        return peer.send_state((await board.day(date or board.today())).update_text)
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
         shown = kind if isinstance(kind, str) else orjson.dumps(kind).decode()
-        return hub.reply(peer, {"type": "error", "message": f"Unknown message type: {shown[:64]}"})
+        return error(f"Unknown message type: {shown[:64]}")
 
-    action, response_type, noun, success = SOCKET_ACTIONS[kind]
+    action, response_type, noun = SOCKET_ACTIONS[kind]
     if any(data.get(name) is None for name in ("slot_id", "username", "password")):
-        return hub.reply(
-            peer, {"type": "error", "message": f"Missing slot_id, username, or password in {noun} request"}
-        )
+        return error(f"Missing slot_id, username, or password in {noun} request")
     try:
-        slot_id = slot_id_of(data)
-        username, password = credentials_of(data)
-    except BadInput as exc:
-        return hub.reply(peer, {"type": "error", "message": str(exc)})
+        ask = ask_of(board, data, slot=True)
+    except (BadInput, SlotError) as exc:
+        return error(str(exc))
 
     def respond(ok: bool, message: str) -> None:
-        hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": slot_id})
+        hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": ask.slot_id})
 
     try:
-        profile = await authenticate(state, username, password)
-        await change(state, action, slot_id, profile["srn"], via="websocket")
+        srn = await authenticate(state, ask.username, ask.password)
+        await change(state, action, ask, srn, via="websocket")
     except HTTPException as exc:
         if exc.status_code == 401:
             return respond(False, "Authentication failed. Invalid credentials.")
         if exc.status_code == 503:
             return respond(False, "Authentication service unavailable. Please try again later.")
         return respond(False, str(exc.detail))
-    respond(True, success.format(slot_id))
+    respond(True, MESSAGES[action].format(ask.slot_id))
 
 
 # -- lifetime ------------------------------------------------------------------------------------------------
 
 
-async def watch_other_workers(store: SlotStore, board: Board, hub: Hub, interval: float) -> None:
-    """Pick up changes committed by other worker processes on the same file, and broadcast them."""
+async def watch(board: Board, hub: Hub, interval: float) -> None:
+    """Pick up changes committed by other worker processes on the same file, and the club's midnight."""
+    current = board.today()
     while True:
         await asyncio.sleep(interval)
         try:
-            snapshot = await store.changed_elsewhere()
+            for day in await board.refresh():
+                hub.broadcast(day, current)
+            if board.today() != current:
+                current = board.today()
+                hub.roll_over(await board.day(current))
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
-            continue
-        if snapshot is not None and board.apply(snapshot):
-            hub.broadcast(board.update_text)
 
 
 def configure_logging(level: str) -> None:
@@ -518,7 +643,7 @@ def create_app(
     settings: Settings,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    clock: Callable[[], datetime] = datetime.now,
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     pesu_timer: Callable[[], float] | None = None,
 ) -> Starlette:
     """Build the app; tests pass their own settings, a fake PESU transport and clock."""
@@ -527,8 +652,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         configure_logging(settings.log_level)
         store = SlotStore(settings.database_path, settings.hours)
-        board = Board(store, settings.hours, clock)
-        board.apply(await store.open())
+        board = Board(store, settings.rules(), clock)
+        await board.open()
         hub = Hub(settings.send_timeout, settings.max_backlog)
         timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
@@ -539,7 +664,7 @@ def create_app(
                 timer=pesu_timer,
                 deadline=1.5 * settings.pesu_timeout,
             )
-            watcher = asyncio.create_task(watch_other_workers(store, board, hub, settings.watch_interval))
+            watcher = asyncio.create_task(watch(board, hub, settings.watch_interval))
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
                 yield {"settings": settings, "board": board, "hub": hub, "pesu": checker, "store": store}
@@ -557,9 +682,12 @@ def create_app(
         Route("/slots", list_slots),
         Route("/stats", stats),
         Route("/auth/login", login, methods=["POST"]),
-        Route("/book-slot", book_slot, methods=["POST"]),
-        Route("/cancel-slot", cancel_slot, methods=["POST"]),
+        Route("/book-slot", slot_route("book"), methods=["POST"]),
+        Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
         Route("/my-bookings", my_bookings, methods=["POST"]),
+        Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
+        Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
+        Route("/admin/history", admin_history, methods=["POST"]),
         WebSocketRoute("/slot-booking", slot_socket),
     ]
     wildcard = "*" in settings.cors_origins

@@ -2,8 +2,12 @@
 
 One connection on one worker thread owns every read and write, so the event loop never waits on the disk
 and writes from this process are serialized (datasette's pattern). Writes from other processes on the same
-file are serialized by SQLite itself: each change is a single conditional UPDATE inside ``BEGIN IMMEDIATE``,
-so "is it free?" and "book it" can never be split by another writer.
+file are serialized by SQLite: every change runs inside ``BEGIN IMMEDIATE``, which takes the write lock
+before the first read, so "is it free, is the member under their limits?" and "book it" can never be split
+by another writer. The primary key (date, slot_id) makes a double booking impossible even so.
+
+Every change also appends a row to ``events``: the admin's history, and the feed from which other worker
+processes learn which days changed. The newest event id is the state's ``version``.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# The original system's table, kept as it was so its databases open unchanged.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
+-- The original system's table, kept as it was so its databases open, now only the slots' definitions.
 CREATE TABLE IF NOT EXISTS slots (
     id INTEGER PRIMARY KEY,
     start_time TEXT NOT NULL,
@@ -29,21 +36,61 @@ CREATE TABLE IF NOT EXISTS slots (
     created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     updated_at DATETIME DEFAULT CURRENT_TIMESTAMP
 );
+-- One row per booked or closed (date, slot). booked_by is an SRN, or NULL for a closed slot (or a
+-- booking migrated from before the original system tracked users).
+CREATE TABLE IF NOT EXISTS bookings (
+    date TEXT NOT NULL,
+    slot_id INTEGER NOT NULL,
+    booked_by TEXT,
+    booked_at TEXT NOT NULL,
+    closed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (date, slot_id)
+);
+CREATE INDEX IF NOT EXISTS bookings_by_member ON bookings (booked_by, date);
+-- Append-only history of every change.
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    srn TEXT,
+    action TEXT NOT NULL,
+    date TEXT,
+    slot_id INTEGER,
+    via TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_date ON events (date);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+)
 """
 
-SLOT_COLUMNS = "id, start_time, end_time, is_booked, booked_by, booked_at"
+# (slot_id, booked_by, booked_at, closed) for the slots of one day that are booked or closed
+DayRow = tuple[int, str | None, str, int]
 
-Row = tuple[int, str, str, int, str | None, str | None]
-Snapshot = tuple[int, list[Row]]  # (version, rows ordered by id)
+
+@dataclass(frozen=True)
+class Limits:
+    """What one member may hold; 0 means no limit. ``now_hour``: slots at or before it have started."""
+
+    per_day: int
+    upcoming: int
+    today: str
+    now_hour: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """The outcome of a write: ``outcome`` is "ok" or why not; ``version`` and ``rows`` are the day after."""
+
+    outcome: str
+    version: int
+    rows: list[DayRow]
+    booked_by: str | None = None
 
 
 class SlotStore:
-    """Bookings of the twelve (or so) hourly slots, in one SQLite file."""
+    """Bookings of hourly slots by date, in one SQLite file."""
 
     def __init__(self, path: str, hours: Sequence[int]) -> None:
         self.path = path
@@ -56,17 +103,22 @@ class SlotStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "SlotStore.open() first"
+        return self._conn
+
     # -- lifetime -----------------------------------------------------------------------------------------
 
-    async def open(self) -> Snapshot:
-        """Create or migrate the database and return the current state."""
-        return await self._run(self._open)
+    async def open(self, today: str, now: str) -> int:
+        """Create or migrate the database; returns the current version."""
+        return await self._run(self._open, today, now)
 
     async def close(self) -> None:
         await self._run(self._close)
         self._executor.shutdown(wait=True)
 
-    def _open(self) -> Snapshot:
+    def _open(self, today: str, now: str) -> int:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -77,17 +129,36 @@ class SlotStore:
         self._conn = conn
         with self._transaction():
             for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+                conn.execute(statement)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
-            if "booked_by" not in columns:  # a database from before the original added user tracking
+            if "booked_by" not in columns:  # a database from before the original tracked users
                 conn.execute("ALTER TABLE slots ADD COLUMN booked_by TEXT DEFAULT NULL")
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
                 [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
             )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None or row[0] < SCHEMA_VERSION:
+                self._migrate_undated(today, now)
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-        return self._snapshot()
+        return self._version()
+
+    def _migrate_undated(self, today: str, now: str) -> None:
+        """The original system's bookings had no date: they become bookings on the day of migration."""
+        rows = self.conn.execute(
+            "SELECT id, booked_by, booked_at FROM slots WHERE is_booked ORDER BY id"
+        ).fetchall()
+        if not rows:
+            return
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+            [(today, id_, booked_by, booked_at or now) for id_, booked_by, booked_at in rows],
+        )
+        self.conn.execute("UPDATE slots SET is_booked = 0, booked_by = NULL, booked_at = NULL")
+        self._log(now, None, "migrate", today, None, "system",
+                  f"{len(rows)} undated booking(s) from the original database (slots "
+                  f"{', '.join(str(r[0]) for r in rows)}) moved to {today}")
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -96,100 +167,170 @@ class SlotStore:
 
     # -- reads ------------------------------------------------------------------------------------------
 
-    def _snapshot(self) -> Snapshot:
-        assert self._conn is not None
-        version = self._conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
-        rows = self._conn.execute(
-            f"SELECT {SLOT_COLUMNS} FROM slots WHERE id BETWEEN ? AND ? ORDER BY id",
-            (self.hours[0], self.hours[-1]),
+    def _version(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+
+    def _day(self, date: str) -> list[DayRow]:
+        return self.conn.execute(
+            "SELECT slot_id, booked_by, booked_at, closed FROM bookings WHERE date = ? ORDER BY slot_id", (date,)
         ).fetchall()
-        return version, rows
 
-    async def snapshot(self) -> Snapshot:
-        return await self._run(self._snapshot)
+    async def day(self, date: str) -> tuple[int, list[DayRow]]:
+        """The version and the booked or closed slots of one day."""
+        return await self._run(lambda: (self._version(), self._day(date)))
 
-    async def changed_elsewhere(self) -> Snapshot | None:
-        """The new state if another process (another worker) committed since we last looked, else None."""
-        return await self._run(self._changed_elsewhere)
+    async def changed_since(self, version: int) -> tuple[int, dict[str, int]] | None:
+        """(newest version, {day: its newest version}) if another process committed since we last looked."""
+        return await self._run(self._changed_since, version)
 
-    def _changed_elsewhere(self) -> Snapshot | None:
-        assert self._conn is not None
+    def _changed_since(self, version: int) -> tuple[int, dict[str, int]] | None:
         # data_version moves only when *another* connection commits: a cheap poll, no table read.
-        data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if data_version == self._data_version:
             return None
         self._data_version = data_version
-        return self._snapshot()
-
-    async def bookings_of(self, srn: str) -> list[Row]:
-        return await self._run(self._bookings_of, srn)
-
-    def _bookings_of(self, srn: str) -> list[Row]:
-        assert self._conn is not None
-        return self._conn.execute(
-            f"SELECT {SLOT_COLUMNS} FROM slots WHERE booked_by = ? AND is_booked = 1 ORDER BY id", (srn,)
+        rows = self.conn.execute(
+            "SELECT date, MAX(id) FROM events WHERE id > ? GROUP BY date", (version,)
         ).fetchall()
+        if not rows:
+            return None
+        return max(last for _, last in rows), {date: last for date, last in rows if date}
+
+    async def upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
+        """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first."""
+        return await self._run(self._upcoming_of, srn, today, after_hour)
+
+    def _upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
+        return self.conn.execute(
+            "SELECT date, slot_id, booked_at FROM bookings WHERE booked_by = ? AND NOT closed"
+            " AND (date > ? OR (date = ? AND slot_id >= ?)) ORDER BY date, slot_id",
+            (srn, today, today, after_hour),
+        ).fetchall()
+
+    async def history(
+        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(total matching, one page of events newest first), filtered by date range and SRN."""
+        return await self._run(self._history, since, until, srn, limit, offset)
+
+    def _history(
+        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        where, params = ["1"], []
+        if since is not None:
+            where.append("date >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("date <= ?")
+            params.append(until)
+        if srn is not None:
+            where.append("srn = ?")
+            params.append(srn)
+        clause = " AND ".join(where)
+        total = self.conn.execute(f"SELECT COUNT(*) FROM events WHERE {clause}", params).fetchone()[0]
+        cursor = self.conn.execute(
+            f"SELECT id, at, srn, action, date, slot_id, via, note FROM events WHERE {clause}"
+            " ORDER BY id DESC LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
+        names = [d[0] for d in cursor.description]
+        return total, [dict(zip(names, row, strict=True)) for row in cursor]
 
     # -- writes -----------------------------------------------------------------------------------------
 
     def _transaction(self) -> _Transaction:
-        assert self._conn is not None
-        return _Transaction(self._conn)
+        return _Transaction(self.conn)
 
-    async def book(self, slot_id: int, srn: str, at: str) -> tuple[str, Snapshot]:
-        """Book a free slot: returns ("ok" | "taken" | "missing", state after)."""
-        return await self._run(self._book, slot_id, srn, at)
+    def _log(
+        self, at: str, srn: str | None, action: str, date: str | None, slot_id: int | None, via: str,
+        note: str | None = None,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO events (at, srn, action, date, slot_id, via, note) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (at, srn, action, date, slot_id, via, note),
+        )
 
-    def _book(self, slot_id: int, srn: str, at: str) -> tuple[str, Snapshot]:
-        assert self._conn is not None
+    def _current(self, date: str, slot_id: int) -> tuple[str | None, int] | None:
+        return self.conn.execute(
+            "SELECT booked_by, closed FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id)
+        ).fetchone()
+
+    def _write(self, fn: Callable[[], tuple[str, str | None]], date: str) -> Change:
         with self._transaction():
-            changed = self._conn.execute(
-                "UPDATE slots SET is_booked = 1, booked_by = ?, booked_at = ?, updated_at = CURRENT_TIMESTAMP"
-                " WHERE id = ? AND NOT is_booked",
-                (srn, at, slot_id),
-            ).rowcount
-            outcome = "ok" if changed else self._why_not(slot_id)
-            if changed:
-                self._bump()
-            snapshot = self._snapshot()
-        return outcome, snapshot
+            outcome, booked_by = fn()
+            return Change(outcome, self._version(), self._day(date), booked_by)
 
-    async def cancel(self, slot_id: int, srn: str) -> tuple[str, Snapshot]:
-        """Cancel srn's booking: returns ("ok" | "free" | "other" | "missing", state after)."""
-        return await self._run(self._cancel, slot_id, srn)
+    async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str) -> Change:
+        """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"."""
 
-    def _cancel(self, slot_id: int, srn: str) -> tuple[str, Snapshot]:
-        assert self._conn is not None
-        with self._transaction():
-            changed = self._conn.execute(
-                "UPDATE slots SET is_booked = 0, booked_by = NULL, booked_at = NULL, updated_at = CURRENT_TIMESTAMP"
-                " WHERE id = ? AND is_booked AND booked_by = ?",
-                (slot_id, srn),
-            ).rowcount
-            if changed:
-                self._bump()
-                outcome = "ok"
+        def book() -> tuple[str, str | None]:
+            current = self._current(date, slot_id)
+            if current is not None:
+                return ("closed" if current[1] else "taken"), current[0]
+            if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
+                return "per_day", None
+            upcoming = "(date > ? OR (date = ? AND slot_id > ?))"
+            if limits.upcoming and self._count(srn, upcoming, limits.today, limits.today, limits.now_hour) >= (
+                limits.upcoming
+            ):
+                return "upcoming", None
+            self.conn.execute(
+                "INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+                (date, slot_id, srn, at),
+            )
+            self._log(at, srn, "book", date, slot_id, via)
+            return "ok", srn
+
+        return await self._run(self._write, book, date)
+
+    def _count(self, srn: str, condition: str, *params: Any) -> int:
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM bookings WHERE booked_by = ? AND NOT closed AND {condition}", (srn, *params)
+        ).fetchone()[0]
+
+    async def cancel(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool) -> Change:
+        """Cancel srn's booking (anyone's, for an admin): outcome "ok", "free", "closed" or "other"."""
+
+        def cancel() -> tuple[str, str | None]:
+            current = self._current(date, slot_id)
+            if current is None:
+                return "free", None
+            booked_by, closed = current
+            if closed:
+                return "closed", None
+            if booked_by != srn and not anyones:
+                return "other", booked_by
+            self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
+            self._log(at, srn, "cancel", date, slot_id, via, None if booked_by == srn else f"booked by {booked_by}")
+            return "ok", booked_by
+
+        return await self._run(self._write, cancel, date)
+
+    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str) -> Change:
+        """Close a free slot or reopen a closed one: outcome "ok", "taken", "closed" or "open"."""
+
+        def set_closed() -> tuple[str, str | None]:
+            current = self._current(date, slot_id)
+            if closed:
+                if current is not None:
+                    return ("closed" if current[1] else "taken"), current[0]
+                self.conn.execute(
+                    "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed) VALUES (?, ?, NULL, ?, 1)",
+                    (date, slot_id, at),
+                )
             else:
-                why = self._why_not(slot_id)
-                outcome = "other" if why == "taken" else why
-            snapshot = self._snapshot()
-        return outcome, snapshot
+                if current is None or not current[1]:
+                    return "open", None
+                self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
+            self._log(at, srn, "close" if closed else "open", date, slot_id, via)
+            return "ok", None
 
-    def _why_not(self, slot_id: int) -> str:
-        assert self._conn is not None
-        row = self._conn.execute("SELECT is_booked FROM slots WHERE id = ?", (slot_id,)).fetchone()
-        if row is None:
-            return "missing"
-        return "taken" if row[0] else "free"
-
-    def _bump(self) -> None:
-        assert self._conn is not None
-        self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
+        return await self._run(self._write, set_closed, date)
 
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error: takes the write lock up front, so no other
-    process can slip a write between our read and our write."""
+    process can slip a write between our reads and our write."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn

@@ -19,8 +19,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
@@ -44,6 +46,22 @@ HERE = Path(__file__).parent
 PASSWORD = "correct-horse-battery"  # every fake member's password; grep'd for in logs and the database
 USERS = {f"PES1UG20CS{i:03d}": f"Member {i}" for i in range(1, 41)}
 ALICE, BOB = "PES1UG20CS001", "PES1UG20CS002"
+IST = ZoneInfo("Asia/Kolkata")
+TODAY = "2026-11-24"  # the club's day in the tests, whose clock starts at 01:00 IST: every slot still ahead
+
+
+class Clock:
+    """The time as the app sees it, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, local: str) -> None:
+        """Set the club's wall-clock time, e.g. "2026-11-24 09:10"."""
+        self.now = datetime.fromisoformat(local).replace(tzinfo=IST)
 
 
 # -- a fake PESU on loopback ---------------------------------------------------------------------------------
@@ -122,6 +140,11 @@ def fake_pesu() -> Iterator[tuple[FakePesu, str]]:
 
 
 @pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime(2026, 11, 24, 1, 0, tzinfo=IST))
+
+
+@pytest.fixture
 def settings(tmp_path: Path, fake_pesu: tuple[FakePesu, str]) -> Settings:
     return Settings(database_path=str(tmp_path / "data" / "rero.db"), pesu_auth_url=fake_pesu[1],
                     pesu_timeout=0.5, send_timeout=0.5)
@@ -154,8 +177,9 @@ class Service:
 
 
 @contextlib.contextmanager
-def running(settings: Settings) -> Iterator[Service]:
-    with ServerThread(create_app(settings)) as server:
+def running(settings: Settings, clock: Clock | None = None) -> Iterator[Service]:
+    clock = clock or Clock(datetime(2026, 11, 24, 1, 0, tzinfo=IST))
+    with ServerThread(create_app(settings, clock=clock)) as server:
         service = Service(server)
         try:
             yield service
@@ -165,8 +189,8 @@ def running(settings: Settings) -> Iterator[Service]:
 
 
 @pytest.fixture
-def service(settings: Settings) -> Iterator[Service]:
-    with running(settings) as service:
+def service(settings: Settings, clock: Clock) -> Iterator[Service]:
+    with running(settings, clock) as service:
         yield service
 
 
@@ -201,7 +225,7 @@ def test_root_health_stats_and_slots_show_twelve_free_slots(service: Service) ->
     slots = service.slots()
     assert [s["id"] for s in slots["slots"]] == list(range(3, 15))
     assert slots["slots"][0] == {"id": 3, "start_time": "03:00", "end_time": "04:00", "is_booked": False,
-                                 "booked_by": None, "booked_at": None}
+                                 "booked_by": None, "booked_at": None, "closed": False, "date": TODAY}
     assert slots["slots"][-1]["start_time"] == "14:00" and slots["slots"][-1]["end_time"] == "15:00"
     assert slots["available_slots"] == list(range(3, 15)) and slots["booked_slots"] == []
     health = service.http.get("/health").json()
@@ -259,7 +283,8 @@ def test_book_cancel_and_my_bookings(service: Service) -> None:
     mine = service.http.post("/my-bookings", json={"username": ALICE, "password": PASSWORD}).json()
     assert mine["success"] is True and mine["total_bookings"] == 1
     assert mine["bookings"] == [{"id": 5, "start_time": "05:00", "end_time": "06:00",
-                                 "booked_at": slot["booked_at"]}]
+                                 "booked_at": slot["booked_at"], "date": TODAY}]
+    assert slot["booked_at"] == "2026-11-24 01:00:00"
 
     response = service.cancel(5)
     assert response.status_code == 200
@@ -561,8 +586,14 @@ def test_an_original_database_opens_with_its_bookings(settings: Settings) -> Non
         slots = service.slots()
         assert slots["booked_slots"] == [6, 9]
         assert slots["slots"][3]["booked_at"] == "2025-07-28 10:15:30"
+        assert slots["date"] == TODAY  # undated bookings became bookings on the day of migration
         assert service.book(6).status_code == 400  # still taken
         assert service.book(7).status_code == 200
+    with running(replace(settings, admin_srns=frozenset({ALICE}))) as service:  # opens again, nothing doubled
+        assert service.slots()["booked_slots"] == [6, 7, 9]
+        log = service.http.post("/admin/history", json=body()).json()["events"]
+        assert [e["action"] for e in log] == ["book", "migrate"]
+        assert log[1]["note"].startswith("2 undated booking(s) from the original database")
 
 
 def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
@@ -577,9 +608,194 @@ def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pyt
         assert PASSWORD.encode() not in path.read_bytes()
     client_side = ("websockets.client", "httpx", "httpcore")  # this test's own clients log what they send
     server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith(client_side)]
-    assert any("book slot 5 by PES1UG20CS001" in line for line in server_lines)
+    assert any("book slot 5 on 2026-11-24 by PES1UG20CS001" in line for line in server_lines)
     assert not any(PASSWORD in line for line in server_lines)
     assert "Member 1" not in b"".join(p.read_bytes() for p in files).decode(errors="replace")
+
+
+# -- days, the booking window, limits, admins and history ----------------------------------------------------
+
+TOMORROW = "2026-11-25"
+
+
+def body(slot_id: int | None = None, username: str = ALICE, **fields: Any) -> dict[str, Any]:
+    data = {"username": username, "password": PASSWORD, **fields}
+    if slot_id is not None:
+        data["slot_id"] = slot_id
+    return data
+
+
+def test_a_booking_belongs_to_a_day_and_no_date_means_today(service: Service) -> None:
+    assert service.book(9).status_code == 200
+    assert service.http.post("/book-slot", json=body(9, BOB, date=TOMORROW)).status_code == 200
+    today = service.slots()
+    assert today["booked_slots"] == [9] and today["date"] == TODAY
+    assert today["slots"][6]["booked_by"] == ALICE and today["slots"][6]["date"] == TODAY
+    tomorrow = service.http.get("/slots", params={"date": TOMORROW}).json()
+    assert tomorrow["booked_slots"] == [9] and tomorrow["slots"][6]["booked_by"] == BOB
+    assert tomorrow["slots"][6]["date"] == TOMORROW
+    assert service.http.post("/cancel-slot", json=body(9, BOB, date=TOMORROW)).status_code == 200
+    assert service.slots()["booked_slots"] == [9]
+
+
+@pytest.mark.parametrize("value", ["2026-13-01", "tomorrow", "24-11-2026", "2026-11-24T10:00", "", 20261124])
+def test_a_malformed_date_is_400(service: Service, value: Any) -> None:
+    response = service.http.post("/book-slot", json=body(9, date=value))
+    assert response.status_code == 400 and "use YYYY-MM-DD" in response.json()["detail"]
+    assert service.http.get("/slots", params={"date": str(value)}).status_code == 400
+    assert service.slots()["booked_slots"] == []
+
+
+def test_bookings_open_seven_days_ahead_and_not_in_the_past(service: Service) -> None:
+    assert service.http.post("/book-slot", json=body(9, date="2026-12-01")).status_code == 200
+    response = service.http.post("/book-slot", json=body(9, date="2026-12-02"))
+    assert response.status_code == 400 and response.json() == {"detail": "Bookings open 7 days ahead"}
+    response = service.http.post("/book-slot", json=body(9, date="2026-11-23"))
+    assert response.status_code == 400 and response.json() == {"detail": "2026-11-23 is in the past"}
+
+
+def test_a_slot_stays_bookable_for_30_minutes_after_it_starts(service: Service, clock: Clock) -> None:
+    clock.set("2026-11-24 09:29")
+    assert service.book(9).status_code == 200
+    clock.set("2026-11-24 09:30")
+    response = service.book(9, BOB)
+    assert response.status_code == 400  # taken anyway; the time rule is checked first on a free slot:
+    response = service.book(8, BOB)
+    assert response.json() == {"detail": "Slot 8 on 2026-11-24 has already started"}
+    assert service.book(10, BOB).status_code == 200
+
+
+def test_a_booking_can_be_cancelled_until_its_slot_starts(service: Service, clock: Clock) -> None:
+    service.book(10)
+    service.book(11)
+    clock.set("2026-11-24 09:59")
+    assert service.cancel(10).status_code == 200
+    clock.set("2026-11-24 11:00")
+    response = service.cancel(11)
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Slot 11 on 2026-11-24 has already started and can no longer be cancelled"}
+    assert service.slots()["booked_slots"] == [11]
+
+
+def test_a_socket_watches_today_or_the_day_it_asks_for(service: Service) -> None:
+    today_watcher, tomorrow_watcher = service.sockets(2)
+    switched = send(tomorrow_watcher, {"type": "get_slots", "date": TOMORROW})
+    assert switched["type"] == "slots_update" and switched["data"]["date"] == TOMORROW
+    reply = send(tomorrow_watcher, {"type": "book_slot", "slot_id": 12, "date": TOMORROW, "username": ALICE,
+                                    "password": PASSWORD})
+    assert reply == {"type": "booking_response", "success": True, "message": "Slot 12 booked successfully",
+                     "slot_id": 12}
+    update = receive(tomorrow_watcher)
+    assert update["data"]["date"] == TOMORROW and booked(update) == [12]
+    service.book(4)
+    update = receive(today_watcher)
+    assert update["data"]["date"] == TODAY and booked(update) == [4]  # and nothing about tomorrow before it
+    with pytest.raises(TimeoutError):
+        receive(tomorrow_watcher, 0.3)  # today's change is not sent to a socket watching tomorrow
+    error = send(today_watcher, {"type": "get_slots", "date": "someday"})
+    assert error["type"] == "error" and "use YYYY-MM-DD" in error["message"]
+
+
+def test_at_midnight_sockets_watching_today_get_the_new_day(service: Service, clock: Clock) -> None:
+    service.http.post("/book-slot", json=body(3, date=TOMORROW))
+    today_watcher, fixed = service.sockets(2)
+    send(fixed, {"type": "get_slots", "date": TODAY})
+    clock.set("2026-11-24 23:59:59")
+    with pytest.raises(TimeoutError):
+        receive(today_watcher, 0.3)
+    clock.set("2026-11-25 00:00:01")
+    update = receive(today_watcher, 5)
+    assert update["data"]["date"] == TOMORROW and booked(update) == [3]
+    with pytest.raises(TimeoutError):
+        receive(fixed, 0.3)  # it asked for 2026-11-24 by name, and keeps it
+    assert service.slots()["date"] == TOMORROW
+
+
+def test_daily_and_upcoming_limits(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, max_bookings_per_day=2, max_upcoming_bookings=3), clock) as service:
+        assert service.book(3).status_code == 200
+        assert service.book(4).status_code == 200
+        response = service.book(5)
+        assert response.status_code == 400
+        assert response.json() == {"detail": "Daily limit reached: at most 2 booking(s) per day"}
+        assert service.http.post("/book-slot", json=body(5, date=TOMORROW)).status_code == 200
+        response = service.http.post("/book-slot", json=body(6, date=TOMORROW))
+        assert response.json() == {"detail": "Limit reached: at most 3 upcoming booking(s)"}
+        assert service.book(5, BOB).status_code == 200  # limits are per member
+        clock.set("2026-11-24 03:00")  # slot 3 has started: no longer upcoming
+        assert service.http.post("/book-slot", json=body(6, date=TOMORROW)).status_code == 200
+
+
+def test_admins_close_and_reopen_slots_and_cancel_anyones_booking(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({BOB})), clock) as service:
+        watcher = service.socket()
+        service.book(9)
+        receive(watcher)
+        response = service.http.post("/admin/close-slot", json=body(11))
+        assert response.status_code == 403 and response.json() == {"detail": "Admins only"}
+        assert service.http.post("/admin/open-slot", json=body(11)).status_code == 403
+
+        response = service.http.post("/admin/close-slot", json=body(11, BOB))
+        assert response.json() == {"success": True, "message": "Slot 11 closed", "slot_id": 11}
+        update = receive(watcher)
+        closed = update["data"]["slots"][8]
+        assert closed["id"] == 11 and closed["closed"] is True and closed["is_booked"] is False
+        assert 11 not in update["data"]["available_slots"] and 11 not in booked(update)
+        assert service.book(11).json() == {"detail": "Slot 11 on 2026-11-24 is closed"}
+        assert service.http.post("/admin/close-slot", json=body(9, BOB)).status_code == 400  # booked
+
+        assert service.http.post("/admin/open-slot", json=body(11, BOB)).status_code == 200
+        assert receive(watcher)["data"]["slots"][8]["closed"] is False
+        assert service.book(11).status_code == 200
+        receive(watcher)
+
+        assert service.cancel(9, BOB).status_code == 200  # the admin cancels Alice's booking
+        assert booked(receive(watcher)) == [11]
+        assert service.cancel(11, BOB).status_code == 200
+        assert service.slots()["booked_slots"] == []
+
+
+def test_my_bookings_lists_upcoming_bookings_across_days(service: Service, clock: Clock) -> None:
+    service.http.post("/book-slot", json=body(4, date="2026-11-26"))
+    service.http.post("/book-slot", json=body(12, date=TOMORROW))
+    service.book(5)
+    service.book(7)
+    clock.set("2026-11-24 06:15")  # slot 5 has ended, 7 is ahead
+    mine = service.http.post("/my-bookings", json=body()).json()
+    assert [(b["date"], b["id"]) for b in mine["bookings"]] == [(TODAY, 7), (TOMORROW, 12), ("2026-11-26", 4)]
+    assert mine["total_bookings"] == 3
+
+
+def test_history_records_every_change_for_admins(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({BOB})), clock) as service:
+        service.book(3)
+        with ws_connect(service.server.ws_url) as ws:
+            receive(ws)
+            send(ws, {"type": "cancel_slot", "slot_id": 3, "username": ALICE, "password": PASSWORD})
+        service.http.post("/book-slot", json=body(4, BOB, date=TOMORROW))
+        service.http.post("/admin/close-slot", json=body(5, BOB))
+        service.http.post("/admin/open-slot", json=body(5, BOB))
+
+        assert service.http.post("/admin/history", json=body()).status_code == 403
+        log = service.http.post("/admin/history", json=body(username=BOB)).json()
+        assert log["total"] == 5 and log["page"] == 1
+        events = [(e["action"], e["srn"], e["date"], e["slot_id"], e["via"]) for e in log["events"]]
+        assert events == [
+            ("open", BOB, TODAY, 5, "http"),
+            ("close", BOB, TODAY, 5, "http"),
+            ("book", BOB, TOMORROW, 4, "http"),
+            ("cancel", ALICE, TODAY, 3, "websocket"),
+            ("book", ALICE, TODAY, 3, "http"),
+        ]
+        assert log["events"][-1]["at"] == "2026-11-24 01:00:00"
+
+        alice = service.http.post("/admin/history", json=body(username=BOB, srn=ALICE.lower())).json()
+        assert [e["action"] for e in alice["events"]] == ["cancel", "book"]
+        ahead = service.http.post("/admin/history", json=body(username=BOB, **{"from": TOMORROW})).json()
+        assert [e["slot_id"] for e in ahead["events"]] == [4]
+        page2 = service.http.post("/admin/history", json=body(username=BOB, page=2, page_size=2)).json()
+        assert [e["action"] for e in page2["events"]] == ["book", "cancel"] and page2["total"] == 5
+        assert service.http.post("/admin/history", json=body(username=BOB, page=0)).status_code == 422
 
 
 # -- the PESU checker on its own, against httpx.MockTransport ----------------------------------------------
@@ -719,10 +935,18 @@ def process(settings: Settings, **env: str) -> Iterator[tuple[subprocess.Popen[b
             proc.stdout.close()
 
 
+def tomorrow() -> str:
+    """Tomorrow in the club's time zone: the processes below run on the real clock, and tomorrow's slots
+    are all still ahead whatever the hour."""
+    return (datetime.now(IST) + timedelta(days=1)).date().isoformat()
+
+
 def test_two_processes_on_one_file_book_each_slot_once_and_hear_each_other(settings: Settings) -> None:
+    day = tomorrow()
     with process(settings) as (_, url_a), process(settings) as (_, url_b), contextlib.ExitStack() as stack:
         watcher = stack.enter_context(ws_connect(url_a.replace("http", "ws") + "/slot-booking"))
         receive(watcher)
+        assert send(watcher, {"type": "get_slots", "date": day})["data"]["date"] == day
         users = list(USERS)[:20]
         barrier = threading.Barrier(len(users))
 
@@ -731,7 +955,7 @@ def test_two_processes_on_one_file_book_each_slot_once_and_hear_each_other(setti
             with httpx.Client(base_url=url, timeout=10) as client:
                 client.post("/auth/login", json={"username": users[i], "password": PASSWORD})
                 barrier.wait()
-                return client.post("/book-slot", json={"slot_id": 10, "username": users[i],
+                return client.post("/book-slot", json={"slot_id": 10, "date": day, "username": users[i],
                                                        "password": PASSWORD}).status_code
 
         with ThreadPoolExecutor(len(users)) as pool:
@@ -739,21 +963,45 @@ def test_two_processes_on_one_file_book_each_slot_once_and_hear_each_other(setti
         assert sorted(codes) == [200] + [400] * (len(users) - 1)
 
         # a booking made on B reaches a socket connected to A, and both serve the same state
-        httpx.post(f"{url_b}/book-slot", json={"slot_id": 13, "username": ALICE, "password": PASSWORD})
+        httpx.post(f"{url_b}/book-slot", json={"slot_id": 13, "date": day, "username": ALICE, "password": PASSWORD})
         while booked(receive_until(watcher, "slots_update")) != [10, 13]:
             pass
-        assert httpx.get(f"{url_a}/slots").json()["booked_slots"] == [10, 13]
-        assert httpx.get(f"{url_b}/slots").json()["booked_slots"] == [10, 13]
+        assert httpx.get(f"{url_a}/slots", params={"date": day}).json()["booked_slots"] == [10, 13]
+        assert httpx.get(f"{url_b}/slots", params={"date": day}).json()["booked_slots"] == [10, 13]
+
+
+def test_a_daily_limit_holds_across_two_processes(settings: Settings) -> None:
+    """The same member books two slots at the same instant on two processes: with a limit of one a day,
+    exactly one booking gets through, every time."""
+    with process(settings, MAX_BOOKINGS_PER_DAY="1") as (_, url_a), process(
+        settings, MAX_BOOKINGS_PER_DAY="1"
+    ) as (_, url_b):
+        base = datetime.now(IST).date()
+        for offset in range(1, 6):
+            day = (base + timedelta(days=offset)).isoformat()
+            barrier = threading.Barrier(2)
+
+            def attempt(i: int, day: str = day) -> int:
+                with httpx.Client(base_url=(url_a, url_b)[i], timeout=10) as client:
+                    client.post("/auth/login", json={"username": ALICE, "password": PASSWORD})
+                    barrier.wait()
+                    return client.post("/book-slot", json={"slot_id": 5 + i, "date": day, "username": ALICE,
+                                                           "password": PASSWORD}).status_code
+
+            with ThreadPoolExecutor(2) as pool:
+                assert sorted(pool.map(attempt, range(2))) == [200, 400]
+            assert len(httpx.get(f"{url_a}/slots", params={"date": day}).json()["booked_slots"]) == 1
 
 
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
+    day = tomorrow()
     with process(settings) as (proc, url):
-        assert httpx.post(f"{url}/book-slot", json={"slot_id": 14, "username": ALICE,
+        assert httpx.post(f"{url}/book-slot", json={"slot_id": 14, "date": day, "username": ALICE,
                                                     "password": PASSWORD}).status_code == 200
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
     with process(settings) as (_, url):
-        assert httpx.get(f"{url}/slots").json()["booked_slots"] == [14]
+        assert httpx.get(f"{url}/slots", params={"date": day}).json()["booked_slots"] == [14]
 
 
 def test_sigterm_closes_sockets_with_1001_and_exits(settings: Settings) -> None:
