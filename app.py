@@ -401,7 +401,8 @@ async def list_slots(request: Request[State]) -> Response:
 
 @dataclass(frozen=True)
 class Ask:
-    """A request's fields, checked: the member's credentials and, where the route takes them, date and slot."""
+    """A request's fields, checked: the member's credentials and, where the route takes them, date and slot
+    (empty and 0 where it does not)."""
 
     username: str
     password: str
@@ -414,7 +415,8 @@ def ask_of(board: Board, data: dict[str, Any], *, slot: bool) -> Ask:
     """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
     slot_id = slot_id_of(data) if slot else 0
     username, password = credentials_of(data)
-    return Ask(username, password, board.resolve(data.get("date")), slot_id, data)
+    date = board.resolve(data.get("date")) if slot else ""
+    return Ask(username, password, date, slot_id, data)
 
 
 async def parse(request: Request[State], *, slot: bool) -> Ask:

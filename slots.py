@@ -153,12 +153,18 @@ class Board:
                 fresh.append(self._remember(date, version, rows))
         return fresh
 
-    def _applied(self, date: str, change: Change) -> Day | None:
-        """Remember the day a write left behind; the Day if it is news, None if a newer state is known."""
+    def _settle(self, date: str, change: Change, refusals: dict[str, str]) -> Day | None:
+        """Remember the day a write left behind, then refuse with the sentence for its outcome if not "ok".
+
+        Returns the Day to broadcast, or None when a newer state of that day is already known (and sent).
+        """
         current = self.days.get(date)
-        if current is not None and current.version >= change.version:
-            return None
-        return self._remember(date, change.version, change.rows)
+        day = None
+        if current is None or current.version < change.version:
+            day = self._remember(date, change.version, change.rows)
+        if change.outcome != "ok":
+            raise SlotError(refusals[change.outcome].format(booked_by=change.booked_by))
+        return day
 
     # -- rules ----------------------------------------------------------------------------------------
 
@@ -187,16 +193,12 @@ class Board:
         if self.now() >= start + timedelta(minutes=self.rules.grace_minutes):
             raise SlotError(f"Slot {slot_id} on {date} has already started")
         change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
-        day = self._applied(date, change)
-        if change.outcome == "per_day":
-            raise SlotError(f"Daily limit reached: at most {self.rules.max_per_day} booking(s) per day")
-        if change.outcome == "upcoming":
-            raise SlotError(f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)")
-        if change.outcome == "closed":
-            raise SlotError(f"Slot {slot_id} on {date} is closed")
-        if change.outcome != "ok":
-            raise SlotError(f"Slot {slot_id} is not available")
-        return day
+        return self._settle(date, change, {
+            "taken": f"Slot {slot_id} is not available",
+            "closed": f"Slot {slot_id} on {date} is closed",
+            "per_day": f"Daily limit reached: at most {self.rules.max_per_day} booking(s) per day",
+            "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
+        })
 
     async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> Day | None:
         """Cancel srn's own booking (an admin: anyone's, even after it started)."""
@@ -205,14 +207,11 @@ class Board:
         if self.now() >= start and not admin:
             raise SlotError(f"Slot {slot_id} on {date} has already started and can no longer be cancelled")
         change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin)
-        day = self._applied(date, change)
-        if change.outcome == "free":
-            raise SlotError(f"Slot {slot_id} is not booked")
-        if change.outcome == "closed":
-            raise SlotError(f"Slot {slot_id} on {date} is closed, not booked")
-        if change.outcome == "other":
-            raise SlotError(f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings")
-        return day
+        return self._settle(date, change, {
+            "free": f"Slot {slot_id} is not booked",
+            "closed": f"Slot {slot_id} on {date} is closed, not booked",
+            "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
+        })
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> Day | None:
         """An admin closes a free slot (nobody can book it) or reopens a closed one."""
@@ -220,14 +219,11 @@ class Board:
             raise Forbidden("Admins only")
         self._check(date, slot_id, for_booking=False)
         change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
-        day = self._applied(date, change)
-        if change.outcome == "taken":
-            raise SlotError(f"Slot {slot_id} on {date} is booked by {change.booked_by}; cancel the booking first")
-        if change.outcome == "closed":
-            raise SlotError(f"Slot {slot_id} on {date} is already closed")
-        if change.outcome == "open":
-            raise SlotError(f"Slot {slot_id} on {date} is not closed")
-        return day
+        return self._settle(date, change, {
+            "taken": f"Slot {slot_id} on {date} is booked by {{booked_by}}; cancel the booking first",
+            "closed": f"Slot {slot_id} on {date} is already closed",
+            "open": f"Slot {slot_id} on {date} is not closed",
+        })
 
     async def bookings_of(self, srn: str) -> list[dict[str, Any]]:
         """srn's bookings that have not ended yet, oldest first."""
