@@ -28,6 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 import pesu
@@ -200,24 +201,23 @@ def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
 
 
 class Peer:
-    """One open socket and what is waiting to be sent to it.
+    """One listener (a WebSocket, or an SSE stream) and what is waiting to be sent to it.
 
-    Replies to this client queue in order; the slot state does not queue at all: only the newest
-    ``slots_update`` waits, so a slow reader gets the latest state instead of a backlog of stale ones.
-    Only the peer's own pump task writes to the socket, so a slow reader can only ever stall itself.
+    Replies to this client queue in order; the slot state does not queue at all: only the newest ``Day``
+    waits, so a slow reader gets the latest state instead of a backlog of stale ones. Only the peer's
+    own pump task writes to it, so a slow reader can only ever stall itself.
     """
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self.websocket = websocket
+    def __init__(self) -> None:
         self.replies: deque[str] = deque()
-        self.latest: str | None = None
+        self.latest: Day | None = None
         self.close_code: int | None = None
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.date: str | None = None  # the day this socket watches; None follows "today" across midnight
+        self.date: str | None = None  # the day this peer watches; None follows "today" across midnight
 
-    def send_state(self, text: str) -> None:
-        self.latest = text
+    def send_state(self, day: Day) -> None:
+        self.latest = day
         self.wake.set()
 
     def close(self, code: int) -> None:
@@ -225,20 +225,58 @@ class Peer:
             self.close_code = code
             self.wake.set()
 
+    async def deliver(self, text: str) -> None:
+        """Send one reply (only sockets get replies)."""
+        raise NotImplementedError
+
+    async def deliver_day(self, day: Day) -> None:
+        raise NotImplementedError
+
+    async def finish(self, code: int) -> None:
+        """End the connection; nothing more will be sent."""
+        raise NotImplementedError
+
+
+class SocketPeer(Peer):
+    def __init__(self, websocket: WebSocket) -> None:
+        super().__init__()
+        self.websocket = websocket
+
+    async def deliver(self, text: str) -> None:
+        await self.websocket.send_text(text)
+
+    async def deliver_day(self, day: Day) -> None:
+        await self.websocket.send_text(day.update_text)
+
+    async def finish(self, code: int) -> None:
+        await self.websocket.close(code)
+
+
+class StreamPeer(Peer):
+    """A Server-Sent Events listener: the same slots_update messages, with ``id:`` = version."""
+
+    def __init__(self, send: Send) -> None:
+        super().__init__()
+        self.send = send
+
+    async def deliver_day(self, day: Day) -> None:
+        await self.send({"type": "http.response.body", "body": day.event_bytes, "more_body": True})
+
+    async def finish(self, code: int) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 class Hub:
-    """The set of open sockets; broadcasts are encoded once and handed to every socket's own pump."""
+    """The listeners; a broadcast is encoded once and handed to every listener's own pump."""
 
     def __init__(self, send_timeout: float, max_backlog: int) -> None:
         self.peers: set[Peer] = set()
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
 
-    def join(self, websocket: WebSocket) -> Peer:
-        peer = Peer(websocket)
+    def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
         self.peers.add(peer)
-        return peer
 
     async def leave(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -247,17 +285,22 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await peer.task
 
+    @property
+    def sockets(self) -> int:
+        """Open WebSockets (what /stats calls active connections)."""
+        return sum(isinstance(peer, SocketPeer) for peer in self.peers)
+
     def broadcast(self, day: Day, today: str) -> None:
-        """Send a day's new state to the sockets watching that day."""
+        """Send a day's new state to the listeners watching that day."""
         for peer in self.peers:
             if (peer.date or today) == day.date:
-                peer.send_state(day.update_text)
+                peer.send_state(day)
 
     def roll_over(self, day: Day) -> None:
-        """A new day began: sockets watching "today" now watch it."""
+        """A new day began: listeners watching "today" now watch it."""
         for peer in self.peers:
             if peer.date is None:
-                peer.send_state(day.update_text)
+                peer.send_state(day)
 
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
         if len(peer.replies) >= self.max_backlog:
@@ -274,28 +317,27 @@ class Hub:
             peer.close(code)
 
     async def _pump(self, peer: Peer) -> None:
-        websocket = peer.websocket
         try:
             while True:
                 await peer.wake.wait()
                 peer.wake.clear()
                 while peer.close_code is None and (peer.replies or peer.latest is not None):
-                    if peer.replies:
-                        text = peer.replies.popleft()
-                    else:
-                        text, peer.latest = peer.latest, None  # type: ignore[assignment]
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
                     # with a completed send, leaving this task alive after its socket has gone.
                     async with asyncio.timeout(self.send_timeout):
-                        await websocket.send_text(text)
+                        if peer.replies:
+                            await peer.deliver(peer.replies.popleft())
+                        else:
+                            day, peer.latest = peer.latest, None
+                            await peer.deliver_day(day)  # type: ignore[arg-type]
                 if peer.close_code is not None:
-                    await websocket.close(peer.close_code)
+                    await peer.finish(peer.close_code)
                     return
         except asyncio.TimeoutError:
-            logger.warning("dropping a socket that took over %.1fs to accept a message", self.send_timeout)
+            logger.warning("dropping a listener that took over %.1fs to accept a message", self.send_timeout)
             self.peers.discard(peer)
             with contextlib.suppress(Exception):
-                await websocket.close(1008)
+                await peer.finish(1008)
         except (OSError, RuntimeError) as exc:  # the peer went away mid-send; its endpoint cleans up
             logger.debug("send failed: %r", exc)
             self.peers.discard(peer)
@@ -352,7 +394,7 @@ async def root(request: Request[State]) -> Response:
         {
             "message": "Slot Booking API is running",
             "websocket_endpoint": "/slot-booking",
-            "active_connections": len(state["hub"].peers),
+            "active_connections": state["hub"].sockets,
             "booked_slots": day.booked,
         }
     )
@@ -365,7 +407,7 @@ async def health(request: Request[State]) -> Response:
         {
             "status": "healthy",
             "timestamp": state["board"].now().isoformat(),
-            "active_connections": len(state["hub"].peers),
+            "active_connections": state["hub"].sockets,
             "total_slots": len(day.slots),
             "booked_slots_count": len(day.booked),
             "available_slots_count": len(day.available),
@@ -380,7 +422,7 @@ async def stats(request: Request[State]) -> Response:
     return JSONResponse(
         {
             "database": summary,
-            "websocket": {"active_connections": len(state["hub"].peers)},
+            "websocket": {"active_connections": state["hub"].sockets},
             "slots": {
                 "total": summary["total_slots"],
                 "booked": summary["booked_slots"],
@@ -450,7 +492,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
     async def endpoint(request: Request[State]) -> Response:
         ask = await parse(request, slot=True)
         srn = await authenticate(request.state, ask.username, ask.password)
-        await change(request.state, action, ask, srn, via="http")
+        announce(request.state, await change(request.state, action, ask, srn, via="http"))
         message = MESSAGES[action].format(ask.slot_id)
         return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
 
@@ -495,8 +537,8 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
-async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> None:
-    """Book, cancel, close or reopen, then tell the sockets watching that day.
+async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> Day | None:
+    """Book, cancel, close or reopen; the day to announce afterwards (None if a newer one already went out).
 
     A refusal is a 400 with the rules' own sentence (403 where only admins may).
     """
@@ -513,8 +555,57 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     except SlotError as exc:
         raise HTTPException(400, str(exc)) from None
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via)
+    return day
+
+
+def announce(state: State, day: Day | None) -> None:
+    """Hand a changed day to the listeners watching it (their pumps send it; nothing here waits)."""
     if day is not None:
-        state["hub"].broadcast(day, board.today())
+        state["hub"].broadcast(day, state["board"].today())
+
+
+# -- the live feed for curl and EventSource ----------------------------------------------------------------
+
+
+class EventStream:
+    """GET /events: every slots_update as a Server-Sent Event (``id:`` = version), starting with the current
+    state; ``?date=`` watches that day instead of today. Slow readers are treated as slow sockets are.
+
+    A plain ASGI app rather than a request handler, because the stream's sends are paced by the hub's pump.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await stream_events(scope, receive, send)
+
+
+async def stream_events(scope: Scope, receive: Receive, send: Send) -> None:
+    request: Request[State] = Request(scope, receive)
+    state = request.state
+    board, hub = state["board"], state["hub"]
+    try:
+        date = None if request.query_params.get("date") is None else parse_date(request.query_params["date"])
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
+    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
+               (b"x-accel-buffering", b"no")]  # nginx: pass each event on at once
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    peer = StreamPeer(send)
+    peer.date = date
+    hub.join(peer)
+    peer.send_state(await board.day(date or board.today()))
+    assert peer.task is not None
+    disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
+        await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+        await hub.leave(peer)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- the WebSocket endpoint ------------------------------------------------------------------------------------
@@ -529,8 +620,9 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
     state = websocket.state
     await websocket.accept()
     hub = state["hub"]
-    peer = hub.join(websocket)
-    peer.send_state((await today(state)).update_text)
+    peer = SocketPeer(websocket)
+    hub.join(peer)
+    peer.send_state(await today(state))
     try:
         while True:
             message = await websocket.receive()
@@ -547,7 +639,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
         await hub.leave(peer)
 
 
-async def on_message(state: State, peer: Peer, text: str) -> None:
+async def on_message(state: State, peer: SocketPeer, text: str) -> None:
     """Answer one client message; a bad one gets an ``error`` reply and the socket stays open."""
     hub, board = state["hub"], state["board"]
 
@@ -567,7 +659,7 @@ async def on_message(state: State, peer: Peer, text: str) -> None:
         except SlotError as exc:
             return error(str(exc))
         peer.date = date  # watch that day from now on; without a date, watch today
-        return peer.send_state((await board.day(date or board.today())).update_text)
+        return peer.send_state(await board.day(date or board.today()))
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
         shown = kind if isinstance(kind, str) else orjson.dumps(kind).decode()
         return error(f"Unknown message type: {shown[:64]}")
@@ -585,14 +677,15 @@ async def on_message(state: State, peer: Peer, text: str) -> None:
 
     try:
         srn = await authenticate(state, ask.username, ask.password)
-        await change(state, action, ask, srn, via="websocket")
+        day = await change(state, action, ask, srn, via="websocket")
     except HTTPException as exc:
         if exc.status_code == 401:
             return respond(False, "Authentication failed. Invalid credentials.")
         if exc.status_code == 503:
             return respond(False, "Authentication service unavailable. Please try again later.")
         return respond(False, str(exc.detail))
-    respond(True, MESSAGES[action].format(ask.slot_id))
+    respond(True, MESSAGES[action].format(ask.slot_id))  # the booker hears first; then everyone else
+    announce(state, day)
 
 
 # -- lifetime ------------------------------------------------------------------------------------------------
@@ -690,6 +783,7 @@ def create_app(
         Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
         Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
         Route("/admin/history", admin_history, methods=["POST"]),
+        Route("/events", EventStream(), methods=["GET"]),
         WebSocketRoute("/slot-booking", slot_socket),
     ]
     wildcard = "*" in settings.cors_origins

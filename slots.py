@@ -55,6 +55,7 @@ class Day:
     booked: list[int]
     slots_json: bytes  # body of GET /slots
     update_text: str  # the slots_update message sent on sockets
+    event_bytes: bytes  # the same message as a Server-Sent Event, id = version
 
 
 DATE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -134,8 +135,13 @@ class Board:
         available = [s["id"] for s in slots if not s["is_booked"] and not s["closed"]]
         booked = [s["id"] for s in slots if s["is_booked"]]
         data = {"slots": slots, "available_slots": available, "booked_slots": booked, "date": date}
-        update = {"type": "slots_update", "data": data, "timestamp": self.now().isoformat()}
-        day = Day(date, version, slots, available, booked, orjson.dumps(data), orjson.dumps(update).decode())
+        update = orjson.dumps({
+            "type": "slots_update",
+            "data": {**data, "version": version},
+            "timestamp": self.now().isoformat(),
+        })
+        event = b"id: %d\ndata: %s\n\n" % (version, update)
+        day = Day(date, version, slots, available, booked, orjson.dumps(data), update.decode(), event)
         self.days[date] = day
         return day
 

@@ -37,8 +37,9 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 import app as app_module
-from app import Settings, create_app
+from app import Hub, Peer, Settings, create_app
 from pesu import AuthUnavailable, InvalidCredentials, PesuChecker
+from slots import Day
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -797,6 +798,66 @@ def test_history_records_every_change_for_admins(settings: Settings, clock: Cloc
         page2 = service.http.post("/admin/history", json=body(username=BOB, page=2, page_size=2)).json()
         assert [e["action"] for e in page2["events"]] == ["book", "cancel"] and page2["total"] == 5
         assert service.http.post("/admin/history", json=body(username=BOB, page=0)).status_code == 422
+
+
+# -- the real-time path: versions, coalescing, the SSE feed ------------------------------------------------
+
+
+def test_every_slots_update_carries_a_version_that_only_grows(service: Service) -> None:
+    booker, watcher = service.sockets(2)
+    first = send(watcher, {"type": "get_slots"})["data"]["version"]
+    versions = [first]
+    for slot in (3, 4):
+        service.book(slot)
+        versions.append(receive(watcher)["data"]["version"])
+    send(booker, {"type": "cancel_slot", "slot_id": 3, "username": ALICE, "password": PASSWORD})
+    versions.append(receive(watcher)["data"]["version"])
+    assert versions == sorted(set(versions)) and len(versions) == 4
+
+
+def test_a_slow_listener_gets_the_newest_state_not_a_backlog() -> None:
+    """Coalescing: while a listener cannot keep up, only the newest state waits for it."""
+
+    async def scenario() -> None:
+        gate, got = asyncio.Event(), []
+
+        class SlowReader(Peer):
+            async def deliver_day(self, day: Day) -> None:
+                await gate.wait()
+                got.append(day.version)
+
+        hub = Hub(send_timeout=5, max_backlog=64)
+        hub.join(SlowReader())
+        for version in range(1, 101):
+            hub.broadcast(Day(TODAY, version, [], [], [], b"", "", b""), TODAY)
+            await asyncio.sleep(0)  # let the pump pick up the first one and stall on it
+        gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert got == [1, 100]  # the one in flight, then straight to the newest
+        hub.close_all(1001)
+
+    asyncio.run(scenario())
+
+
+def test_the_events_feed_streams_slots_updates_for_curl(service: Service) -> None:
+    with httpx.stream("GET", f"{service.server.url}/events", timeout=5) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"] == "text/event-stream"
+        lines = stream.iter_lines()
+
+        def event() -> tuple[int, dict[str, Any]]:
+            id_line, data_line, blank = next(lines), next(lines), next(lines)
+            assert id_line.startswith("id: ") and data_line.startswith("data: ") and blank == ""
+            return int(id_line[4:]), orjson.loads(data_line[6:])
+
+        version, first = event()  # the current state, at once
+        assert first["type"] == "slots_update" and booked(first) == [] and first["data"]["version"] == version
+        service.http.post("/book-slot", json=body(6, date=TOMORROW))  # another day: not on this feed
+        service.book(5)
+        newer, update = event()
+        assert newer > version and booked(update) == [5] and update["data"]["date"] == TODAY
+    tomorrow = service.http.get("/events", params={"date": "not-a-date"})
+    assert tomorrow.status_code == 400 and "YYYY-MM-DD" in tomorrow.json()["detail"]
 
 
 # -- the PESU checker on its own, against httpx.MockTransport ----------------------------------------------
