@@ -101,11 +101,12 @@ class FakePesu:
 class ServerThread:
     """An ASGI app under real uvicorn on a free loopback port, in a background thread."""
 
-    def __init__(self, asgi_app: Any) -> None:
+    def __init__(self, asgi_app: Any, **options: Any) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(asgi_app, log_level="warning", ws_max_size=app_module.MAX_SOCKET_MESSAGE_BYTES)
+        config = uvicorn.Config(asgi_app, log_level="warning", ws_max_size=app_module.MAX_SOCKET_MESSAGE_BYTES,
+                                **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -858,6 +859,31 @@ def test_the_events_feed_streams_slots_updates_for_curl(service: Service) -> Non
         assert newer > version and booked(update) == [5] and update["data"]["date"] == TODAY
     tomorrow = service.http.get("/events", params={"date": "not-a-date"})
     assert tomorrow.status_code == 400 and "YYYY-MM-DD" in tomorrow.json()["detail"]
+
+
+def test_a_dead_peer_that_never_answers_pings_is_dropped(settings: Settings) -> None:
+    """A browser that vanished without closing (laptop lid shut): it reads, but never answers a ping."""
+    with ServerThread(create_app(settings), ws_ping_interval=0.2, ws_ping_timeout=0.2) as server:
+        dead = raw_socket_that_never_reads(server.port)
+        dead.settimeout(0.05)
+        stats = f"{server.url}/stats"
+        assert httpx.get(stats).json()["websocket"]["active_connections"] == 1
+        deadline = time.monotonic() + 10
+        while httpx.get(stats).json()["websocket"]["active_connections"] != 0:
+            assert time.monotonic() < deadline, "the dead peer was never dropped"
+            with contextlib.suppress(TimeoutError, OSError):
+                dead.recv(65536)  # drain what arrives, pings included, and never answer
+        dead.close()
+
+
+def test_sockets_that_come_and_go_leave_nothing_behind(service: Service) -> None:
+    for _ in range(200):
+        with ws_connect(service.server.ws_url) as ws:
+            receive(ws)
+    deadline = time.monotonic() + 5
+    while service.http.get("/stats").json()["websocket"]["active_connections"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 # -- the PESU checker on its own, against httpx.MockTransport ----------------------------------------------
