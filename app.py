@@ -351,7 +351,6 @@ class State(TypedDict):
     board: Board
     hub: Hub
     pesu: PesuChecker
-    store: SlotStore
 
 
 async def authenticate(state: State, username: str, password: str) -> str:
@@ -575,32 +574,28 @@ class EventStream:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await stream_events(scope, receive, send)
-
-
-async def stream_events(scope: Scope, receive: Receive, send: Send) -> None:
-    request: Request[State] = Request(scope, receive)
-    state = request.state
-    board, hub = state["board"], state["hub"]
-    try:
-        date = None if request.query_params.get("date") is None else parse_date(request.query_params["date"])
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
-    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
-               (b"x-accel-buffering", b"no")]  # nginx: pass each event on at once
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    peer = StreamPeer(send)
-    peer.date = date
-    hub.join(peer)
-    peer.send_state(await board.day(date or board.today()))
-    assert peer.task is not None
-    disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
-    try:
-        # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
-        await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnected.cancel()
-        await hub.leave(peer)
+        request: Request[State] = Request(scope, receive)
+        state = request.state
+        board, hub = state["board"], state["hub"]
+        try:
+            date = None if request.query_params.get("date") is None else parse_date(request.query_params["date"])
+        except SlotError as exc:
+            raise HTTPException(400, str(exc)) from None
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
+                   (b"x-accel-buffering", b"no")]  # nginx: pass each event on at once
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        peer = StreamPeer(send)
+        peer.date = date
+        hub.join(peer)
+        peer.send_state(await board.day(date or board.today()))
+        assert peer.task is not None
+        disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
+            await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            await hub.leave(peer)
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -762,7 +757,7 @@ def create_app(
             watcher = asyncio.create_task(watch(board, hub, settings.watch_interval))
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
-                yield {"settings": settings, "board": board, "hub": hub, "pesu": checker, "store": store}
+                yield {"settings": settings, "board": board, "hub": hub, "pesu": checker}
             finally:
                 restore_sigterm()
                 watcher.cancel()

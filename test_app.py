@@ -169,10 +169,10 @@ class Service:
         return ws
 
     def book(self, slot_id: Any, username: str = ALICE, password: str = PASSWORD) -> httpx.Response:
-        return self.http.post("/book-slot", json={"slot_id": slot_id, "username": username, "password": password})
+        return self.http.post("/book-slot", json=body(slot_id, username, password=password))
 
-    def cancel(self, slot_id: Any, username: str = ALICE, password: str = PASSWORD) -> httpx.Response:
-        return self.http.post("/cancel-slot", json={"slot_id": slot_id, "username": username, "password": password})
+    def cancel(self, slot_id: Any, username: str = ALICE) -> httpx.Response:
+        return self.http.post("/cancel-slot", json=body(slot_id, username))
 
     def slots(self) -> dict[str, Any]:
         return self.http.get("/slots").json()
