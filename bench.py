@@ -1,0 +1,385 @@
+"""Benchmark: the app against a bare Starlette ceiling, both under real uvicorn on loopback.
+
+    python bench.py            # about two minutes on 2 cores; prints a Markdown table
+
+The ceiling serves the same bytes and broadcasts the same message as the app, with no database and no
+auth: whatever the app loses against it is the cost of SQLite, PESU checks and the hub. PESU is a fake
+on loopback. Load comes from a separate process with raw keep-alive sockets; listeners are raw sockets
+that only read and scan for ``"version":N``, so the server is what is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import orjson
+
+HERE = Path(__file__).resolve().parent
+USER = {"username": "PES1UG20CS001", "password": "bench-password"}
+VERSION = re.compile(rb'"version":(\d+)')
+HTTP_SECONDS = 4
+OPS_LATENCY = {100: 200, 1000: 60}  # one change at a time, per listener count
+OPS_BURST = 600  # back-to-back book/cancel messages
+
+
+# -- the servers (each runs in its own process: python bench.py --serve NAME PORT) -----------------------------
+
+
+def fake_pesu_app():  # noqa: ANN201
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def authenticate(request):  # noqa: ANN001, ANN202
+        body = await request.json()
+        if body["password"] != USER["password"]:
+            return JSONResponse({"status": False}, 401)
+        srn = body["username"].upper()
+        return JSONResponse({"status": True, "profile": {"name": "Bench", "srn": srn, "prn": srn}})
+
+    return Starlette(routes=[Route("/authenticate", authenticate, methods=["POST"])])
+
+
+def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes):  # noqa: ANN201
+    """The least a server can do for the same traffic: fixed bytes, one set of sockets, sequential sends."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    sockets: set[WebSocket] = set()
+    state = {"version": 0}
+    template = update.replace(b'"version":0', b'"version":%d')
+
+    async def slots(request: Request) -> Response:
+        return Response(slots_body, media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        body = {"status": "healthy", "timestamp": datetime.now().isoformat(), "active_connections": len(sockets),
+                "total_slots": 12, "booked_slots_count": 0, "available_slots_count": 12,
+                "database": {"total_slots": 12, "booked_slots": 0, "available_slots": 12, "database_path": "x"}}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def bookings(request: Request) -> Response:
+        await request.body()
+        return Response(my_bookings, media_type="application/json")
+
+    async def socket_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        sockets.add(websocket)
+        await websocket.send_text((template % state["version"]).decode())
+        try:
+            while True:
+                message = orjson.loads(await websocket.receive_text())
+                if message.get("type") in ("book_slot", "cancel_slot"):
+                    await websocket.send_text(orjson.dumps({"type": "booking_response", "success": True,
+                                                            "slot_id": message["slot_id"]}).decode())
+                    state["version"] += 1
+                    text = (template % state["version"]).decode()
+                    for peer in list(sockets):
+                        with contextlib.suppress(Exception):
+                            await peer.send_text(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            sockets.discard(websocket)
+
+    return Starlette(routes=[
+        Route("/slots", slots), Route("/health", health), Route("/my-bookings", bookings, methods=["POST"]),
+        WebSocketRoute("/slot-booking", socket_endpoint),
+    ])
+
+
+def serve(name: str, port: int, extra: str) -> None:
+    import uvicorn
+
+    if name == "pesu":
+        app = fake_pesu_app()
+    else:
+        data = orjson.loads(Path(extra).read_bytes())
+        app = ceiling_app(data["slots"].encode(), data["update"].encode(), data["my_bookings"].encode())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=16384)
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, float]]:
+    """Start a server; yields it and the seconds it took to answer its first /health (or any request)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            assert proc.poll() is None, f"{args} exited"
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            time.sleep(0.002)
+        yield proc, time.perf_counter() - started
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# -- load: requests per second, from a separate process (python bench.py --load PORT METHOD PATH BODY) --------
+
+
+async def load(port: int, method: str, path: str, body: bytes, seconds: float, connections: int = 32) -> float:
+    request = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < stop:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head[:40]
+            length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            done += 1
+        writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return done / seconds
+
+
+def requests_per_second(port: int, method: str, path: str, body: bytes = b"") -> float:
+    out = subprocess.run([sys.executable, __file__, "--load", str(port), method, path, body.decode()],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+# -- listeners: raw WebSockets that only read ---------------------------------------------------------------
+
+
+def client_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    head = bytes([0x81, 0x80 | len(payload)]) if len(payload) < 126 else (
+        bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big"))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class Listener:
+    """A socket that reads everything and remembers the highest version it has seen, and when."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.seen_at = 0.0
+        self.changed = asyncio.Event()
+
+    async def run(self, port: int, hello: bytes | None) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /slot-booking HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        if hello:
+            writer.write(client_frame(hello))
+        tail = b""
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                found = VERSION.findall(tail + chunk)
+                tail = chunk[-24:]
+                if found:
+                    version = max(int(v) for v in found)
+                    if version > self.version:
+                        self.version, self.seen_at = version, time.perf_counter()
+                        self.changed.set()
+        finally:
+            writer.close()
+
+
+async def all_hold(listeners: list[Listener], version: int) -> float:
+    """When the last listener came to hold this version."""
+    for listener in listeners:
+        while listener.version < version:
+            listener.changed.clear()
+            await asyncio.wait_for(listener.changed.wait(), 10)
+    return max(listener.seen_at for listener in listeners)
+
+
+class Booker:
+    """A real client: one socket that books and cancels, reading its replies."""
+
+    def __init__(self, port: int, day: str | None) -> None:
+        self.port, self.day = port, day
+
+    async def open(self) -> None:
+        from websockets.asyncio.client import connect
+
+        self.ws = await connect(f"ws://127.0.0.1:{self.port}/slot-booking", max_size=2**20)
+        await self.ws.recv()
+
+    async def change(self, kind: str, slot: int) -> None:
+        message = {"type": kind, "slot_id": slot, **USER}
+        if self.day:
+            message["date"] = self.day
+        await self.ws.send(orjson.dumps(message).decode())
+        while True:
+            reply = orjson.loads(await self.ws.recv())
+            if reply["type"] != "slots_update":
+                assert reply["success"], reply
+                return
+
+
+async def realtime(port: int, listeners_count: int, day: str | None) -> dict[str, float]:
+    hello = orjson.dumps({"type": "get_slots", "date": day}) if day else None
+    listeners = [Listener() for _ in range(listeners_count)]
+    tasks = [asyncio.create_task(listener.run(port, hello)) for listener in listeners]
+    await all_hold(listeners, 0)
+    booker = Booker(port, day)
+    await booker.open()
+    version = max(listener.version for listener in listeners)
+
+    delays = []
+    for i in range(OPS_LATENCY[listeners_count]):
+        started = time.perf_counter()
+        await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 9)
+        version += 1
+        delays.append(await all_hold(listeners, version) - started)
+    delays.sort()
+
+    replies = []
+    started = time.perf_counter()
+    for i in range(OPS_BURST):
+        sent = time.perf_counter()
+        await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 10)
+        replies.append(time.perf_counter() - sent)
+    last_reply = time.perf_counter()
+    version += OPS_BURST
+    final = await all_hold(listeners, version)
+    replies.sort()
+
+    await booker.ws.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "p50": statistics.median(delays) * 1000,
+        "p99": delays[int(len(delays) * 0.99) - 1] * 1000,
+        "ops": OPS_BURST / (final - started),
+        "tail": (final - last_reply) * 1000,
+        "reply_p99": replies[int(len(replies) * 0.99) - 1] * 1000,
+    }
+
+
+async def idle_memory(pid: int, port: int, count: int = 1000) -> float:
+    """KiB of server memory per idle socket."""
+    before = rss_kib(pid)
+    listeners = [Listener() for _ in range(count)]
+    tasks = [asyncio.create_task(listener.run(port, None)) for listener in listeners]
+    await all_hold(listeners, 0)
+    await asyncio.sleep(0.5)
+    after = rss_kib(pid)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return (after - before) / count
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+
+
+def measure(name: str, port: int, proc: subprocess.Popen, startup: float, day: str | None) -> dict[str, float]:
+    print(f"measuring {name} ...", file=sys.stderr)
+    result = {"startup": startup * 1000}
+    result["slots"] = requests_per_second(port, "GET", "/slots")
+    result["health"] = requests_per_second(port, "GET", "/health")
+    result["my_bookings"] = requests_per_second(port, "POST", "/my-bookings", orjson.dumps(USER))
+    result["memory"] = asyncio.run(idle_memory(proc.pid, port))
+    for count in (100, 1000):
+        for key, value in asyncio.run(realtime(port, count, day)).items():
+            result[f"{key}_{count}"] = value
+    return result
+
+
+def main() -> None:
+    tomorrow = (datetime.now(ZoneInfo("Asia/Kolkata")) + timedelta(days=1)).date().isoformat()
+    with tempfile.TemporaryDirectory() as tmp:
+        pesu_port, app_port, ceiling_port = free_port(), free_port(), free_port()
+        with process([sys.executable, __file__, "--serve", "pesu", str(pesu_port), ""], pesu_port):
+            env = {"HOST": "127.0.0.1", "PORT": str(app_port), "DATABASE_PATH": f"{tmp}/rero.db",
+                   "LOG_LEVEL": "warning", "PESU_AUTH_URL": f"http://127.0.0.1:{pesu_port}/authenticate",
+                   "WS_RATE_PER_SECOND": "0"}
+            with process([sys.executable, "app.py"], app_port, env) as (proc, startup):
+                httpx.post(f"http://127.0.0.1:{app_port}/auth/login", json=USER).raise_for_status()
+                same = {
+                    "slots": httpx.get(f"http://127.0.0.1:{app_port}/slots").text,
+                    "my_bookings": httpx.post(f"http://127.0.0.1:{app_port}/my-bookings", json=USER).text,
+                }
+                app = measure("app", app_port, proc, startup, tomorrow)
+            # the ceiling sends the app's own slots_update, with version 0 to count up from
+            update = orjson.dumps({"type": "slots_update", "data": {**orjson.loads(same["slots"]), "version": 0},
+                                   "timestamp": datetime.now().isoformat()})
+            Path(f"{tmp}/bytes.json").write_bytes(orjson.dumps({**same, "update": update.decode()}))
+            args = [sys.executable, __file__, "--serve", "ceiling", str(ceiling_port), f"{tmp}/bytes.json"]
+            with process(args, ceiling_port) as (proc, startup):
+                ceiling = measure("ceiling", ceiling_port, proc, startup, None)
+    report(app, ceiling)
+
+
+def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
+    rows = [
+        ("GET /slots (req/s)", "slots", "{:,.0f}"),
+        ("GET /health (req/s)", "health", "{:,.0f}"),
+        ("POST /my-bookings, cached login (req/s)", "my_bookings", "{:,.0f}"),
+        ("100 listeners: change until all hold it, p50 (ms)", "p50_100", "{:.2f}"),
+        ("100 listeners: change until all hold it, p99 (ms)", "p99_100", "{:.2f}"),
+        ("1000 listeners: change until all hold it, p50 (ms)", "p50_1000", "{:.2f}"),
+        ("1000 listeners: change until all hold it, p99 (ms)", "p99_1000", "{:.2f}"),
+        ("100 listeners: back-to-back book/cancel (ops/s)", "ops_100", "{:,.0f}"),
+        ("1000 listeners: back-to-back book/cancel (ops/s)", "ops_1000", "{:,.0f}"),
+        ("1000 listeners: last reply until all hold final state (ms)", "tail_1000", "{:.1f}"),
+        ("1000 listeners: booker's reply p99 (ms)", "reply_p99_1000", "{:.2f}"),
+        ("memory per idle socket (KiB)", "memory", "{:.1f}"),
+        ("start-up to first /health (ms)", "startup", "{:.0f}"),
+    ]
+    print(f"| measure | app | ceiling | app / ceiling |\n|---|---:|---:|---:|")
+    for label, key, fmt in rows:
+        ratio = app[key] / ceiling[key] if ceiling[key] else float("nan")
+        print(f"| {label} | {fmt.format(app[key])} | {fmt.format(ceiling[key])} | {ratio:.2f} |")
+    print(f"\n{os.cpu_count()} cores, Python {sys.version.split()[0]}, {os.uname().machine}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--load":
+        port, method, path, body = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].encode()
+        print(asyncio.run(load(port, method, path, body, HTTP_SECONDS)))
+    else:
+        main()
