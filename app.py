@@ -266,13 +266,39 @@ class StreamPeer(Peer):
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+FAN_OUT_BATCH = 50  # listeners woken per turn of the event loop during a broadcast
+
+
 class Hub:
-    """The listeners; a broadcast is encoded once and handed to every listener's own pump."""
+    """The listeners; a broadcast is encoded once and handed to every listener's own pump.
+
+    A broadcast only marks each listener's newest state; one fan-out task then wakes their pumps fifty at
+    a time, yielding between batches. With a thousand sockets open, a member's own reply therefore waits
+    behind one batch of sends, never behind the whole broadcast, and changes that arrive while a fan-out
+    is under way are coalesced into the next.
+    """
 
     def __init__(self, send_timeout: float, max_backlog: int) -> None:
         self.peers: set[Peer] = set()
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
+        self.pending = asyncio.Event()
+        self.fan_out_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.fan_out_task = asyncio.create_task(self._fan_out())
+
+    async def _fan_out(self) -> None:
+        while True:
+            await self.pending.wait()
+            self.pending.clear()
+            woken = 0
+            for peer in list(self.peers):
+                if peer.latest is not None:
+                    peer.wake.set()
+                    woken += 1
+                    if woken % FAN_OUT_BATCH == 0:
+                        await asyncio.sleep(0)  # let those pumps send, and members' requests in between
 
     def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
@@ -294,13 +320,15 @@ class Hub:
         """Send a day's new state to the listeners watching that day."""
         for peer in self.peers:
             if (peer.date or today) == day.date:
-                peer.send_state(day)
+                peer.latest = day
+        self.pending.set()
 
     def roll_over(self, day: Day) -> None:
         """A new day began: listeners watching "today" now watch it."""
         for peer in self.peers:
             if peer.date is None:
-                peer.send_state(day)
+                peer.latest = day
+        self.pending.set()
 
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
         if len(peer.replies) >= self.max_backlog:
@@ -315,6 +343,8 @@ class Hub:
         for peer in list(self.peers):
             self.peers.discard(peer)
             peer.close(code)
+        if self.fan_out_task is not None:
+            self.fan_out_task.cancel()
 
     async def _pump(self, peer: Peer) -> None:
         try:
@@ -745,6 +775,7 @@ def create_app(
         board = Board(store, settings.rules(), clock)
         await board.open()
         hub = Hub(settings.send_timeout, settings.max_backlog)
+        hub.start()
         timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             checker = PesuChecker(

@@ -828,6 +828,7 @@ def test_a_slow_listener_gets_the_newest_state_not_a_backlog() -> None:
                 got.append(day.version)
 
         hub = Hub(send_timeout=5, max_backlog=64)
+        hub.start()
         hub.join(SlowReader())
         for version in range(1, 101):
             hub.broadcast(Day(TODAY, version, [], [], [], b"", "", b""), TODAY)
