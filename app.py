@@ -215,9 +215,12 @@ class Peer:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.date: str | None = None  # the day this peer watches; None follows "today" across midnight
+        self.due = False  # the newest state may be sent now (set by send_state and by the hub's fan-out)
 
     def send_state(self, day: Day) -> None:
+        """Send this state now (a socket's first state, or its answer to get_slots)."""
         self.latest = day
+        self.due = True
         self.wake.set()
 
     def close(self, code: int) -> None:
@@ -267,15 +270,17 @@ class StreamPeer(Peer):
 
 
 FAN_OUT_BATCH = 50  # listeners woken per turn of the event loop during a broadcast
+FAN_OUT_INTERVAL = 0.01  # seconds between broadcast rounds: faster changes coalesce into the next round
 
 
 class Hub:
     """The listeners; a broadcast is encoded once and handed to every listener's own pump.
 
     A broadcast only marks each listener's newest state; one fan-out task then wakes their pumps fifty at
-    a time, yielding between batches. With a thousand sockets open, a member's own reply therefore waits
-    behind one batch of sends, never behind the whole broadcast, and changes that arrive while a fan-out
-    is under way are coalesced into the next.
+    a time, yielding between batches, and starts at most one round every FAN_OUT_INTERVAL. With a thousand
+    sockets open, a member's own reply therefore waits behind one batch of sends, never behind the whole
+    broadcast; and changes faster than rounds coalesce before they are sent, so a socket's buffers never
+    fill with states that are already stale.
     """
 
     def __init__(self, send_timeout: float, max_backlog: int) -> None:
@@ -295,10 +300,12 @@ class Hub:
             woken = 0
             for peer in list(self.peers):
                 if peer.latest is not None:
+                    peer.due = True
                     peer.wake.set()
                     woken += 1
                     if woken % FAN_OUT_BATCH == 0:
                         await asyncio.sleep(0)  # let those pumps send, and members' requests in between
+            await asyncio.sleep(FAN_OUT_INTERVAL)
 
     def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
@@ -351,14 +358,14 @@ class Hub:
             while True:
                 await peer.wake.wait()
                 peer.wake.clear()
-                while peer.close_code is None and (peer.replies or peer.latest is not None):
+                while peer.close_code is None and (peer.replies or (peer.due and peer.latest is not None)):
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
                     # with a completed send, leaving this task alive after its socket has gone.
                     async with asyncio.timeout(self.send_timeout):
                         if peer.replies:
                             await peer.deliver(peer.replies.popleft())
                         else:
-                            day, peer.latest = peer.latest, None
+                            day, peer.latest, peer.due = peer.latest, None, False
                             await peer.deliver_day(day)  # type: ignore[arg-type]
                 if peer.close_code is not None:
                     await peer.finish(peer.close_code)
