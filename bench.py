@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import os
 import re
+import select
+import selectors
 import socket
 import statistics
 import subprocess
@@ -114,7 +117,7 @@ def serve(name: str, port: int, extra: str) -> None:
     else:
         data = orjson.loads(Path(extra).read_bytes())
         app = ceiling_app(data["slots"].encode(), data["update"].encode(), data["my_bookings"].encode())
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=16384)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=16384, ws_ping_interval=0)
 
 
 @contextlib.contextmanager
@@ -180,7 +183,7 @@ def requests_per_second(port: int, method: str, path: str, body: bytes = b"") ->
     return float(out.stdout)
 
 
-# -- listeners: raw WebSockets that only read ---------------------------------------------------------------
+# -- listeners: raw WebSockets that only read, in their own process -------------------------------------------
 
 
 def client_frame(payload: bytes) -> bytes:
@@ -190,46 +193,80 @@ def client_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-class Listener:
-    """A socket that reads everything and remembers the highest version it has seen, and when."""
+def listen(port: int, count: int, hello: bytes) -> None:
+    """python bench.py --listen PORT COUNT HELLO: open COUNT sockets that only read, and print
+    "VERSION TIME" each time the lowest version held by all of them rises (TIME from perf_counter,
+    which is CLOCK_MONOTONIC: comparable with the parent's)."""
+    selector = selectors.DefaultSelector()
+    versions: dict[socket.socket, int] = {}
+    tails: dict[socket.socket, bytes] = {}
+    held: collections.Counter[int] = collections.Counter({-1: count})
+    lowest = -1
 
-    def __init__(self) -> None:
-        self.version = -1
-        self.seen_at = 0.0
-        self.changed = asyncio.Event()
+    def take(sock: socket.socket, chunk: bytes) -> None:
+        nonlocal lowest
+        found = VERSION.findall(tails[sock] + chunk)
+        tails[sock] = chunk[-24:]
+        if not found or int(found[-1]) <= versions[sock]:
+            return
+        old, versions[sock] = versions[sock], int(found[-1])
+        held[old] -= 1
+        held[versions[sock]] += 1
+        if old == lowest and held[old] == 0:
+            del held[old]
+            lowest = min(held)
+            print(lowest, time.perf_counter(), flush=True)
 
-    async def run(self, port: int, hello: bytes | None) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(f"GET /slot-booking HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        sock.sendall(f"GET /slot-booking HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        await reader.readuntil(b"\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response:  # the upgrade first: bytes sent along with it are lost
+            response += sock.recv(4096)
         if hello:
-            writer.write(client_frame(hello))
-        tail = b""
-        try:
-            while True:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    return
-                found = VERSION.findall(tail + chunk)
-                tail = chunk[-24:]
-                if found:
-                    version = max(int(v) for v in found)
-                    if version > self.version:
-                        self.version, self.seen_at = version, time.perf_counter()
-                        self.changed.set()
-        finally:
-            writer.close()
+            sock.sendall(client_frame(hello))
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        versions[sock], tails[sock] = -1, b""
+        take(sock, response.split(b"\r\n\r\n", 1)[1])  # the first state may have come with the upgrade
+    while True:
+        for key, _ in selector.select():
+            sock = key.fileobj  # type: ignore[assignment]
+            try:
+                chunk = sock.recv(262144)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                print(f"listener: a socket was closed by the server at version {versions[sock]}", file=sys.stderr)
+                return
+            take(sock, chunk)
 
 
-async def all_hold(listeners: list[Listener], version: int) -> float:
-    """When the last listener came to hold this version."""
-    for listener in listeners:
-        while listener.version < version:
-            listener.changed.clear()
-            await asyncio.wait_for(listener.changed.wait(), 10)
-    return max(listener.seen_at for listener in listeners)
+class Listeners:
+    """COUNT raw listening sockets in a child process; ``all_hold(v)`` is when the last of them held v."""
+
+    def __init__(self, port: int, count: int, hello: bytes | None) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--listen", str(port), str(count),
+                                      (hello or b"").decode()], stdout=subprocess.PIPE, text=True)
+        self.lowest, self.at = -1, 0.0
+
+    def all_hold(self, version: int, timeout: float = 30) -> float:
+        deadline = time.perf_counter() + timeout
+        while self.lowest < version:
+            remaining = deadline - time.perf_counter()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, remaining))
+            assert ready, f"listeners never all held version {version} (lowest {self.lowest})"
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, "listener process ended"
+            lowest, at = line.split()
+            self.lowest, self.at = int(lowest), float(at)
+        return self.at
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 class Booker:
@@ -256,38 +293,35 @@ class Booker:
                 return
 
 
-async def realtime(port: int, listeners_count: int, day: str | None) -> dict[str, float]:
+async def realtime(port: int, count: int, day: str | None) -> dict[str, float]:
     hello = orjson.dumps({"type": "get_slots", "date": day}) if day else None
-    listeners = [Listener() for _ in range(listeners_count)]
-    tasks = [asyncio.create_task(listener.run(port, hello)) for listener in listeners]
-    await all_hold(listeners, 0)
-    booker = Booker(port, day)
-    await booker.open()
-    version = max(listener.version for listener in listeners)
+    listeners = Listeners(port, count, hello)
+    try:
+        version = await asyncio.to_thread(initial_version, listeners)
+        booker = Booker(port, day)
+        await booker.open()
 
-    delays = []
-    for i in range(OPS_LATENCY[listeners_count]):
+        delays = []
+        for i in range(OPS_LATENCY[count]):
+            started = time.perf_counter()
+            await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 9)
+            version += 1
+            delays.append(await asyncio.to_thread(listeners.all_hold, version) - started)
+        delays.sort()
+
+        replies = []
         started = time.perf_counter()
-        await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 9)
-        version += 1
-        delays.append(await all_hold(listeners, version) - started)
-    delays.sort()
-
-    replies = []
-    started = time.perf_counter()
-    for i in range(OPS_BURST):
-        sent = time.perf_counter()
-        await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 10)
-        replies.append(time.perf_counter() - sent)
-    last_reply = time.perf_counter()
-    version += OPS_BURST
-    final = await all_hold(listeners, version)
-    replies.sort()
-
-    await booker.ws.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        for i in range(OPS_BURST):
+            sent = time.perf_counter()
+            await booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 10)
+            replies.append(time.perf_counter() - sent)
+        last_reply = time.perf_counter()
+        version += OPS_BURST
+        final = await asyncio.to_thread(listeners.all_hold, version)
+        replies.sort()
+        await booker.ws.close()
+    finally:
+        listeners.close()
     return {
         "p50": statistics.median(delays) * 1000,
         "p99": delays[int(len(delays) * 0.99) - 1] * 1000,
@@ -297,17 +331,23 @@ async def realtime(port: int, listeners_count: int, day: str | None) -> dict[str
     }
 
 
-async def idle_memory(pid: int, port: int, count: int = 1000) -> float:
+def initial_version(listeners: Listeners) -> int:
+    """The version every listener holds once all are connected and have their first state."""
+    listeners.all_hold(0)
+    time.sleep(0.3)  # let every get_slots (the day switch) be handled before the first change
+    return listeners.lowest
+
+
+def idle_memory(pid: int, port: int, count: int = 1000) -> float:
     """KiB of server memory per idle socket."""
     before = rss_kib(pid)
-    listeners = [Listener() for _ in range(count)]
-    tasks = [asyncio.create_task(listener.run(port, None)) for listener in listeners]
-    await all_hold(listeners, 0)
-    await asyncio.sleep(0.5)
-    after = rss_kib(pid)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    listeners = Listeners(port, count, None)
+    try:
+        listeners.all_hold(0)
+        time.sleep(0.5)
+        after = rss_kib(pid)
+    finally:
+        listeners.close()
     return (after - before) / count
 
 
@@ -315,13 +355,18 @@ async def idle_memory(pid: int, port: int, count: int = 1000) -> float:
 
 
 def measure(name: str, port: int, proc: subprocess.Popen, startup: float, day: str | None) -> dict[str, float]:
-    print(f"measuring {name} ...", file=sys.stderr)
+    def step(what: str) -> None:
+        print(f"  {name}: {what}", file=sys.stderr, flush=True)
+
+    step("HTTP")
     result = {"startup": startup * 1000}
     result["slots"] = requests_per_second(port, "GET", "/slots")
     result["health"] = requests_per_second(port, "GET", "/health")
     result["my_bookings"] = requests_per_second(port, "POST", "/my-bookings", orjson.dumps(USER))
-    result["memory"] = asyncio.run(idle_memory(proc.pid, port))
+    step("memory")
+    result["memory"] = idle_memory(proc.pid, port)
     for count in (100, 1000):
+        step(f"{count} listeners")
         for key, value in asyncio.run(realtime(port, count, day)).items():
             result[f"{key}_{count}"] = value
     return result
@@ -335,7 +380,11 @@ def main() -> None:
             env = {"HOST": "127.0.0.1", "PORT": str(app_port), "DATABASE_PATH": f"{tmp}/rero.db",
                    "LOG_LEVEL": "warning", "PESU_AUTH_URL": f"http://127.0.0.1:{pesu_port}/authenticate",
                    "WS_RATE_PER_SECOND": "0"}
-            with process([sys.executable, "app.py"], app_port, env) as (proc, startup):
+            # The app as `uvicorn app:app`, as deployed, but with keep-alive pings off for both servers:
+            # the listeners only read, so they would never answer one.
+            args = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port),
+                    "--log-level", "warning", "--ws-max-size", "16384", "--ws-ping-interval", "0"]
+            with process(args, app_port, env) as (proc, startup):
                 httpx.post(f"http://127.0.0.1:{app_port}/auth/login", json=USER).raise_for_status()
                 same = {
                     "slots": httpx.get(f"http://127.0.0.1:{app_port}/slots").text,
@@ -378,6 +427,8 @@ def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--listen":
+        listen(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode())
     elif len(sys.argv) > 1 and sys.argv[1] == "--load":
         port, method, path, body = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].encode()
         print(asyncio.run(load(port, method, path, body, HTTP_SECONDS)))
