@@ -325,15 +325,16 @@ class Hub:
 
     def broadcast(self, day: Day, today: str) -> None:
         """Send a day's new state to the listeners watching that day."""
-        for peer in self.peers:
-            if (peer.date or today) == day.date:
-                peer.latest = day
-        self.pending.set()
+        self._offer(day, lambda peer: (peer.date or today) == day.date)
 
     def roll_over(self, day: Day) -> None:
         """A new day began: listeners watching "today" now watch it."""
+        self._offer(day, lambda peer: peer.date is None)
+
+    def _offer(self, day: Day, watching: Callable[[Peer], bool]) -> None:
+        """Make day the newest state of the listeners watching it; the fan-out sends it."""
         for peer in self.peers:
-            if peer.date is None:
+            if watching(peer):
                 peer.latest = day
         self.pending.set()
 
@@ -615,7 +616,7 @@ class EventStream:
         state = request.state
         board, hub = state["board"], state["hub"]
         try:
-            date = None if request.query_params.get("date") is None else parse_date(request.query_params["date"])
+            date = watched_date(request.query_params.get("date"))
         except SlotError as exc:
             raise HTTPException(400, str(exc)) from None
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
@@ -633,6 +634,11 @@ class EventStream:
         finally:
             disconnected.cancel()
             await hub.leave(peer)
+
+
+def watched_date(value: Any) -> str | None:
+    """The day a listener asks to watch: a checked date, or None for "today, whichever day that is"."""
+    return None if value is None else parse_date(value)
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -687,7 +693,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
     kind = data.get("type")
     if kind == "get_slots":
         try:
-            date = None if data.get("date") is None else parse_date(data["date"])
+            date = watched_date(data.get("date"))
         except SlotError as exc:
             return error(str(exc))
         peer.date = date  # watch that day from now on; without a date, watch today

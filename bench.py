@@ -417,7 +417,7 @@ def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
         ("memory per idle socket (KiB)", "memory", "{:.1f}"),
         ("start-up to first /health (ms)", "startup", "{:.0f}"),
     ]
-    print(f"| measure | app | ceiling | app / ceiling |\n|---|---:|---:|---:|")
+    print("| measure | app | ceiling | app / ceiling |\n|---|---:|---:|---:|")
     for label, key, fmt in rows:
         ratio = app[key] / ceiling[key] if ceiling[key] else float("nan")
         print(f"| {label} | {fmt.format(app[key])} | {fmt.format(ceiling[key])} | {ratio:.2f} |")
