@@ -212,10 +212,11 @@ def listen(port: int, count: int, hello: bytes) -> None:
         old, versions[sock] = versions[sock], int(found[-1])
         held[old] -= 1
         held[versions[sock]] += 1
-        if old == lowest and held[old] == 0:
+        if held[old] == 0:
             del held[old]
-            lowest = min(held)
-            print(lowest, time.perf_counter(), flush=True)
+            if old == lowest:
+                lowest = min(held)
+                print(lowest, time.perf_counter(), flush=True)
 
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port))
@@ -263,6 +264,14 @@ class Listeners:
             lowest, at = line.split()
             self.lowest, self.at = int(lowest), float(at)
         return self.at
+
+    def settle(self, quiet: float = 0.3) -> None:
+        """Take reports until none has come for ``quiet`` seconds."""
+        while select.select([self.proc.stdout], [], [], quiet)[0]:
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            assert line, "listener process ended"
+            lowest, at = line.split()
+            self.lowest, self.at = int(lowest), float(at)
 
     def close(self) -> None:
         self.proc.kill()
@@ -334,7 +343,7 @@ async def realtime(port: int, count: int, day: str | None) -> dict[str, float]:
 def initial_version(listeners: Listeners) -> int:
     """The version every listener holds once all are connected and have their first state."""
     listeners.all_hold(0)
-    time.sleep(0.3)  # let every get_slots (the day switch) be handled before the first change
+    listeners.settle()  # every get_slots (the day switch) answered before the first change
     return listeners.lowest
 
 
