@@ -250,28 +250,38 @@ class Listeners:
 
     def __init__(self, port: int, count: int, hello: bytes | None) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--listen", str(port), str(count),
-                                      (hello or b"").decode()], stdout=subprocess.PIPE, text=True)
+                                      (hello or b"").decode()], stdout=subprocess.PIPE)
         self.lowest, self.at = -1, 0.0
+        self.unread = b""
+
+    def _take_reports(self, wait: float) -> bool:
+        """Read what the child has reported within ``wait`` seconds; False if it reported nothing.
+
+        Reads the pipe's file descriptor itself: a buffered reader could hold reports that select()
+        then never sees.
+        """
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        if not select.select([fd], [], [], max(0.0, wait))[0]:
+            return False
+        chunk = os.read(fd, 65536)
+        assert chunk, "listener process ended"
+        *lines, self.unread = (self.unread + chunk).split(b"\n")
+        for line in lines:
+            lowest, at = line.split()
+            self.lowest, self.at = int(lowest), float(at)
+        return True
 
     def all_hold(self, version: int, timeout: float = 30) -> float:
         deadline = time.perf_counter() + timeout
         while self.lowest < version:
-            remaining = deadline - time.perf_counter()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, remaining))
-            assert ready, f"listeners never all held version {version} (lowest {self.lowest})"
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            assert line, "listener process ended"
-            lowest, at = line.split()
-            self.lowest, self.at = int(lowest), float(at)
+            reported = self._take_reports(deadline - time.perf_counter())
+            assert reported, f"listeners never all held version {version} (lowest {self.lowest})"
         return self.at
 
     def settle(self, quiet: float = 0.3) -> None:
         """Take reports until none has come for ``quiet`` seconds."""
-        while select.select([self.proc.stdout], [], [], quiet)[0]:
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            assert line, "listener process ended"
-            lowest, at = line.split()
-            self.lowest, self.at = int(lowest), float(at)
+        while self._take_reports(quiet):
+            pass
 
     def close(self) -> None:
         self.proc.kill()
