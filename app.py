@@ -22,13 +22,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import httpx
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 import pesu
@@ -40,6 +41,7 @@ logger = logging.getLogger("rero")
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_SOCKET_MESSAGE_BYTES = 16 * 1024
+SWITCH_INTERVAL = 0.0001  # seconds; see lifespan
 
 
 # -- configuration ---------------------------------------------------------------------------------------
@@ -197,6 +199,43 @@ def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
     return username.strip(), password
 
 
+class Edge:
+    """What every HTTP response carries, and CORS for browsers: one cheap layer around the routes.
+
+    Requests without an ``Origin`` header (curl, the same-origin page, health checks) skip CORS entirely;
+    the rest go through Starlette's CORSMiddleware. With ``*`` credentials are never allowed; with an
+    explicit list they are, and responses vary by origin.
+    """
+
+    def __init__(self, app: ASGIApp, cors_origins: tuple[str, ...]) -> None:
+        self.app = app
+        wildcard = "*" in cors_origins
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=["*"] if wildcard else list(cors_origins),
+            allow_credentials=not wildcard,  # browsers refuse credentials with "*", and so do we
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
+        self.headers = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+        # CORS answers depend on the origin; say so to caches on the answers CORSMiddleware does not mark
+        self.plain_headers = self.headers if wildcard else [*self.headers, (b"vary", b"Origin")]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        from_browser = any(name == b"origin" for name, _ in scope["headers"])
+        extra = self.headers if from_browser else self.plain_headers
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await (self.cors if from_browser else self.app)(scope, receive, send_with_headers)
+
+
 # -- the socket hub ----------------------------------------------------------------------------------------
 
 
@@ -269,18 +308,18 @@ class StreamPeer(Peer):
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-FAN_OUT_BATCH = 50  # listeners woken per turn of the event loop during a broadcast
-FAN_OUT_INTERVAL = 0.01  # seconds between broadcast rounds: faster changes coalesce into the next round
+FAN_OUT_BATCH = 25  # listeners woken per turn of the event loop during a broadcast
 
 
 class Hub:
     """The listeners; a broadcast is encoded once and handed to every listener's own pump.
 
-    A broadcast only marks each listener's newest state; one fan-out task then wakes their pumps fifty at
-    a time, yielding between batches, and starts at most one round every FAN_OUT_INTERVAL. With a thousand
-    sockets open, a member's own reply therefore waits behind one batch of sends, never behind the whole
-    broadcast; and changes faster than rounds coalesce before they are sent, so a socket's buffers never
-    fill with states that are already stale.
+    A broadcast only marks each listener's newest state; one fan-out task then wakes their pumps
+    FAN_OUT_BATCH at a time, yielding between batches, so a member's own reply waits behind one batch of
+    sends, never behind the whole broadcast. A change that finds the hub idle goes out at once. Changes
+    that arrive while a round is going out are a burst: the next round waits twice as long as the last
+    one took, so bookers keep two thirds of the process, and the states of the burst coalesce meanwhile
+    (each listener only ever gets the newest).
     """
 
     def __init__(self, send_timeout: float, max_backlog: int) -> None:
@@ -294,9 +333,11 @@ class Hub:
         self.fan_out_task = asyncio.create_task(self._fan_out())
 
     async def _fan_out(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self.pending.wait()
             self.pending.clear()
+            started = loop.time()
             woken = 0
             for peer in list(self.peers):
                 if peer.latest is not None:
@@ -305,7 +346,8 @@ class Hub:
                     woken += 1
                     if woken % FAN_OUT_BATCH == 0:
                         await asyncio.sleep(0)  # let those pumps send, and members' requests in between
-            await asyncio.sleep(FAN_OUT_INTERVAL)
+            if self.pending.is_set():  # more changes came during this round: a burst
+                await asyncio.sleep(2 * (loop.time() - started))
 
     def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
@@ -469,13 +511,24 @@ async def stats(request: Request[State]) -> Response:
     )
 
 
-async def list_slots(request: Request[State]) -> Response:
-    board = request.state["board"]
-    try:
-        date = board.resolve(request.query_params.get("date"))
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
-    return Response((await board.day(date)).slots_json, media_type="application/json")
+class SlotList:
+    """GET /slots (``?date=`` for another day): the day's ready-encoded bytes.
+
+    The route every open page polls, so it is a plain ASGI app: no Request, no per-request wrappers,
+    just a cache lookup and two sends. A bad date still raises HTTPException, answered by the app.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        board: Board = scope["state"]["board"]
+        query = scope["query_string"]
+        try:
+            date = board.resolve(QueryParams(query).get("date") if query else None)
+        except SlotError as exc:
+            raise HTTPException(400, str(exc)) from None
+        body = (await board.day(date)).slots_json
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(frozen=True)
@@ -784,6 +837,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         configure_logging(settings.log_level)
+        # The database thread needs the GIL back after every SQLite call; by default it may wait 5 ms for
+        # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         store = SlotStore(settings.database_path, settings.hours)
         board = Board(store, settings.rules(), clock)
         await board.open()
@@ -809,11 +866,12 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
                 await store.close()
+                sys.setswitchinterval(switch_interval)
 
     routes = [
         Route("/", root),
         Route("/health", health),
-        Route("/slots", list_slots),
+        Route("/slots", SlotList(), methods=["GET"]),
         Route("/stats", stats),
         Route("/auth/login", login, methods=["POST"]),
         Route("/book-slot", slot_route("book"), methods=["POST"]),
@@ -825,16 +883,7 @@ def create_app(
         Route("/events", EventStream(), methods=["GET"]),
         WebSocketRoute("/slot-booking", slot_socket),
     ]
-    wildcard = "*" in settings.cors_origins
-    middleware = [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=["*"] if wildcard else list(settings.cors_origins),
-            allow_credentials=not wildcard,  # browsers refuse credentials with "*", and so do we
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["*"],
-        )
-    ]
+    middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]
     return Starlette(
         routes=routes,
         middleware=middleware,
