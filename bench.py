@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 USER = {"username": "PES1UG20CS001", "password": "bench-password"}
 VERSION = re.compile(rb'"version":(\d+)')
 HTTP_SECONDS = 4
-OPS_LATENCY = {100: 200, 1000: 60}  # one change at a time, per listener count
+OPS_LATENCY = {100: 200, 1000: 150}  # one change at a time, per listener count
 OPS_BURST = 600  # back-to-back book/cancel messages
 
 

@@ -864,6 +864,18 @@ def test_the_events_feed_streams_slots_updates_for_curl(service: Service) -> Non
     assert tomorrow.status_code == 400 and "YYYY-MM-DD" in tomorrow.json()["detail"]
 
 
+def test_an_eventsource_reconnecting_with_last_event_id_starts_from_the_current_state(service: Service) -> None:
+    service.book(5)
+    service.cancel(5)
+    service.book(7)
+    headers = {"Last-Event-ID": "1"}  # it missed everything since version 1
+    with httpx.stream("GET", f"{service.server.url}/events", headers=headers, timeout=5) as stream:
+        lines = stream.iter_lines()
+        id_line, data_line = next(lines), next(lines)
+    current = orjson.loads(data_line[6:])
+    assert booked(current) == [7] and int(id_line[4:]) == current["data"]["version"] >= 3
+
+
 def test_a_dead_peer_that_never_answers_pings_is_dropped(settings: Settings) -> None:
     """A browser that vanished without closing (laptop lid shut): it reads, but never answers a ping."""
     with ServerThread(create_app(settings), ws_ping_interval=0.2, ws_ping_timeout=0.2) as server:
