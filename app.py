@@ -6,12 +6,14 @@ Run with ``python app.py`` (reads HOST, PORT, WORKERS, ... from the environment)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from starlette.websockets import WebSocket
 
 import pesu
 from db import SlotStore
-from pesu import AuthUnavailable, InvalidCredentials, PesuChecker
+from pesu import AuthUnavailable, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttle
 from slots import Board, Day, Forbidden, Rules, SlotError, parse_date
 
 logger = logging.getLogger("rero")
@@ -71,6 +73,15 @@ class Settings:
     send_timeout: float = 10.0  # a socket whose send takes longer than this is dropped
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
+    session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
+    session_minutes: float = 60
+    login_fails_per_username: int = 5  # 0 = off
+    login_fail_window_minutes: float = 15
+    login_fails_per_address: int = 0  # 0 = off: a whole campus often shares one address
+    ws_rate_per_second: float = 20  # messages per socket; 0 = off
+    ws_rate_burst: int = 40
+    max_connections: int = 5000  # open sockets and event streams in all; 0 = off
+    max_connections_per_address: int = 0  # 0 = off
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -105,12 +116,25 @@ class Settings:
                 "ADMIN_SRNS", lambda v: frozenset(s.strip().upper() for s in v.split(",") if s.strip()),
                 cls.admin_srns,
             ),
+            session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
+            session_minutes=get("SESSION_MINUTES", float, cls.session_minutes),
+            login_fails_per_username=get("LOGIN_FAILS_PER_USERNAME", int, cls.login_fails_per_username),
+            login_fail_window_minutes=get("LOGIN_FAIL_WINDOW_MINUTES", float, cls.login_fail_window_minutes),
+            login_fails_per_address=get("LOGIN_FAILS_PER_ADDRESS", int, cls.login_fails_per_address),
+            ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second),
+            ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst),
+            max_connections=get("MAX_CONNECTIONS", int, cls.max_connections),
+            max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
         )
         if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
             raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
         if min(settings.booking_days_ahead, settings.booking_grace_minutes, settings.max_bookings_per_day,
-               settings.max_upcoming_bookings) < 0:
-            raise SystemExit("BOOKING_* and MAX_* settings cannot be negative")
+               settings.max_upcoming_bookings, settings.login_fails_per_username, settings.login_fails_per_address,
+               settings.ws_rate_per_second, settings.ws_rate_burst, settings.max_connections,
+               settings.max_connections_per_address) < 0:
+            raise SystemExit("BOOKING_*, MAX_*, LOGIN_* and WS_* settings cannot be negative")
+        if settings.session_minutes <= 0 or settings.login_fail_window_minutes <= 0:
+            raise SystemExit("SESSION_MINUTES and LOGIN_FAIL_WINDOW_MINUTES must be positive")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
 
@@ -153,8 +177,11 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "Internal Server Error"}, 500)
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, refusing (413) anything over MAX_BODY_BYTES before reading it all."""
+async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object, refusing (413) anything over MAX_BODY_BYTES before reading it all.
+
+    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
@@ -163,6 +190,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+    if empty_ok and not body.strip():
+        return {}
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -217,7 +246,9 @@ class Edge:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-        self.headers = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+        # no-store: answers carry members' bookings, or states that a booking makes stale at once
+        self.headers = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                        (b"cache-control", b"no-store")]
         # CORS answers depend on the origin; say so to caches on the answers CORSMiddleware does not mark
         self.plain_headers = self.headers if wildcard else [*self.headers, (b"vary", b"Origin")]
 
@@ -247,7 +278,8 @@ class Peer:
     own pump task writes to it, so a slow reader can only ever stall itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, address: str) -> None:
+        self.address = address  # the client's, for the per-address connection cap
         self.replies: deque[str] = deque()
         self.latest: Day | None = None
         self.close_code: int | None = None
@@ -280,8 +312,8 @@ class Peer:
 
 
 class SocketPeer(Peer):
-    def __init__(self, websocket: WebSocket) -> None:
-        super().__init__()
+    def __init__(self, websocket: WebSocket, address: str) -> None:
+        super().__init__(address)
         self.websocket = websocket
 
     async def deliver(self, text: str) -> None:
@@ -297,8 +329,8 @@ class SocketPeer(Peer):
 class StreamPeer(Peer):
     """A Server-Sent Events listener: the same slots_update messages, with ``id:`` = version."""
 
-    def __init__(self, send: Send) -> None:
-        super().__init__()
+    def __init__(self, send: Send, address: str) -> None:
+        super().__init__(address)
         self.send = send
 
     async def deliver_day(self, day: Day) -> None:
@@ -322,10 +354,13 @@ class Hub:
     (each listener only ever gets the newest).
     """
 
-    def __init__(self, send_timeout: float, max_backlog: int) -> None:
+    def __init__(self, send_timeout: float, max_backlog: int, max_peers: int = 0, max_per_address: int = 0) -> None:
         self.peers: set[Peer] = set()
+        self.per_address: collections.Counter[str] = collections.Counter()
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
+        self.max_peers = max_peers
+        self.max_per_address = max_per_address
         self.pending = asyncio.Event()
         self.fan_out_task: asyncio.Task[None] | None = None
 
@@ -349,12 +384,27 @@ class Hub:
             if self.pending.is_set():  # more changes came during this round: a burst
                 await asyncio.sleep(2 * (loop.time() - started))
 
+    def admits(self, address: str) -> bool:
+        """Room for one more listener, in all and from this address (limits of 0 are off)."""
+        if self.max_peers and len(self.peers) >= self.max_peers:
+            return False
+        return not self.max_per_address or self.per_address[address] < self.max_per_address
+
     def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
         self.peers.add(peer)
+        self.per_address[peer.address] += 1
+
+    def _drop(self, peer: Peer) -> None:
+        """Forget a listener (its pump sends nothing more); safe to call more than once."""
+        if peer in self.peers:
+            self.peers.remove(peer)
+            self.per_address[peer.address] -= 1
+            if not self.per_address[peer.address]:
+                del self.per_address[peer.address]
 
     async def leave(self, peer: Peer) -> None:
-        self.peers.discard(peer)
+        self._drop(peer)
         if peer.task is not None:
             peer.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -383,7 +433,7 @@ class Hub:
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
         if len(peer.replies) >= self.max_backlog:
             logger.warning("dropping a socket that stopped reading (%d replies waiting)", len(peer.replies))
-            self.peers.discard(peer)
+            self._drop(peer)
             peer.close(1008)
             return
         peer.replies.append(orjson.dumps(message).decode())
@@ -391,7 +441,7 @@ class Hub:
 
     def close_all(self, code: int) -> None:
         for peer in list(self.peers):
-            self.peers.discard(peer)
+            self._drop(peer)
             peer.close(code)
         if self.fan_out_task is not None:
             self.fan_out_task.cancel()
@@ -415,12 +465,12 @@ class Hub:
                     return
         except asyncio.TimeoutError:
             logger.warning("dropping a listener that took over %.1fs to accept a message", self.send_timeout)
-            self.peers.discard(peer)
+            self._drop(peer)
             with contextlib.suppress(Exception):
                 await peer.finish(1008)
         except (OSError, RuntimeError) as exc:  # the peer went away mid-send; its endpoint cleans up
             logger.debug("send failed: %r", exc)
-            self.peers.discard(peer)
+            self._drop(peer)
 
 
 # -- application state ----------------------------------------------------------------------------------------
@@ -431,22 +481,45 @@ class State(TypedDict):
     board: Board
     hub: Hub
     pesu: PesuChecker
+    sessions: Sessions
+    by_username: Throttle  # failed logins per username
+    by_address: Throttle  # failed logins per client address
 
 
-async def authenticate(state: State, username: str, password: str) -> str:
-    """The member's SRN, or an HTTPException saying why not (401 or 503)."""
-    return (await profile_of(state, username, password))["srn"]
+async def identify(state: State, ask: Ask) -> str:
+    """The member's SRN, from a session token or from PESU; else an HTTPException (401, 429 or 503)."""
+    if ask.token is not None:
+        return claims_of(state, ask.token)["srn"]
+    return (await profile_of(state, ask.username, ask.password, ask.address))["srn"]
 
 
-async def profile_of(state: State, username: str, password: str) -> dict[str, Any]:
+def claims_of(state: State, token: str) -> dict[str, Any]:
     try:
-        return await state["pesu"].check(username, password)
+        return state["sessions"].claims(token)
+    except InvalidToken:
+        raise HTTPException(401, "Invalid or expired token") from None
+
+
+async def profile_of(state: State, username: str, password: str, address: str) -> dict[str, Any]:
+    """PESU's answer for these credentials, unless this username (or address) has failed too often lately:
+    then 429 with Retry-After, without asking PESU."""
+    member = username.upper()
+    wait = max(state["by_username"].retry_after(member), state["by_address"].retry_after(address))
+    if wait:
+        logger.warning("login throttled for %s from %s", username, address)
+        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
+    try:
+        profile = await state["pesu"].check(username, password)
     except InvalidCredentials:
-        logger.info("login refused for %s", username)
+        logger.info("login refused for %s from %s", username, address)
+        state["by_username"].fail(member)
+        state["by_address"].fail(address)
         raise HTTPException(401, "Invalid credentials") from None
     except AuthUnavailable as exc:
         logger.warning("PESU auth unavailable: %s", exc)
         raise HTTPException(503, "Authentication service unavailable") from None
+    state["by_username"].clear(member)
+    return profile
 
 
 async def today(state: State) -> Day:
@@ -538,24 +611,40 @@ class Ask:
 
     username: str
     password: str
+    token: str | None  # a session token, used instead of username and password
+    address: str  # the client's address (the real one behind a trusted proxy)
     date: str
     slot_id: int
     data: dict[str, Any]
 
 
-def ask_of(board: Board, data: dict[str, Any], *, slot: bool) -> Ask:
+def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, *, slot: bool) -> Ask:
     """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
     slot_id = slot_id_of(data) if slot else 0
-    username, password = credentials_of(data)
+    username, password = ("", "") if token is not None else credentials_of(data)
     date = board.resolve(data.get("date")) if slot else ""
-    return Ask(username, password, date, slot_id, data)
+    return Ask(username, password, token, address, date, slot_id, data)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (any other scheme counts as a bad token)."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else header
+
+
+def address_of(connection: Request | WebSocket) -> str:
+    return connection.client.host if connection.client else "unknown"
 
 
 async def parse(request: Request[State], *, slot: bool) -> Ask:
     """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
-    data = await read_json(request)
+    token = bearer_token(request)
+    data = await read_json(request, empty_ok=token is not None)
     try:
-        return ask_of(request.state["board"], data, slot=slot)
+        return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
     except BadInput as exc:
         raise HTTPException(422, str(exc)) from None
     except SlotError as exc:
@@ -563,9 +652,36 @@ async def parse(request: Request[State], *, slot: bool) -> Ask:
 
 
 async def login(request: Request[State]) -> Response:
+    """Check credentials with PESU; the answer carries a session token to use instead of them.
+
+    With a Bearer token instead, it says whose the token is and how long it has left (no new token).
+    """
+    state = request.state
     ask = await parse(request, slot=False)
-    profile = await profile_of(request.state, ask.username, ask.password)
-    return JSONResponse({"success": True, "message": "Login successful", "user": profile})
+    if ask.token is not None:
+        claims = claims_of(state, ask.token)
+        expires_in = int(claims["exp"] - state["sessions"].clock())
+        user, token = {"srn": claims["srn"]}, ask.token
+    else:
+        user = await profile_of(state, ask.username, ask.password, ask.address)
+        token, expires_in = state["sessions"].issue(user["srn"])
+    body = {"success": True, "message": "Login successful", "user": user, "token": token, "expires_in": expires_in}
+    return JSONResponse(body)
+
+
+async def logout(request: Request[State]) -> Response:
+    """Revoke a session token (Bearer, or ``{"token": ...}``) for the rest of its life, on every worker."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        token = (await read_json(request)).get("token")
+        if not isinstance(token, str):
+            raise HTTPException(422, "token is required (Authorization: Bearer, or in the body)")
+    claims = claims_of(state, token)
+    state["sessions"].revoke(claims["jti"], claims["exp"])
+    await state["board"].store.revoke(claims["jti"], claims["exp"], state["sessions"].clock())
+    logger.info("logout of %s", claims["srn"])
+    return JSONResponse({"success": True, "message": "Logged out"})
 
 
 MESSAGES = {
@@ -581,7 +697,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
 
     async def endpoint(request: Request[State]) -> Response:
         ask = await parse(request, slot=True)
-        srn = await authenticate(request.state, ask.username, ask.password)
+        srn = await identify(request.state, ask)
         announce(request.state, await change(request.state, action, ask, srn, via="http"))
         message = MESSAGES[action].format(ask.slot_id)
         return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
@@ -592,7 +708,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
 
 async def my_bookings(request: Request[State]) -> Response:
     ask = await parse(request, slot=False)
-    srn = await authenticate(request.state, ask.username, ask.password)
+    srn = await identify(request.state, ask)
     bookings = await request.state["board"].bookings_of(srn)
     return JSONResponse({"success": True, "bookings": bookings, "total_bookings": len(bookings)})
 
@@ -617,7 +733,7 @@ async def admin_history(request: Request[State]) -> Response:
     who = data.get("srn")
     if who is not None and not isinstance(who, str):
         raise HTTPException(422, "srn must be a string")
-    srn = await authenticate(request.state, ask.username, ask.password)
+    srn = await identify(request.state, ask)
     try:
         total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
     except Forbidden as exc:
@@ -672,10 +788,12 @@ class EventStream:
             date = watched_date(request.query_params.get("date"))
         except SlotError as exc:
             raise HTTPException(400, str(exc)) from None
-        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
-                   (b"x-accel-buffering", b"no")]  # nginx: pass each event on at once
+        address = address_of(request)
+        if not hub.admits(address):
+            raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
+        headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        peer = StreamPeer(send)
+        peer = StreamPeer(send, address)
         peer.date = date
         hub.join(peer)
         peer.send_state(await board.day(date or board.today()))
@@ -701,6 +819,32 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 # -- the WebSocket endpoint ------------------------------------------------------------------------------------
 
+
+class RateLimit:
+    """A token bucket: ``rate`` messages a second on average, ``burst`` at once; rate 0 = no limit.
+
+    ``refused`` counts the messages refused in a row, so a client can be warned once and then dropped.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, max(1, burst), clock
+        self.tokens, self.at = float(self.burst), clock()
+        self.refused = 0
+
+    def allows(self) -> bool:
+        if not self.rate:
+            return True
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+
 SOCKET_ACTIONS = {
     "book_slot": ("book", "booking_response", "booking"),
     "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
@@ -709,16 +853,29 @@ SOCKET_ACTIONS = {
 
 async def slot_socket(websocket: WebSocket[State]) -> None:
     state = websocket.state
+    hub, settings = state["hub"], state["settings"]
+    address = address_of(websocket)
     await websocket.accept()
-    hub = state["hub"]
-    peer = SocketPeer(websocket)
+    if not hub.admits(address):
+        logger.warning("refusing a socket from %s: too many connections", address)
+        await websocket.close(1013, "Too many connections; try again later")
+        return
+    peer = SocketPeer(websocket, address)
     hub.join(peer)
     peer.send_state(await today(state))
+    bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
+            if not bucket.allows():
+                if bucket.refused == 1:
+                    hub.reply(peer, {"type": "error", "message": "Too many messages; slow down"})
+                elif bucket.refused > settings.ws_rate_burst:  # it went on: another burst, unread warnings
+                    logger.warning("dropping a socket from %s that kept flooding", address)
+                    peer.close(1008)
+                continue
             text = message.get("text")
             if text is None:
                 hub.reply(peer, {"type": "error", "message": "Binary frames are not supported; send JSON text"})
@@ -756,10 +913,12 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         return error(f"Unknown message type: {shown[:64]}")
 
     action, response_type, noun = SOCKET_ACTIONS[kind]
-    if any(data.get(name) is None for name in ("slot_id", "username", "password")):
+    token = data.get("token")
+    needed = ("slot_id",) if token is not None else ("slot_id", "username", "password")
+    if any(data.get(name) is None for name in needed):
         return error(f"Missing slot_id, username, or password in {noun} request")
     try:
-        ask = ask_of(board, data, slot=True)
+        ask = ask_of(board, data, token if token is None else str(token), peer.address, slot=True)
     except (BadInput, SlotError) as exc:
         return error(str(exc))
 
@@ -767,10 +926,10 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": ask.slot_id})
 
     try:
-        srn = await authenticate(state, ask.username, ask.password)
+        srn = await identify(state, ask)
         day = await change(state, action, ask, srn, via="websocket")
     except HTTPException as exc:
-        if exc.status_code == 401:
+        if exc.status_code == 401 and ask.token is None:
             return respond(False, "Authentication failed. Invalid credentials.")
         if exc.status_code == 503:
             return respond(False, "Authentication service unavailable. Please try again later.")
@@ -782,12 +941,17 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
 # -- lifetime ------------------------------------------------------------------------------------------------
 
 
-async def watch(board: Board, hub: Hub, interval: float) -> None:
-    """Pick up changes committed by other worker processes on the same file, and the club's midnight."""
+async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
+    """Pick up what other worker processes commit to the same file (changed days, signed-out tokens),
+    and the club's midnight."""
     current = board.today()
+    revoked = 0
     while True:
         await asyncio.sleep(interval)
         try:
+            revoked, tokens = await board.store.revoked_since(revoked)
+            for jti, expires in tokens:
+                sessions.revoke(jti, expires)
             for day in await board.refresh():
                 hub.broadcast(day, current)
             if board.today() != current:
@@ -844,8 +1008,13 @@ def create_app(
         store = SlotStore(settings.database_path, settings.hours)
         board = Board(store, settings.rules(), clock)
         await board.open()
-        hub = Hub(settings.send_timeout, settings.max_backlog)
+        hub = Hub(settings.send_timeout, settings.max_backlog, settings.max_connections,
+                  settings.max_connections_per_address)
         hub.start()
+        seconds = lambda: clock().timestamp()  # noqa: E731
+        secret = settings.session_secret.encode() or os.urandom(32)
+        sessions = Sessions(secret, settings.session_minutes * 60, seconds)
+        window = settings.login_fail_window_minutes * 60
         timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             checker = PesuChecker(
@@ -855,10 +1024,18 @@ def create_app(
                 timer=pesu_timer,
                 deadline=1.5 * settings.pesu_timeout,
             )
-            watcher = asyncio.create_task(watch(board, hub, settings.watch_interval))
+            watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
-                yield {"settings": settings, "board": board, "hub": hub, "pesu": checker}
+                yield {
+                    "settings": settings,
+                    "board": board,
+                    "hub": hub,
+                    "pesu": checker,
+                    "sessions": sessions,
+                    "by_username": Throttle(settings.login_fails_per_username, window, seconds),
+                    "by_address": Throttle(settings.login_fails_per_address, window, seconds),
+                }
             finally:
                 restore_sigterm()
                 watcher.cancel()
@@ -874,6 +1051,7 @@ def create_app(
         Route("/slots", SlotList(), methods=["GET"]),
         Route("/stats", stats),
         Route("/auth/login", login, methods=["POST"]),
+        Route("/auth/logout", logout, methods=["POST"]),
         Route("/book-slot", slot_route("book"), methods=["POST"]),
         Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
         Route("/my-bookings", my_bookings, methods=["POST"]),
@@ -899,6 +1077,10 @@ app = create_app(SETTINGS)
 def main(argv: list[str]) -> None:
     import uvicorn
 
+    if SETTINGS.workers > 1 and not SETTINGS.session_secret:
+        # One random secret for all the workers (they inherit the environment), so a token from one
+        # is good on the others; it still dies with this process.
+        os.environ["SESSION_SECRET"] = os.urandom(32).hex()
     uvicorn.run(
         "app:app",
         host=SETTINGS.host,

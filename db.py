@@ -62,6 +62,13 @@ CREATE INDEX IF NOT EXISTS events_by_date ON events (date);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+-- Session tokens signed out before they expired (a token's random id, never the token itself), so
+-- every worker refuses them. Rows go once the token would have expired anyway.
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- only grows, so other workers can read "what is new"
+    jti TEXT NOT NULL UNIQUE,
+    expires REAL NOT NULL
 )
 """
 
@@ -195,6 +202,27 @@ class SlotStore:
         if not rows:
             return None
         return max(last for _, last in rows), {date: last for date, last in rows if date}
+
+    async def revoke(self, jti: str, expires: float, now: float) -> None:
+        """Record a signed-out token's id (and forget those that have expired since)."""
+
+        def revoke() -> None:
+            with self._transaction():
+                self.conn.execute("DELETE FROM revoked_tokens WHERE expires <= ?", (now,))
+                self.conn.execute("INSERT OR IGNORE INTO revoked_tokens (jti, expires) VALUES (?, ?)", (jti, expires))
+
+        await self._run(revoke)
+
+    async def revoked_since(self, last: int) -> tuple[int, list[tuple[str, float]]]:
+        """(newest id, [(jti, expires)]) of tokens revoked after id ``last``, by any process."""
+
+        def read() -> tuple[int, list[tuple[str, float]]]:
+            rows = self.conn.execute(
+                "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (last,)
+            ).fetchall()
+            return (rows[-1][0] if rows else last), [(jti, expires) for _, jti, expires in rows]
+
+        return await self._run(read)
 
     async def upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
         """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first."""

@@ -1,4 +1,6 @@
-"""The PESU credential checker: one shared HTTP client, a TTL cache of successes, one call per credential.
+"""Who a member is: the PESU credential checker, session tokens, and the throttle on guessing.
+
+The PESU credential checker: one shared HTTP client, a TTL cache of successes, one call per credential.
 
 pesu-auth answers a refusal either as 200 with ``"status": false`` (older versions) or as 401 (newer);
 both are ``InvalidCredentials``. Anything else (timeout, refused connection, 5xx, a body we cannot read)
@@ -9,13 +11,17 @@ wrong because a server on the internet is asleep.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import math
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import orjson
 from cachetools import TTLCache
 
 DEFAULT_URL = "https://pesu-auth.onrender.com/authenticate"
@@ -108,3 +114,96 @@ class PesuChecker:
         srn = raw.get("srn") or raw.get("prn") or username
         profile["srn"] = str(srn).strip().upper()
         return profile
+
+
+# -- sessions and throttling: what a member holds after signing in, and how guessing is slowed -------------
+
+
+class InvalidToken(Exception):
+    """A session token that is malformed, tampered with, expired or revoked."""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sessions:
+    """Signed, expiring session tokens: ``base64url(claims).base64url(HMAC-SHA256(secret, claims))``.
+
+    The claims are the SRN, the expiry and a random id (``jti``) that logout can revoke; nothing in a
+    token is secret, and nothing about sessions is stored except the ids of revoked tokens.
+    """
+
+    def __init__(self, secret: bytes, lifetime_seconds: float, clock: Callable[[], float]) -> None:
+        self.secret = secret
+        self.lifetime = lifetime_seconds
+        self.clock = clock
+        self.revoked: dict[str, float] = {}  # jti -> expiry, forgotten once the token would have expired
+
+    def _sign(self, claims: str) -> str:
+        return _b64(hmac.new(self.secret, claims.encode(), hashlib.sha256).digest())
+
+    def issue(self, srn: str) -> tuple[str, int]:
+        """A new token for srn, and its lifetime in seconds."""
+        expires = int(self.clock() + self.lifetime)
+        claims = _b64(orjson.dumps({"srn": srn, "exp": expires, "jti": secrets.token_hex(8)}))
+        return f"{claims}.{self._sign(claims)}", int(self.lifetime)
+
+    def claims(self, token: Any) -> dict[str, Any]:
+        """The token's claims if it is genuine, unexpired and not revoked; InvalidToken otherwise."""
+        if not isinstance(token, str) or token.count(".") != 1 or len(token) > 512:
+            raise InvalidToken
+        claims, signature = token.split(".")
+        if not hmac.compare_digest(signature, self._sign(claims)):
+            raise InvalidToken
+        try:
+            data = orjson.loads(_unb64(claims))
+        except (ValueError, orjson.JSONDecodeError):
+            raise InvalidToken from None
+        if data["exp"] <= self.clock() or data["jti"] in self.revoked:
+            raise InvalidToken
+        return data
+
+    def srn_of(self, token: Any) -> str:
+        return self.claims(token)["srn"]
+
+    def revoke(self, jti: str, expires: float) -> None:
+        now = self.clock()
+        for old in [old for old, until in self.revoked.items() if until <= now]:
+            del self.revoked[old]
+        if expires > now:
+            self.revoked[jti] = expires
+
+
+class Throttle:
+    """Failed attempts per key (a username, an address) within a sliding window; ``limit`` 0 = off."""
+
+    def __init__(self, limit: int, window_seconds: float, clock: Callable[[], float], maxsize: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window_seconds
+        self.clock = clock
+        # A key's failures are dropped a window after its latest one; the size bound keeps a flood of
+        # made-up usernames from growing memory without end.
+        self.failures: TTLCache[str, list[float]] = TTLCache(maxsize, window_seconds, timer=clock)
+
+    def retry_after(self, key: str) -> int:
+        """Seconds until key may try again; 0 if it may now."""
+        if not self.limit:
+            return 0
+        now = self.clock()
+        recent = [at for at in self.failures.get(key, ()) if at > now - self.window]
+        if len(recent) < self.limit:
+            return 0
+        return max(1, math.ceil(recent[-self.limit] + self.window - now))
+
+    def fail(self, key: str) -> None:
+        if self.limit:
+            now = self.clock()
+            self.failures[key] = [at for at in self.failures.get(key, ()) if at > now - self.window][-self.limit:] + [now]
+
+    def clear(self, key: str) -> None:
+        self.failures.pop(key, None)
