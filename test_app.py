@@ -605,6 +605,8 @@ def test_an_original_database_opens_with_its_bookings(settings: Settings) -> Non
 
 def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO"), running(settings) as service:
+        token = login(service)
+        service.http.post("/auth/logout", headers=bearer(token))
         service.book(5)
         service.http.post("/book-slot", json={"slot_id": 6, "username": BOB, "password": "wrong-" + PASSWORD})
         with ws_connect(service.server.ws_url) as ws:
@@ -616,8 +618,173 @@ def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pyt
     client_side = ("websockets.client", "httpx", "httpcore")  # this test's own clients log what they send
     server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith(client_side)]
     assert any("book slot 5 on 2026-11-24 by PES1UG20CS001" in line for line in server_lines)
-    assert not any(PASSWORD in line for line in server_lines)
+    assert not any(PASSWORD in line or token in line or token.split(".")[1] in line for line in server_lines)
+    assert not any(token.split(".")[1].encode() in path.read_bytes() for path in files)
     assert "Member 1" not in b"".join(p.read_bytes() for p in files).decode(errors="replace")
+
+
+# -- sessions, throttling and abuse limits ------------------------------------------------------------------
+
+
+def login(service: Service, username: str = ALICE) -> str:
+    response = service.http.post("/auth/login", json={"username": username, "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    return response.json()["token"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_login_token_works_instead_of_the_password(service: Service) -> None:
+    answer = service.http.post("/auth/login", json={"username": ALICE, "password": PASSWORD}).json()
+    assert answer["user"]["srn"] == ALICE and answer["expires_in"] == 3600
+    token = answer["token"]
+    assert PASSWORD not in token and ALICE.encode() in base64.urlsafe_b64decode(token.split(".")[0] + "==")
+
+    booked_ = service.http.post("/book-slot", json={"slot_id": 5}, headers=bearer(token))
+    assert booked_.status_code == 200 and service.slots()["booked_slots"] == [5]
+    mine = service.http.post("/my-bookings", headers=bearer(token))  # no body at all
+    assert [b["id"] for b in mine.json()["bookings"]] == [5]
+    who = service.http.post("/auth/login", headers=bearer(token)).json()
+    assert who["user"] == {"srn": ALICE} and who["token"] == token and 0 < who["expires_in"] <= 3600
+
+    ws = service.socket()
+    reply = send(ws, {"type": "cancel_slot", "slot_id": 5, "token": token})
+    assert reply["type"] == "cancellation_response" and reply["success"] is True
+    assert service.slots()["booked_slots"] == []
+
+
+def test_tampered_expired_and_revoked_tokens_are_refused(service: Service, clock: Clock) -> None:
+    token = login(service)
+    claims, signature = token.split(".")
+    forged = base64.urlsafe_b64encode(orjson.dumps({"srn": BOB, "exp": 9999999999, "jti": "x"})).decode()
+    refused = {"detail": "Invalid or expired token"}
+    for bad in (claims + "." + signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB"),
+                forged.rstrip("=") + "." + signature, "not-a-token", "a.b"):
+        response = service.http.post("/book-slot", json={"slot_id": 5}, headers=bearer(bad))
+        assert (response.status_code, response.json()) == (401, refused)
+    basic = service.http.post("/my-bookings", headers={"Authorization": "Basic YWxpY2U6c2VjcmV0"})
+    assert basic.status_code == 401
+    ws = service.socket()
+    reply = send(ws, {"type": "book_slot", "slot_id": 5, "token": "not-a-token"})
+    assert reply["success"] is False and reply["message"] == "Invalid or expired token"
+
+    # revoked: logout, and the token is dead for the rest of its life
+    other = login(service)
+    assert service.http.post("/auth/logout", headers=bearer(other)).json()["success"] is True
+    assert service.http.post("/my-bookings", headers=bearer(other)).status_code == 401
+    assert service.http.post("/auth/logout", headers=bearer(other)).status_code == 401
+    assert service.http.post("/my-bookings", headers=bearer(token)).status_code == 200  # others live on
+
+    clock.set("2026-11-24 02:01")  # 61 minutes after it was issued
+    assert service.http.post("/my-bookings", headers=bearer(token)).json() == refused
+    assert service.slots()["booked_slots"] == []
+
+
+def test_a_token_signed_out_on_one_worker_is_refused_by_another(settings: Settings) -> None:
+    secret = {"SESSION_SECRET": "a-shared-secret-for-this-test"}
+    with process(settings, **secret) as (_, url_a), process(settings, **secret) as (_, url_b):
+        token = httpx.post(f"{url_a}/auth/login", json={"username": ALICE, "password": PASSWORD}).json()["token"]
+        assert httpx.post(f"{url_b}/my-bookings", headers=bearer(token)).status_code == 200
+        assert httpx.post(f"{url_b}/auth/logout", headers=bearer(token)).status_code == 200
+        deadline = time.monotonic() + 5
+        while httpx.post(f"{url_a}/my-bookings", headers=bearer(token)).status_code != 401:
+            assert time.monotonic() < deadline, "worker A still accepts the revoked token"
+            time.sleep(0.05)
+
+
+def test_guessing_one_username_is_stopped_with_429_until_the_window_passes(
+    service: Service, clock: Clock, fake_pesu: tuple[FakePesu, str]
+) -> None:
+    def attempt(password: str, username: str = BOB) -> httpx.Response:
+        return service.http.post("/auth/login", json={"username": username, "password": password})
+
+    for i in range(4):
+        assert attempt(f"guess-{i}").status_code == 401
+    assert attempt(PASSWORD).status_code == 200  # a success clears the count
+    for i in range(5):
+        assert attempt(f"guess-{i}").status_code == 401
+    asked = len(fake_pesu[0].calls)
+    locked = attempt(PASSWORD)
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "900"
+    assert "try again in 900 seconds" in locked.json()["detail"]
+    assert attempt(PASSWORD, username=BOB.lower()).status_code == 429  # the same member, however spelt
+    assert len(fake_pesu[0].calls) == asked  # PESU was not asked
+    assert service.book(5, username=BOB).status_code == 429  # every route that takes a password
+    ws = service.socket()
+    reply = send(ws, {"type": "book_slot", "slot_id": 5, "username": BOB, "password": PASSWORD})
+    assert reply["success"] is False and "try again in" in reply["message"]
+    assert attempt(PASSWORD, username=ALICE).status_code == 200  # others are not affected
+
+    clock.set("2026-11-24 01:16")  # the window has passed
+    assert attempt(PASSWORD).status_code == 200
+
+
+def test_failures_per_address_are_off_by_default(service: Service) -> None:
+    # a campus behind one address: many members mistyping must not lock the others out
+    for username in list(USERS)[:12]:
+        response = service.http.post("/auth/login", json={"username": username, "password": "typo"})
+        assert response.status_code == 401
+    assert login(service, list(USERS)[12])
+
+
+def test_failures_per_address_use_the_real_address_behind_a_trusted_proxy(settings: Settings) -> None:
+    with process(settings, LOGIN_FAILS_PER_ADDRESS="2") as (_, url):
+        def attempt(address: str, username: str) -> int:
+            return httpx.post(f"{url}/auth/login", json={"username": username, "password": "typo"},
+                              headers={"X-Forwarded-For": address}).status_code
+
+        assert [attempt("203.0.113.5", name) for name in list(USERS)[:3]] == [401, 401, 429]
+        assert attempt("203.0.113.6", list(USERS)[3]) == 401  # another address behind the same proxy
+
+
+def test_a_socket_that_floods_is_warned_then_closed_with_1008(settings: Settings) -> None:
+    with running(replace(settings, ws_rate_per_second=2, ws_rate_burst=5)) as service:
+        ws = service.socket()
+        for _ in range(5):
+            assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
+        assert send(ws, {"type": "get_slots"}) == {"type": "error", "message": "Too many messages; slow down"}
+        time.sleep(0.6)  # one more message allowed
+        assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(50):
+                ws.send('{"type": "get_slots"}')
+            while True:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert service.socket()  # others still get in
+
+
+def test_connection_caps_refuse_the_handshake_with_1013(settings: Settings) -> None:
+    def refused(service: Service) -> int:
+        with ws_connect(service.server.ws_url, open_timeout=5) as ws, pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd is not None
+        return closed.value.rcvd.code
+
+    with running(replace(settings, max_connections=2)) as service:
+        first, _ = service.sockets(2)
+        assert refused(service) == 1013
+        assert service.http.get("/events").status_code == 503
+        first.close()
+        deadline = time.monotonic() + 5
+        while service.http.get("/stats").json()["websocket"]["active_connections"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert service.socket()  # room again
+    with running(replace(settings, max_connections_per_address=1)) as service:
+        service.socket()
+        assert refused(service) == 1013
+
+
+def test_answers_carry_security_headers(service: Service) -> None:
+    for response in (service.http.get("/slots"), service.http.post("/my-bookings", json=body()),
+                     service.http.post("/book-slot", json={"slot_id": "x", "password": PASSWORD})):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["cache-control"] == "no-store"
+        assert PASSWORD not in response.text  # errors never echo the request
 
 
 # -- days, the booking window, limits, admins and history ----------------------------------------------------
