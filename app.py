@@ -11,8 +11,10 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
+import urllib.parse
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,11 +36,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+import db
 import pesu
 from db import SlotStore
 from pesu import AuthUnavailable, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttle
 from slots import Board, Day, Forbidden, Rules, SlotError, parse_date
 
+__version__ = "0.6.0"
 logger = logging.getLogger("rero")
 
 MAX_BODY_BYTES = 64 * 1024
@@ -56,6 +60,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line
     workers: int = 1
     pesu_auth_url: str = pesu.DEFAULT_URL
     cache_minutes: float = 30
@@ -98,6 +103,7 @@ class Settings:
             host=get("HOST", str, cls.host),
             port=get("PORT", int, cls.port),
             log_level=get("LOG_LEVEL", str.lower, cls.log_level),
+            log_format=get("LOG_FORMAT", str.lower, cls.log_format),
             workers=get("WORKERS", int, cls.workers),
             pesu_auth_url=get("PESU_AUTH_URL", str, cls.pesu_auth_url),
             cache_minutes=get("CACHE_DURATION_MINUTES", float, cls.cache_minutes),
@@ -133,6 +139,8 @@ class Settings:
                settings.ws_rate_per_second, settings.ws_rate_burst, settings.max_connections,
                settings.max_connections_per_address) < 0:
             raise SystemExit("BOOKING_*, MAX_*, LOGIN_* and WS_* settings cannot be negative")
+        if settings.log_format not in ("text", "json"):
+            raise SystemExit("LOG_FORMAT must be text or json")
         if settings.session_minutes <= 0 or settings.login_fail_window_minutes <= 0:
             raise SystemExit("SESSION_MINUTES and LOGIN_FAIL_WINDOW_MINUTES must be positive")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
@@ -506,17 +514,19 @@ async def profile_of(state: State, username: str, password: str, address: str) -
     member = username.upper()
     wait = max(state["by_username"].retry_after(member), state["by_address"].retry_after(address))
     if wait:
-        logger.warning("login throttled for %s from %s", username, address)
+        logger.warning("login throttled for %s from %s", username, address,
+                       extra={"username": username, "address": address, "action": "login", "status": 429})
         raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
     try:
         profile = await state["pesu"].check(username, password)
     except InvalidCredentials:
-        logger.info("login refused for %s from %s", username, address)
+        logger.info("login refused for %s from %s", username, address,
+                    extra={"username": username, "address": address, "action": "login", "status": 401})
         state["by_username"].fail(member)
         state["by_address"].fail(address)
         raise HTTPException(401, "Invalid credentials") from None
     except AuthUnavailable as exc:
-        logger.warning("PESU auth unavailable: %s", exc)
+        logger.warning("PESU auth unavailable: %s", exc, extra={"action": "login", "status": 503})
         raise HTTPException(503, "Authentication service unavailable") from None
     state["by_username"].clear(member)
     return profile
@@ -680,7 +690,7 @@ async def logout(request: Request[State]) -> Response:
     claims = claims_of(state, token)
     state["sessions"].revoke(claims["jti"], claims["exp"])
     await state["board"].store.revoke(claims["jti"], claims["exp"], state["sessions"].clock())
-    logger.info("logout of %s", claims["srn"])
+    logger.info("logout of %s", claims["srn"], extra={"srn": claims["srn"], "action": "logout"})
     return JSONResponse({"success": True, "message": "Logged out"})
 
 
@@ -760,7 +770,8 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
         raise HTTPException(403, str(exc)) from None
     except SlotError as exc:
         raise HTTPException(400, str(exc)) from None
-    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via)
+    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
+                extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
     return day
 
 
@@ -961,13 +972,46 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
             logger.exception("could not read the database for changes")
 
 
-def configure_logging(level: str) -> None:
-    """Our own log lines at LOG_LEVEL, beside uvicorn's, in the same plain format."""
+LOG_FIELDS = ("srn", "username", "address", "slot", "date", "action", "via", "route", "status", "duration")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and whichever LOG_FIELDS the line carries."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update((name, record.__dict__[name]) for name in LOG_FIELDS if name in record.__dict__)
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            address, method, path, _, status = record.args  # uvicorn's access line, as fields
+            line.update(address=address, route=f"{method} {path}", status=status)
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def public_url(url: str) -> str:
+    """A URL fit for a log line: any user:password@ taken out."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() if parts.hostname else url
+
+
+def configure_logging(level: str, form: str = "text") -> None:
+    """Our own log lines at LOG_LEVEL, beside uvicorn's; with LOG_FORMAT=json, uvicorn's lines as well."""
     logger.setLevel(level.upper())
+    formatter = JsonFormatter() if form == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not logger.handlers and not logging.getLogger().handlers:  # leave a host's own logging set-up alone
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(formatter)
         logger.addHandler(handler)
+    if form == "json":
+        for name in ("rero", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            for handler in logging.getLogger(name).handlers:
+                handler.setFormatter(formatter)
 
 
 def close_sockets_on_sigterm(hub: Hub) -> Callable[[], None]:
@@ -1000,7 +1044,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         # The database thread needs the GIL back after every SQLite call; by default it may wait 5 ms for
         # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
         switch_interval = sys.getswitchinterval()
@@ -1025,6 +1069,10 @@ def create_app(
                 deadline=1.5 * settings.pesu_timeout,
             )
             watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
+            logger.info(
+                "rero-slots %s serving http://%s:%d, database %s, PESU %s",
+                __version__, settings.host, settings.port, settings.database_path, public_url(settings.pesu_auth_url),
+            )
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
                 yield {
@@ -1074,8 +1122,50 @@ SETTINGS = Settings.from_env()
 app = create_app(SETTINGS)
 
 
+USAGE = """usage: python app.py            run the server (settings from the environment; see README)
+       python app.py backup PATH  copy the live database to PATH (safe while the server runs)
+       python app.py check        check the database's integrity; print its schema version and counts"""
+
+
+def maintain(argv: list[str]) -> int:
+    """``backup PATH`` and ``check``, on DATABASE_PATH; the exit status says whether all is well."""
+    path = SETTINGS.database_path
+    try:
+        if argv[0] == "backup" and len(argv) == 2:
+            started = time.perf_counter()
+            count = db.backup(path, argv[1])
+            print(f"backed up {path} to {argv[1]}: {count} booking(s), {time.perf_counter() - started:.2f}s")
+            return 0
+        if argv == ["check"]:
+            report = db.check(path)
+            print(f"{path}: integrity {'ok' if report['ok'] else 'FAILED: ' + '; '.join(report['integrity'])}")
+            print(f"schema version {report['schema']}; {report['bookings']} booking(s) and "
+                  f"{report['closed_slots']} closed slot(s) over {report['days']} day(s); {report['events']} event(s)")
+            return 0 if report["ok"] else 1
+    except FileNotFoundError:
+        print(f"no database at {path} (DATABASE_PATH)", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+def uvicorn_log_config(form: str) -> dict[str, Any]:
+    """Uvicorn's own logging set-up, with every line as JSON from the first one when LOG_FORMAT=json."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    if form != "json":
+        return LOGGING_CONFIG
+    return {**LOGGING_CONFIG, "formatters": {name: {"()": JsonFormatter} for name in LOGGING_CONFIG["formatters"]}}
+
+
 def main(argv: list[str]) -> None:
     import uvicorn
+
+    if argv:
+        raise SystemExit(maintain(argv))
 
     if SETTINGS.workers > 1 and not SETTINGS.session_secret:
         # One random secret for all the workers (they inherit the environment), so a token from one
@@ -1087,6 +1177,7 @@ def main(argv: list[str]) -> None:
         port=SETTINGS.port,
         workers=SETTINGS.workers,
         log_level=SETTINGS.log_level,
+        log_config=uvicorn_log_config(SETTINGS.log_format),
         ws_max_size=MAX_SOCKET_MESSAGE_BYTES,
         timeout_graceful_shutdown=5,
     )

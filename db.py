@@ -13,6 +13,7 @@ processes learn which days changed. The newest event id is the state's ``version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -368,3 +369,41 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+# -- maintenance: python app.py backup PATH / python app.py check ------------------------------------------
+
+
+def backup(source: str, target: str) -> int:
+    """Copy a live database, consistent to one moment, through SQLite's online backup API (safe while the
+    server writes: a plain file copy could miss what still sits in the WAL). Returns the bookings copied."""
+    if not Path(source).exists():
+        raise FileNotFoundError(source)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
+        live.execute("PRAGMA busy_timeout = 10000")
+        live.backup(copy)
+        return copy.execute("SELECT COUNT(*) FROM bookings").fetchone()[0]
+
+
+def check(path: str) -> dict[str, Any]:
+    """PRAGMA integrity_check, the schema version and booking counts, read without changing anything."""
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        booked, closed, days = conn.execute(
+            "SELECT COALESCE(SUM(NOT closed), 0), COALESCE(SUM(closed), 0), COUNT(DISTINCT date) FROM bookings"
+        ).fetchone()
+        events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    return {
+        "ok": problems == ["ok"],
+        "integrity": problems,
+        "schema": schema[0] if schema else None,
+        "bookings": booked,
+        "closed_slots": closed,
+        "days": days,
+        "events": events,
+    }

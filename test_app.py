@@ -1290,3 +1290,55 @@ def test_sigterm_closes_sockets_with_1001_and_exits(settings: Settings) -> None:
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert proc.wait(5) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         assert time.monotonic() - started < 5
+
+
+# -- running it: logs, backup and check ---------------------------------------------------------------------
+
+
+def run_app(*args: str, database: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(HERE / "app.py"), *args], env={**os.environ, "DATABASE_PATH": database},
+                          cwd=HERE, capture_output=True, text=True, timeout=30)
+
+
+def test_backup_copies_a_running_database_and_check_reads_it(settings: Settings, tmp_path: Path) -> None:
+    day = tomorrow()
+    with process(settings) as (_, url):
+        for slot in (5, 6):
+            response = httpx.post(f"{url}/book-slot", json={"slot_id": slot, "date": day, "username": ALICE,
+                                                             "password": PASSWORD})
+            assert response.status_code == 200
+        copy = tmp_path / "backups" / "rero-copy.db"
+        done = run_app("backup", str(copy), database=settings.database_path)  # while the server runs
+        assert done.returncode == 0 and "2 booking(s)" in done.stdout
+    checked = run_app("check", database=str(copy))
+    assert checked.returncode == 0
+    assert "integrity ok" in checked.stdout and "schema version 2; 2 booking(s)" in checked.stdout
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT slot_id FROM bookings WHERE date = ? ORDER BY slot_id", (day,)).fetchall() == [
+            (5,), (6,)]
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a database" * 100)
+    assert run_app("check", database=str(broken)).returncode == 1
+    assert run_app("check", database=str(tmp_path / "missing.db")).returncode == 1
+    assert run_app("restore", database=str(copy)).returncode == 2  # unknown command: the usage, no server
+
+
+def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Settings) -> None:
+    day = tomorrow()
+    with process(settings, LOG_FORMAT="json", LOG_LEVEL="info") as (proc, url):
+        httpx.post(f"{url}/book-slot", json={"slot_id": 7, "date": day, "username": ALICE, "password": PASSWORD})
+        httpx.post(f"{url}/auth/login", json={"username": BOB, "password": "wrong-" + PASSWORD})
+        proc.send_signal(signal.SIGTERM)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+    lines = [orjson.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    start = next(line for line in lines if line["message"].startswith("rero-slots "))
+    assert settings.database_path in start["message"] and settings.pesu_auth_url in start["message"]
+    booking = next(line for line in lines if line.get("action") == "book")
+    assert (booking["srn"], booking["slot"], booking["date"], booking["level"]) == (ALICE, 7, day, "info")
+    refused = next(line for line in lines if line.get("status") == 401)
+    assert refused["username"] == BOB
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert {"route": "POST /book-slot", "status": 200}.items() <= access[-2].items()
+    assert PASSWORD not in output
