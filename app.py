@@ -6,6 +6,7 @@ Run with ``python app.py`` (reads HOST, PORT, WORKERS, ... from the environment)
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -87,6 +88,7 @@ class Settings:
     ws_rate_burst: int = 40
     max_connections: int = 5000  # open sockets and event streams in all; 0 = off
     max_connections_per_address: int = 0  # 0 = off
+    metrics: bool = False  # GET /metrics
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -131,6 +133,7 @@ class Settings:
             ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst),
             max_connections=get("MAX_CONNECTIONS", int, cls.max_connections),
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
+            metrics=get("METRICS", lambda v: v.lower() in ("1", "true", "yes", "on"), cls.metrics),
         )
         if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
             raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
@@ -371,6 +374,8 @@ class Hub:
         self.max_per_address = max_per_address
         self.pending = asyncio.Event()
         self.fan_out_task: asyncio.Task[None] | None = None
+        self.rounds = 0  # broadcast rounds, and the seconds they took to hand every listener its state
+        self.round_seconds = 0.0
 
     def start(self) -> None:
         self.fan_out_task = asyncio.create_task(self._fan_out())
@@ -382,6 +387,7 @@ class Hub:
             self.pending.clear()
             started = loop.time()
             woken = 0
+            self.rounds += 1
             for peer in list(self.peers):
                 if peer.latest is not None:
                     peer.due = True
@@ -389,6 +395,7 @@ class Hub:
                     woken += 1
                     if woken % FAN_OUT_BATCH == 0:
                         await asyncio.sleep(0)  # let those pumps send, and members' requests in between
+            self.round_seconds += loop.time() - started
             if self.pending.is_set():  # more changes came during this round: a burst
                 await asyncio.sleep(2 * (loop.time() - started))
 
@@ -481,6 +488,67 @@ class Hub:
             self._drop(peer)
 
 
+# -- metrics ---------------------------------------------------------------------------------------------
+
+
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Counters and one histogram, rendered in the Prometheus text format. Labels are kinds and results,
+    never members: nothing here names an SRN."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.upstream = [0] * (len(UPSTREAM_BUCKETS) + 1)
+        self.upstream_sum = 0.0
+
+    def count(self, name: str, labels: str) -> None:
+        self.counts[name, labels] += 1
+
+    def observe_upstream(self, seconds: float) -> None:
+        self.upstream_sum += seconds
+        self.upstream[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
+
+    def render(self, state: State) -> str:
+        hub, pesu_ = state["hub"], state["pesu"]
+        lines = [
+            "# HELP rero_open_sockets Open WebSockets.", "# TYPE rero_open_sockets gauge",
+            f"rero_open_sockets {hub.sockets}",
+            "# HELP rero_open_listeners Open WebSockets and /events streams.", "# TYPE rero_open_listeners gauge",
+            f"rero_open_listeners {len(hub.peers)}",
+        ]
+        helps = {"rero_slot_changes_total": "Bookings, cancellations, closings and reopenings, by route kind.",
+                 "rero_logins_total": "Password checks by result."}
+        for name, help_ in helps.items():
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            lines += [f"{name}{{{labels}}} {n}" for (metric, labels), n in sorted(self.counts.items()) if metric == name]
+        lines += ["# HELP rero_pesu_upstream_seconds Time PESU took to answer.",
+                  "# TYPE rero_pesu_upstream_seconds histogram"]
+        total = 0
+        for bound, n in zip([*map(str, UPSTREAM_BUCKETS), "+Inf"], self.upstream):
+            total += n
+            lines.append(f'rero_pesu_upstream_seconds_bucket{{le="{bound}"}} {total}')
+        lines += [f"rero_pesu_upstream_seconds_sum {self.upstream_sum:.6f}", f"rero_pesu_upstream_seconds_count {total}",
+                  "# HELP rero_auth_cache_total Password checks answered from the cache, or not.",
+                  "# TYPE rero_auth_cache_total counter",
+                  f'rero_auth_cache_total{{result="hit"}} {pesu_.cache_hits}',
+                  f'rero_auth_cache_total{{result="miss"}} {pesu_.cache_misses}',
+                  "# HELP rero_broadcasts_total Broadcast rounds.", "# TYPE rero_broadcasts_total counter",
+                  f"rero_broadcasts_total {hub.rounds}",
+                  "# HELP rero_broadcast_seconds_total Time spent handing states to listeners.",
+                  "# TYPE rero_broadcast_seconds_total counter",
+                  f"rero_broadcast_seconds_total {hub.round_seconds:.6f}"]
+        return "\n".join(lines) + "\n"
+
+
+async def metrics(request: Request[State]) -> Response:
+    state = request.state
+    if not state["settings"].metrics:
+        raise HTTPException(404, "Not Found")
+    return Response(state["metrics"].render(state), media_type="text/plain; version=0.0.4")
+
+
 # -- application state ----------------------------------------------------------------------------------------
 
 
@@ -492,6 +560,7 @@ class State(TypedDict):
     sessions: Sessions
     by_username: Throttle  # failed logins per username
     by_address: Throttle  # failed logins per client address
+    metrics: Metrics
 
 
 async def identify(state: State, ask: Ask) -> str:
@@ -516,19 +585,23 @@ async def profile_of(state: State, username: str, password: str, address: str) -
     if wait:
         logger.warning("login throttled for %s from %s", username, address,
                        extra={"username": username, "address": address, "action": "login", "status": 429})
+        state["metrics"].count("rero_logins_total", 'result="throttled"')
         raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
     try:
         profile = await state["pesu"].check(username, password)
     except InvalidCredentials:
+        state["metrics"].count("rero_logins_total", 'result="invalid"')
         logger.info("login refused for %s from %s", username, address,
                     extra={"username": username, "address": address, "action": "login", "status": 401})
         state["by_username"].fail(member)
         state["by_address"].fail(address)
         raise HTTPException(401, "Invalid credentials") from None
     except AuthUnavailable as exc:
+        state["metrics"].count("rero_logins_total", 'result="upstream_error"')
         logger.warning("PESU auth unavailable: %s", exc, extra={"action": "login", "status": 503})
         raise HTTPException(503, "Authentication service unavailable") from None
     state["by_username"].clear(member)
+    state["metrics"].count("rero_logins_total", 'result="ok"')
     return profile
 
 
@@ -770,6 +843,7 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
         raise HTTPException(403, str(exc)) from None
     except SlotError as exc:
         raise HTTPException(400, str(exc)) from None
+    state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
     return day
@@ -1068,6 +1142,8 @@ def create_app(
                 timer=pesu_timer,
                 deadline=1.5 * settings.pesu_timeout,
             )
+            counters = Metrics()
+            checker.on_upstream = counters.observe_upstream
             watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
             logger.info(
                 "rero-slots %s serving http://%s:%d, database %s, PESU %s",
@@ -1083,6 +1159,7 @@ def create_app(
                     "sessions": sessions,
                     "by_username": Throttle(settings.login_fails_per_username, window, seconds),
                     "by_address": Throttle(settings.login_fails_per_address, window, seconds),
+                    "metrics": counters,
                 }
             finally:
                 restore_sigterm()
@@ -1107,6 +1184,7 @@ def create_app(
         Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
         Route("/admin/history", admin_history, methods=["POST"]),
         Route("/events", EventStream(), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         WebSocketRoute("/slot-booking", slot_socket),
     ]
     middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]

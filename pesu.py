@@ -17,6 +17,7 @@ import hmac
 import math
 import os
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,9 @@ class PesuChecker:
         self._secret = os.urandom(32)
         self._inflight: dict[bytes, asyncio.Task[dict[str, Any]]] = {}
         self.upstream_calls = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.on_upstream: Callable[[float], None] = lambda seconds: None  # each PESU call's duration
 
     def _key(self, username: str, password: str) -> bytes:
         message = username.encode() + b"\x00" + password.encode()
@@ -74,7 +78,9 @@ class PesuChecker:
         key = self._key(username, password)
         profile = self.cache.get(key)
         if profile is not None:
+            self.cache_hits += 1
             return profile
+        self.cache_misses += 1
         task = self._inflight.get(key)
         if task is None:
             # Concurrent checks of the same credentials share this one upstream call.
@@ -88,6 +94,7 @@ class PesuChecker:
 
     async def _ask(self, username: str, password: str) -> dict[str, Any]:
         self.upstream_calls += 1
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline):
                 response = await self.client.post(
@@ -95,6 +102,8 @@ class PesuChecker:
                 )
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
             raise AuthUnavailable(type(exc).__name__) from None
+        finally:
+            self.on_upstream(time.perf_counter() - started)
         if response.status_code == 401:
             raise InvalidCredentials
         if response.status_code != 200:

@@ -1342,3 +1342,32 @@ def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Sett
     access = [line for line in lines if line["logger"] == "uvicorn.access"]
     assert {"route": "POST /book-slot", "status": 200}.items() <= access[-2].items()
     assert PASSWORD not in output
+
+
+def test_metrics_are_off_unless_asked_for_and_never_name_a_member(settings: Settings) -> None:
+    with running(settings) as service:
+        assert service.http.get("/metrics").status_code == 404
+    with running(replace(settings, metrics=True, login_fails_per_username=1)) as service:
+        ws = service.socket()
+        service.book(5)  # PESU asked: a miss, one upstream call
+        send(ws, {"type": "book_slot", "slot_id": 6, "username": ALICE, "password": PASSWORD})  # a cache hit
+        service.cancel(5)
+        service.http.post("/auth/login", json={"username": BOB, "password": "wrong"})
+        service.http.post("/auth/login", json={"username": BOB, "password": "wrong"})  # throttled
+        service.http.post("/auth/login", json={"username": "DOWN1", "password": "x"})
+        response = service.http.get("/metrics")
+    text = response.text
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert values["rero_open_sockets"] == "1"
+    assert values['rero_slot_changes_total{action="book",via="http"}'] == "1"
+    assert values['rero_slot_changes_total{action="book",via="websocket"}'] == "1"
+    assert values['rero_slot_changes_total{action="cancel",via="http"}'] == "1"
+    assert values['rero_logins_total{result="ok"}'] == "3"
+    assert values['rero_logins_total{result="invalid"}'] == "1"
+    assert values['rero_logins_total{result="throttled"}'] == "1"
+    assert values['rero_logins_total{result="upstream_error"}'] == "1"
+    assert values['rero_auth_cache_total{result="hit"}'] == "2"
+    assert values['rero_pesu_upstream_seconds_bucket{le="+Inf"}'] == values["rero_pesu_upstream_seconds_count"] == "3"
+    assert int(values["rero_broadcasts_total"]) >= 1
+    assert ALICE not in text and BOB not in text
