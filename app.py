@@ -9,6 +9,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import html
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -1023,6 +1024,173 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
     announce(state, day)
 
 
+# -- API documentation ---------------------------------------------------------------------------------------
+
+
+def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+STRING, INTEGER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+NULLABLE_STRING = {"type": ["string", "null"]}
+USERNAME = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"\S"}
+PASSWORD = {"type": "string", "minLength": 1, "maxLength": 256, "format": "password"}
+DATE = {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj(["detail"], detail=STRING),
+    "Credentials": _obj([], username=USERNAME, password=PASSWORD),
+    "SlotRequest": _obj(["slot_id"], slot_id={"oneOf": [INTEGER, {"type": "string", "pattern": "^[0-9]{1,6}$"}],
+                                              "examples": [9]},
+                        date=DATE, username=USERNAME, password=PASSWORD),
+    "HistoryRequest": _obj([], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
+                           srn=STRING, page={"type": "integer", "minimum": 1},
+                           page_size={"type": "integer", "minimum": 1, "maximum": 500}),
+    "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "date"],
+                 id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
+                 booked_at=NULLABLE_STRING, closed=BOOLEAN, date=STRING),
+    "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
+                  available_slots={"type": "array", "items": INTEGER}, booked_slots={"type": "array", "items": INTEGER}),
+    "Root": _obj(["message", "websocket_endpoint", "active_connections", "booked_slots"], message=STRING,
+                 websocket_endpoint=STRING, active_connections=INTEGER, booked_slots={"type": "array", "items": INTEGER}),
+    "DatabaseSummary": _obj(["total_slots", "booked_slots", "available_slots", "database_path"], total_slots=INTEGER,
+                            booked_slots=INTEGER, available_slots=INTEGER, database_path=STRING),
+    "Health": _obj(["status", "timestamp", "active_connections", "total_slots", "booked_slots_count",
+                    "available_slots_count", "database"], status=STRING, timestamp=STRING,
+                   active_connections=INTEGER, total_slots=INTEGER, booked_slots_count=INTEGER,
+                   available_slots_count=INTEGER, database=_ref("DatabaseSummary")),
+    "Stats": _obj(["database", "websocket", "slots"], database=_ref("DatabaseSummary"),
+                  websocket=_obj(["active_connections"], active_connections=INTEGER),
+                  slots=_obj(["total", "booked", "available"], total=INTEGER, booked=INTEGER, available=INTEGER)),
+    "Login": _obj(["success", "message", "user", "token", "expires_in"], success=BOOLEAN, message=STRING,
+                  user=_obj(["srn"], srn=STRING, name=NULLABLE_STRING, prn=NULLABLE_STRING, program=NULLABLE_STRING,
+                            branch=NULLABLE_STRING, campus=NULLABLE_STRING),
+                  token=STRING, expires_in=INTEGER),
+    "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
+    "TokenBody": _obj([], token=STRING),
+    "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
+    "MyBookings": _obj(["success", "bookings", "total_bookings"], success=BOOLEAN, total_bookings=INTEGER,
+                       bookings={"type": "array", "items": _obj(["id", "start_time", "end_time", "booked_at", "date"],
+                                                                id=INTEGER, start_time=STRING, end_time=STRING,
+                                                                booked_at=STRING, date=STRING)}),
+    "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
+                    page=INTEGER, page_size=INTEGER,
+                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via", "note"],
+                                                           id=INTEGER, at=STRING, srn=NULLABLE_STRING, action=STRING,
+                                                           date=NULLABLE_STRING, slot_id={"type": ["integer", "null"]},
+                                                           via=STRING, note=NULLABLE_STRING)}),
+}
+ERRORS = {
+    "400": "Not JSON, or the rules refuse (the detail says which rule)",
+    "401": "Invalid credentials, or an invalid or expired token",
+    "403": "Admins only",
+    "413": "Body over 64 KiB",
+    "422": "A field is missing or of the wrong kind",
+    "429": "Too many failed logins for this username or address (see Retry-After)",
+    "503": "PESU could not be asked; the password was not judged",
+}
+SOCKET_PROTOCOL = """Live updates: WebSocket `/slot-booking`. On connect the server sends the day's state:
+`{"type": "slots_update", "data": {Slots, "date", "version"}, "timestamp"}`. Client messages (JSON text):
+`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot", "slot_id", "date"?,
+"username", "password"}` or with `"token"` instead of username and password. Answers:
+`{"type": "booking_response" | "cancellation_response", "success", "message", "slot_id"}`, or
+`{"type": "error", "message"}` for a bad message (the socket stays open). Close codes: 1009 message over
+16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
+The same slots_update messages stream as Server-Sent Events from `GET /events`."""
+
+
+def json_answer(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str | None = None,
+              secured: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": json_answer(answer)}}
+    for code in errors:
+        op["responses"][code] = json_answer("Error", ERRORS[code])
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if secured:
+        op["security"] = [{}, {"bearer": []}]  # username and password in the body, or a Bearer token
+    return op
+
+
+def openapi_document() -> dict[str, Any]:
+    """The HTTP API as OpenAPI 3.1; the WebSocket protocol is in the description (OpenAPI has no sockets)."""
+    member = ("400", "401", "413", "422", "429", "503")
+    slot = ("400", "401", "403", "413", "422", "429", "503")
+    date_query = [{"name": "date", "in": "query", "required": False, "schema": DATE}]
+    paths = {
+        "/": {"get": operation("Service summary", "Root")},
+        "/health": {"get": operation("Health and today's counts", "Health")},
+        "/stats": {"get": operation("Counts and open sockets", "Stats")},
+        "/slots": {"get": {**operation("A day's slots (today without ?date)", "Slots", ("400",)), "parameters": date_query}},
+        "/events": {"get": {"summary": "slots_update messages as Server-Sent Events (id = version)",
+                            "parameters": date_query,
+                            "responses": {"200": {"description": "An endless event stream",
+                                                  "content": {"text/event-stream": {"schema": STRING}}},
+                                          "400": json_answer("Error", ERRORS["400"]),
+                                          "503": json_answer("Error", "Too many connections")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (METRICS=1; 404 otherwise)",
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {"schema": STRING}}},
+                                           "404": json_answer("Error", "Metrics are off")}}},
+        "/auth/login": {"post": operation("Check PESU credentials; returns a session token", "Login", member,
+                                          "Credentials", secured=True)},
+        "/auth/logout": {"post": operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
+                                           "TokenBody", secured=True)},
+        "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
+        "/cancel-slot": {"post": operation("Cancel your booking", "SlotDone", member, "SlotRequest", secured=True)},
+        "/my-bookings": {"post": operation("Your bookings that have not ended", "MyBookings", member, "Credentials",
+                                           secured=True)},
+        "/admin/close-slot": {"post": operation("Close a free slot (admins)", "SlotDone", slot, "SlotRequest",
+                                                secured=True)},
+        "/admin/open-slot": {"post": operation("Reopen a closed slot (admins)", "SlotDone", slot, "SlotRequest",
+                                               secured=True)},
+        "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
+                                             "HistoryRequest", secured=True)},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/docs": {"get": {"summary": "Interactive API documentation", "responses": {"200": {
+                  "description": "HTML", "content": {"text/html": {"schema": STRING}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rero-slots", "version": __version__, "description": SOCKET_PROTOCOL},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>rero-slots API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"><h1>rero-slots API</h1>
+<p>The interactive page needs the Swagger UI from a CDN, which could not be loaded. The routes
+(full detail in <a href="/openapi.json">/openapi.json</a>):</p><ul>%s</ul></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def docs(request: Request) -> Response:
+    """Swagger UI from a CDN; until (or unless) it loads, the page lists the routes in plain HTML."""
+    items = "".join(
+        f"<li><code>{method.upper()} {html.escape(path)}</code>: {html.escape(op['summary'])}</li>"
+        for path, ops in openapi_document()["paths"].items() for method, op in ops.items()
+    )
+    items += "<li><code>WebSocket /slot-booking</code>: live updates, booking and cancelling</li>"
+    return HTMLResponse(DOCS_PAGE % items)
+
+
 # -- lifetime ------------------------------------------------------------------------------------------------
 
 
@@ -1185,6 +1353,8 @@ def create_app(
         Route("/admin/history", admin_history, methods=["POST"]),
         Route("/events", EventStream(), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
         WebSocketRoute("/slot-booking", slot_socket),
     ]
     middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]

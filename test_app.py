@@ -105,6 +105,7 @@ class ServerThread:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.app = asgi_app
         config = uvicorn.Config(asgi_app, log_level="warning", ws_max_size=app_module.MAX_SOCKET_MESSAGE_BYTES,
                                 **options)
         self.server = uvicorn.Server(config)
@@ -1371,3 +1372,67 @@ def test_metrics_are_off_unless_asked_for_and_never_name_a_member(settings: Sett
     assert values['rero_pesu_upstream_seconds_bucket{le="+Inf"}'] == values["rero_pesu_upstream_seconds_count"] == "3"
     assert int(values["rero_broadcasts_total"]) >= 1
     assert ALICE not in text and BOB not in text
+
+
+# -- API documentation -----------------------------------------------------------------------------------------
+
+
+def conforms(value: Any, schema: dict[str, Any], document: dict[str, Any], where: str = "$") -> None:
+    """Assert value matches schema (the JSON Schema subset the document uses: $ref, type, properties,
+    required, items)."""
+    if "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+             "integer": int, "number": (int, float)}
+    allowed = schema.get("type")
+    if allowed is not None:
+        names = allowed if isinstance(allowed, list) else [allowed]
+        ok = any(isinstance(value, kinds[name]) and not (name in ("integer", "number") and isinstance(value, bool))
+                 for name in names)
+        assert ok, f"{where}: {value!r} is not {allowed}"
+    if isinstance(value, dict):
+        for name in schema.get("required", []):
+            assert name in value, f"{where}: {name} missing"
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                conforms(value[name], sub, document, f"{where}.{name}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            conforms(item, schema["items"], document, f"{where}[{i}]")
+
+
+def test_the_openapi_document_covers_every_route_and_real_answers_match_it(settings: Settings) -> None:
+    with running(replace(settings, metrics=True, admin_srns=frozenset({ALICE}))) as service:
+        document = service.http.get("/openapi.json").json()
+        assert document["openapi"].startswith("3.1") and "/slot-booking" in document["info"]["description"]
+        http_routes = {route.path for route in service.server.app.routes if isinstance(route, Route)}
+        assert http_routes == set(document["paths"])
+
+        token = login(service)
+        calls = [
+            ("get", "/", {}), ("get", "/health", {}), ("get", "/stats", {}), ("get", "/slots", {}),
+            ("get", "/slots", {"params": {"date": "nope"}}),
+            ("post", "/book-slot", {"json": body(5)}), ("post", "/book-slot", {"json": body(5)}),
+            ("post", "/book-slot", {"json": {"slot_id": 5}}), ("post", "/book-slot", {"content": b"{"}),
+            ("post", "/cancel-slot", {"json": body(5, BOB, password="wrong")}),
+            ("post", "/my-bookings", {"headers": bearer(token)}),
+            ("post", "/admin/close-slot", {"json": body(6)}), ("post", "/admin/open-slot", {"json": body(6)}),
+            ("post", "/admin/history", {"json": body()}), ("post", "/admin/history", {"json": body(username=BOB)}),
+            ("post", "/auth/login", {"json": body(username="DOWN1")}),
+            ("post", "/auth/logout", {"headers": bearer(token)}),
+            ("post", "/auth/logout", {"headers": bearer(token)}),
+        ]
+        seen = set()
+        for method, path, options in calls:
+            response = service.http.request(method, path, **options)
+            declared = document["paths"][path][method]["responses"]
+            assert str(response.status_code) in declared, f"{method} {path} answered {response.status_code}"
+            schema = declared[str(response.status_code)]["content"]["application/json"]["schema"]
+            conforms(response.json(), schema, document, f"{method} {path} {response.status_code}")
+            seen.add(response.status_code)
+        assert seen >= {200, 400, 401, 403, 422, 503}
+
+        page = service.http.get("/docs")
+        assert page.status_code == 200 and "swagger-ui" in page.text
+        assert "<code>POST /book-slot</code>" in page.text  # the plain list, for when the CDN is unreachable
+        assert service.http.get("/metrics").headers["content-type"].startswith("text/plain")
