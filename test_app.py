@@ -70,7 +70,8 @@ class Clock:
 
 class FakePesu:
     """pesu-auth as seen over HTTP. Usernames pick the behaviour: DOWN* answers 503, SLOW* hangs, GARBAGE*
-    answers HTML, OLDAPI* refuses the old way (200 + status false); known users with PASSWORD succeed."""
+    answers HTML, OLDAPI* refuses the old way (200 + status false), LAG* takes a second; known users with
+    PASSWORD succeed."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -83,6 +84,8 @@ class FakePesu:
             return JSONResponse({"detail": "bad gateway"}, 503)
         if username.startswith("SLOW"):
             await asyncio.sleep(5)
+        if username.startswith("LAG"):  # slow, but well within every timeout
+            await asyncio.sleep(1)
         if username.startswith("GARBAGE"):
             return Response("<html>sleeping</html>", 200, media_type="text/html")
         if username.startswith("OLDAPI"):
@@ -1291,6 +1294,17 @@ def test_sigterm_closes_sockets_with_1001_and_exits(settings: Settings) -> None:
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert proc.wait(5) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
         assert time.monotonic() - started < 5
+
+
+def test_sigterm_lets_a_request_in_flight_finish(settings: Settings) -> None:
+    with process(settings) as (proc, url), ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(httpx.post, f"{url}/auth/login", json={"username": "LAG1", "password": "x"}, timeout=10)
+        time.sleep(0.3)  # the login is now waiting on PESU
+        proc.send_signal(signal.SIGTERM)
+        assert in_flight.result().json() == {"detail": "Invalid credentials"}  # answered, not cut off
+        assert proc.wait(5) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health")
 
 
 # -- running it: logs, backup and check ---------------------------------------------------------------------
