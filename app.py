@@ -1420,7 +1420,7 @@ def main(argv: list[str]) -> None:
         # is good on the others; it still dies with this process.
         os.environ["SESSION_SECRET"] = os.urandom(32).hex()
     uvicorn.run(
-        "app:app",
+        app if SETTINGS.workers == 1 else "app:app",  # workers import it themselves; one process need not again
         host=SETTINGS.host,
         port=SETTINGS.port,
         workers=SETTINGS.workers,
