@@ -1239,7 +1239,7 @@ class JsonFormatter(logging.Formatter):
 def public_url(url: str) -> str:
     """A URL fit for a log line: any user:password@ taken out."""
     parts = urllib.parse.urlsplit(url)
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl() if parts.hostname else url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def configure_logging(level: str, form: str = "text") -> None:
