@@ -199,12 +199,16 @@ class Throttle:
         # made-up usernames from growing memory without end.
         self.failures: TTLCache[str, list[float]] = TTLCache(maxsize, window_seconds, timer=clock)
 
+    def _recent(self, key: str, now: float) -> list[float]:
+        """key's failures still inside the window."""
+        return [at for at in self.failures.get(key, ()) if at > now - self.window]
+
     def retry_after(self, key: str) -> int:
         """Seconds until key may try again; 0 if it may now."""
         if not self.limit:
             return 0
         now = self.clock()
-        recent = [at for at in self.failures.get(key, ()) if at > now - self.window]
+        recent = self._recent(key, now)
         if len(recent) < self.limit:
             return 0
         return max(1, math.ceil(recent[-self.limit] + self.window - now))
@@ -212,7 +216,7 @@ class Throttle:
     def fail(self, key: str) -> None:
         if self.limit:
             now = self.clock()
-            self.failures[key] = [at for at in self.failures.get(key, ()) if at > now - self.window][-self.limit:] + [now]
+            self.failures[key] = self._recent(key, now)[-self.limit:] + [now]
 
     def clear(self, key: str) -> None:
         self.failures.pop(key, None)
