@@ -9,6 +9,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import functools
 import html
 import logging
 import os
@@ -1118,6 +1119,7 @@ def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str
     return op
 
 
+@functools.cache  # fixed for the life of the process: built on first request, not at start-up
 def openapi_document() -> dict[str, Any]:
     """The HTTP API as OpenAPI 3.1; the WebSocket protocol is in the description (OpenAPI has no sockets)."""
     member = ("400", "401", "413", "422", "429", "503")
@@ -1177,18 +1179,23 @@ DOCS_PAGE = """<!doctype html>
 """
 
 
-async def openapi_json(request: Request) -> Response:
-    return JSONResponse(openapi_document())
-
-
-async def docs(request: Request) -> Response:
+@functools.cache
+def docs_page() -> str:
     """Swagger UI from a CDN; until (or unless) it loads, the page lists the routes in plain HTML."""
     items = "".join(
         f"<li><code>{method.upper()} {html.escape(path)}</code>: {html.escape(op['summary'])}</li>"
         for path, ops in openapi_document()["paths"].items() for method, op in ops.items()
     )
     items += "<li><code>WebSocket /slot-booking</code>: live updates, booking and cancelling</li>"
-    return HTMLResponse(DOCS_PAGE % items)
+    return DOCS_PAGE % items
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(docs_page())
 
 
 # -- lifetime ------------------------------------------------------------------------------------------------
