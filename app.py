@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 import db
 import pesu
@@ -300,6 +300,7 @@ class Peer:
         self.task: asyncio.Task[None] | None = None
         self.date: str | None = None  # the day this peer watches; None follows "today" across midnight
         self.due = False  # the newest state may be sent now (set by send_state and by the hub's fan-out)
+        self.sending = False  # a send to this peer has started and not finished
 
     def send_state(self, day: Day) -> None:
         """Send this state now (a socket's first state, or its answer to get_slots)."""
@@ -353,18 +354,24 @@ class StreamPeer(Peer):
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-FAN_OUT_BATCH = 25  # listeners woken per turn of the event loop during a broadcast
+FAN_OUT_BATCH = 25  # listeners served per turn of the event loop during a broadcast
+SEND_ERRORS = (OSError, RuntimeError, WebSocketDisconnect)  # the peer went away mid-send
 
 
 class Hub:
-    """The listeners; a broadcast is encoded once and handed to every listener's own pump.
+    """The listeners; a broadcast is encoded once and handed to every listener.
 
-    A broadcast only marks each listener's newest state; one fan-out task then wakes their pumps
+    A broadcast only marks each listener's newest state; one fan-out task then goes through them
     FAN_OUT_BATCH at a time, yielding between batches, so a member's own reply waits behind one batch of
     sends, never behind the whole broadcast. A change that finds the hub idle goes out at once. Changes
     that arrive while a round is going out are a burst: the next round waits twice as long as the last
     one took, so bookers keep two thirds of the process, and the states of the burst coalesce meanwhile
     (each listener only ever gets the newest).
+
+    The fan-out writes to an idle listener itself when its socket takes the bytes at once, and wakes the
+    listener's own pump otherwise (a slow reader, or replies in flight), so a slow reader only ever stalls
+    itself. Writing directly is what makes a round fast: waking a task per listener costs more than the
+    send (about 8 ms a round of 1000 listeners on 2 cores).
     """
 
     def __init__(self, send_timeout: float, max_backlog: int, max_peers: int = 0, max_per_address: int = 0) -> None:
@@ -392,14 +399,38 @@ class Hub:
             self.rounds += 1
             for peer in list(self.peers):
                 if peer.latest is not None:
-                    peer.due = True
-                    peer.wake.set()
+                    if not await self._send_at_once(peer):
+                        peer.due = True
+                        peer.wake.set()
                     woken += 1
                     if woken % FAN_OUT_BATCH == 0:
-                        await asyncio.sleep(0)  # let those pumps send, and members' requests in between
+                        await asyncio.sleep(0)  # let woken pumps send, and members' requests in between
             self.round_seconds += loop.time() - started
             if self.pending.is_set():  # more changes came during this round: a burst
                 await asyncio.sleep(2 * (loop.time() - started))
+
+    async def _send_at_once(self, peer: Peer) -> bool:
+        """Send an idle peer its newest state if its socket takes it without waiting; False leaves it to
+        the peer's pump. uvicorn's send waits for a writable socket before it writes anything, so a send cut
+        off by the zero timeout has written nothing."""
+        day = peer.latest
+        if day is None or peer.sending or peer.due or peer.replies or peer.close_code is not None:
+            return False
+        peer.sending = True
+        try:
+            async with asyncio.timeout(0):
+                await peer.deliver_day(day)
+        except TimeoutError:
+            return False
+        except SEND_ERRORS as exc:
+            logger.debug("send failed: %r", exc)
+            self._drop(peer)
+            return True
+        finally:
+            peer.sending = False
+        if peer.latest is day:
+            peer.latest = None
+        return True
 
     def admits(self, address: str) -> bool:
         """Room for one more listener, in all and from this address (limits of 0 are off)."""
@@ -471,12 +502,14 @@ class Hub:
                 while peer.close_code is None and (peer.replies or (peer.due and peer.latest is not None)):
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
                     # with a completed send, leaving this task alive after its socket has gone.
+                    peer.sending = True
                     async with asyncio.timeout(self.send_timeout):
                         if peer.replies:
                             await peer.deliver(peer.replies.popleft())
                         else:
                             day, peer.latest, peer.due = peer.latest, None, False
                             await peer.deliver_day(day)  # type: ignore[arg-type]
+                    peer.sending = False
                 if peer.close_code is not None:
                     await peer.finish(peer.close_code)
                     return
@@ -485,7 +518,7 @@ class Hub:
             self._drop(peer)
             with contextlib.suppress(Exception):
                 await peer.finish(1008)
-        except (OSError, RuntimeError) as exc:  # the peer went away mid-send; its endpoint cleans up
+        except SEND_ERRORS as exc:  # the peer went away mid-send; its endpoint cleans up
             logger.debug("send failed: %r", exc)
             self._drop(peer)
 

@@ -32,6 +32,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -1014,7 +1015,37 @@ def test_a_slow_listener_gets_the_newest_state_not_a_backlog() -> None:
             await asyncio.sleep(0.005)
             if len(got) > 1:
                 break
-        assert got == [1, 100]  # the one in flight, then straight to the newest
+        assert len(got) == 2 and got[1] == 100  # the one in flight, then straight to the newest
+        hub.close_all(1001)
+
+    asyncio.run(scenario())
+
+
+def test_a_listener_that_vanishes_mid_broadcast_is_dropped_and_the_rest_still_hear() -> None:
+    async def scenario() -> None:
+        got: list[int] = []
+
+        class Gone(Peer):
+            async def deliver_day(self, day: Day) -> None:
+                raise WebSocketDisconnect(1006)  # what Starlette raises when the client went away
+
+        class Reader(Peer):
+            async def deliver_day(self, day: Day) -> None:
+                got.append(day.version)
+
+        hub = Hub(send_timeout=5, max_backlog=64)
+        hub.start()
+        gone, reader = Gone("127.0.0.1"), Reader("127.0.0.1")
+        hub.join(gone)
+        hub.join(reader)
+        for version in (1, 2):
+            hub.broadcast(Day(TODAY, version, [], [], [], b"", "", b""), TODAY)
+            for _ in range(100):
+                await asyncio.sleep(0.001)
+                if got and got[-1] == version:
+                    break
+        assert got == [1, 2] and hub.peers == {reader}
+        assert hub.fan_out_task is not None and not hub.fan_out_task.done()
         hub.close_all(1001)
 
     asyncio.run(scenario())
