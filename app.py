@@ -294,7 +294,8 @@ class Peer:
     def __init__(self, address: str) -> None:
         self.address = address  # the client's, for the per-address connection cap
         self.replies: deque[str] = deque()
-        self.latest: Day | None = None
+        self.latest: Day | None = None  # the state waiting to be sent
+        self.held: Day | None = None  # the newest state handed to this peer, sent or waiting
         self.close_code: int | None = None
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -304,9 +305,13 @@ class Peer:
 
     def send_state(self, day: Day) -> None:
         """Send this state now (a socket's first state, or its answer to get_slots)."""
-        self.latest = day
+        self.latest = self.held = day
         self.due = True
         self.wake.set()
+
+    def behind(self, day: Day) -> bool:
+        """Whether day is news to this peer: another day than it holds, or a newer state of it."""
+        return self.held is None or self.held.date != day.date or self.held.version < day.version
 
     def close(self, code: int) -> None:
         if self.close_code is None:
@@ -361,8 +366,9 @@ SEND_ERRORS = (OSError, RuntimeError, WebSocketDisconnect)  # the peer went away
 class Hub:
     """The listeners; a broadcast is encoded once and handed to every listener.
 
-    A broadcast only marks each listener's newest state; one fan-out task then goes through them
-    FAN_OUT_BATCH at a time, yielding between batches, so a member's own reply waits behind one batch of
+    A broadcast only records the day's newest state, whatever the number of listeners; one fan-out task
+    then goes through the listeners FAN_OUT_BATCH at a time, yielding between batches, handing each the
+    newest state of the day it watches if it does not hold it yet, so a member's own reply waits behind one batch of
     sends, never behind the whole broadcast. A change that finds the hub idle goes out at once. Changes
     that arrive while a round is going out are a burst: the next round waits twice as long as the last
     one took, so bookers keep two thirds of the process, and the states of the burst coalesce meanwhile
@@ -381,6 +387,8 @@ class Hub:
         self.max_backlog = max_backlog
         self.max_peers = max_peers
         self.max_per_address = max_per_address
+        self.newest: dict[str, Day] = {}  # the newest state broadcast of each day
+        self.today = ""  # the club's today, which listeners that name no day watch
         self.pending = asyncio.Event()
         self.fan_out_task: asyncio.Task[None] | None = None
         self.rounds = 0  # broadcast rounds, and the seconds they took to hand every listener its state
@@ -395,15 +403,17 @@ class Hub:
             await self.pending.wait()
             self.pending.clear()
             started = loop.time()
-            woken = 0
+            served = 0
             self.rounds += 1
             for peer in list(self.peers):
-                if peer.latest is not None:
+                day = self.newest.get(peer.date or self.today)
+                if day is not None and peer.behind(day):
+                    peer.latest = peer.held = day
                     if not await self._send_at_once(peer):
                         peer.due = True
                         peer.wake.set()
-                    woken += 1
-                    if woken % FAN_OUT_BATCH == 0:
+                    served += 1
+                    if served % FAN_OUT_BATCH == 0:
                         await asyncio.sleep(0)  # let woken pumps send, and members' requests in between
             self.round_seconds += loop.time() - started
             if self.pending.is_set():  # more changes came during this round: a burst
@@ -464,19 +474,17 @@ class Hub:
         return sum(isinstance(peer, SocketPeer) for peer in self.peers)
 
     def broadcast(self, day: Day, today: str) -> None:
-        """Send a day's new state to the listeners watching that day."""
-        self._offer(day, lambda peer: (peer.date or today) == day.date)
+        """Send a day's new state to the listeners watching that day (the fan-out sends it)."""
+        self.today = today
+        known = self.newest.get(day.date)
+        if known is None or known.version < day.version:
+            self.newest[day.date] = day
+        self.pending.set()
 
     def roll_over(self, day: Day) -> None:
-        """A new day began: listeners watching "today" now watch it."""
-        self._offer(day, lambda peer: peer.date is None)
-
-    def _offer(self, day: Day, watching: Callable[[Peer], bool]) -> None:
-        """Make day the newest state of the listeners watching it; the fan-out sends it."""
-        for peer in self.peers:
-            if watching(peer):
-                peer.latest = day
-        self.pending.set()
+        """A new day began: listeners watching "today" now watch it, and past days are forgotten."""
+        self.newest = {date: known for date, known in self.newest.items() if date > day.date}
+        self.broadcast(day, day.date)
 
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
         if len(peer.replies) >= self.max_backlog:
