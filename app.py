@@ -1250,11 +1250,13 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
     while True:
         await asyncio.sleep(interval)
         try:
-            revoked, tokens = await board.store.revoked_since(revoked)
-            for jti, expires in tokens:
-                sessions.revoke(jti, expires)
-            for day in await board.refresh():
-                hub.broadcast(day, current)
+            changes = await board.store.changes_since(board.seen, revoked)
+            if changes is not None:
+                revoked = changes.revoked
+                for jti, expires in changes.tokens:
+                    sessions.revoke(jti, expires)
+                for day in await board.refresh(changes):
+                    hub.broadcast(day, current)
             if board.today() != current:
                 current = board.today()
                 hub.roll_over(await board.day(current))

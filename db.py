@@ -97,6 +97,17 @@ class Change:
     booked_by: str | None = None
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What other processes committed: the newest version, the days changed (each with its newest
+    version), and the tokens signed out, as (jti, expires), up to revoked-token id ``revoked``."""
+
+    version: int
+    days: dict[str, int]
+    revoked: int
+    tokens: list[tuple[str, float]]
+
+
 class SlotStore:
     """Bookings of hourly slots by date, in one SQLite file."""
 
@@ -105,7 +116,7 @@ class SlotStore:
         self.hours = list(hours)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._data_version = 0
+        self._data_version = 0  # no connection reports 0: the first look reads everything
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -149,7 +160,6 @@ class SlotStore:
             if row is None or row[0] < SCHEMA_VERSION:
                 self._migrate_undated(today, now)
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         return self._version()
 
     def _migrate_undated(self, today: str, now: str) -> None:
@@ -187,22 +197,29 @@ class SlotStore:
         """The version and the booked or closed slots of one day."""
         return await self._run(lambda: (self._version(), self._day(date)))
 
-    async def changed_since(self, version: int) -> tuple[int, dict[str, int]] | None:
-        """(newest version, {day: its newest version}) if another process committed since we last looked."""
-        return await self._run(self._changed_since, version)
+    async def changes_since(self, version: int, revoked: int) -> Changes | None:
+        """What other processes (other workers on this file) committed since we last looked: changes after
+        event ``version`` and tokens revoked after id ``revoked``; None if nothing was committed."""
+        return await self._run(self._changes_since, version, revoked)
 
-    def _changed_since(self, version: int) -> tuple[int, dict[str, int]] | None:
+    def _changes_since(self, version: int, revoked: int) -> Changes | None:
         # data_version moves only when *another* connection commits: a cheap poll, no table read.
         data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if data_version == self._data_version:
             return None
         self._data_version = data_version
-        rows = self.conn.execute(
+        days = self.conn.execute(
             "SELECT date, MAX(id) FROM events WHERE id > ? GROUP BY date", (version,)
         ).fetchall()
-        if not rows:
-            return None
-        return max(last for _, last in rows), {date: last for date, last in rows if date}
+        tokens = self.conn.execute(
+            "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (revoked,)
+        ).fetchall()
+        return Changes(
+            max((last for _, last in days), default=version),
+            {date: last for date, last in days if date},
+            tokens[-1][0] if tokens else revoked,
+            [(jti, expires) for _, jti, expires in tokens],
+        )
 
     async def revoke(self, jti: str, expires: float, now: float) -> None:
         """Record a signed-out token's id (and forget those that have expired since)."""
@@ -213,17 +230,6 @@ class SlotStore:
                 self.conn.execute("INSERT OR IGNORE INTO revoked_tokens (jti, expires) VALUES (?, ?)", (jti, expires))
 
         await self._run(revoke)
-
-    async def revoked_since(self, last: int) -> tuple[int, list[tuple[str, float]]]:
-        """(newest id, [(jti, expires)]) of tokens revoked after id ``last``, by any process."""
-
-        def read() -> tuple[int, list[tuple[str, float]]]:
-            rows = self.conn.execute(
-                "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (last,)
-            ).fetchall()
-            return (rows[-1][0] if rows else last), [(jti, expires) for _, jti, expires in rows]
-
-        return await self._run(read)
 
     async def upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
         """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first."""

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import Change, DayRow, Limits, SlotStore
+from db import Change, Changes, DayRow, Limits, SlotStore
 
 
 class SlotError(Exception):
@@ -145,14 +145,11 @@ class Board:
         self.days[date] = day
         return day
 
-    async def refresh(self) -> list[Day]:
-        """The days that other processes (other workers on the same file) changed since we last looked."""
-        found = await self.store.changed_since(self.seen)
-        if found is None:
-            return []
-        self.seen, changed = found
+    async def refresh(self, changes: Changes) -> list[Day]:
+        """The new states of the days that other processes (other workers on the same file) changed."""
+        self.seen = max(self.seen, changes.version)
         fresh = []
-        for date, last in changed.items():
+        for date, last in changes.days.items():
             cached = self.days.get(date)
             if cached is None or cached.version < last:
                 version, rows = await self.store.day(date)

@@ -699,6 +699,18 @@ def test_a_token_signed_out_on_one_worker_is_refused_by_another(settings: Settin
             time.sleep(0.05)
 
 
+def test_a_token_signed_out_stays_refused_after_a_restart(settings: Settings) -> None:
+    secret = {"SESSION_SECRET": "a-shared-secret-for-this-test"}
+    with process(settings, **secret) as (_, url):
+        token = httpx.post(f"{url}/auth/login", json={"username": ALICE, "password": PASSWORD}).json()["token"]
+        assert httpx.post(f"{url}/auth/logout", headers=bearer(token)).status_code == 200
+    with process(settings, **secret) as (_, url):
+        deadline = time.monotonic() + 5
+        while httpx.post(f"{url}/my-bookings", headers=bearer(token)).status_code != 401:
+            assert time.monotonic() < deadline, "the restarted app accepts a token signed out before"
+            time.sleep(0.05)
+
+
 def test_guessing_one_username_is_stopped_with_429_until_the_window_passes(
     service: Service, clock: Clock, fake_pesu: tuple[FakePesu, str]
 ) -> None:
