@@ -287,8 +287,9 @@ class Peer:
     """One listener (a WebSocket, or an SSE stream) and what is waiting to be sent to it.
 
     Replies to this client queue in order; the slot state does not queue at all: only the newest ``Day``
-    waits, so a slow reader gets the latest state instead of a backlog of stale ones. Only the peer's
-    own pump task writes to it, so a slow reader can only ever stall itself.
+    waits, so a slow reader gets the latest state instead of a backlog of stale ones. The peer's own pump
+    task sends whatever waits; the hub's fan-out writes a state itself only when the pump is idle and the
+    socket takes it at once, so a slow reader can only ever stall itself.
     """
 
     def __init__(self, address: str) -> None:
@@ -893,7 +894,7 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
 
 
 def announce(state: State, day: Day | None) -> None:
-    """Hand a changed day to the listeners watching it (their pumps send it; nothing here waits)."""
+    """Hand a changed day to the listeners watching it (the hub's fan-out sends it; nothing here waits)."""
     if day is not None:
         state["hub"].broadcast(day, state["board"].today())
 
