@@ -367,13 +367,13 @@ SEND_ERRORS = (OSError, RuntimeError, WebSocketDisconnect)  # the peer went away
 class Hub:
     """The listeners; a broadcast is encoded once and handed to every listener.
 
-    A broadcast only records the day's newest state, whatever the number of listeners; one fan-out task
-    then goes through the listeners FAN_OUT_BATCH at a time, yielding between batches, handing each the
-    newest state of the day it watches if it does not hold it yet, so a member's own reply waits behind one batch of
-    sends, never behind the whole broadcast. A change that finds the hub idle goes out at once. Changes
-    that arrive while a round is going out are a burst: the next round waits twice as long as the last
-    one took, so bookers keep two thirds of the process, and the states of the burst coalesce meanwhile
-    (each listener only ever gets the newest).
+    A broadcast only records the day's newest state, whatever the number of listeners. One fan-out task
+    then goes through the listeners FAN_OUT_BATCH at a time, handing each the newest state of the day it
+    watches unless it holds it already, and yields between batches, so a member's own reply waits behind
+    one batch of sends, never behind the whole broadcast. A change that finds the hub idle goes out at
+    once. Changes that arrive while a round is going out are a burst: the next round waits twice as long
+    as the last one took, so bookers keep two thirds of the process, and the states of the burst coalesce
+    meanwhile (each listener only ever gets the newest).
 
     The fan-out writes to an idle listener itself when its socket takes the bytes at once, and wakes the
     listener's own pump otherwise (a slow reader, or replies in flight), so a slow reader only ever stalls
@@ -1251,6 +1251,9 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
     while True:
         await asyncio.sleep(interval)
         try:
+            if board.today() != current:  # first, so that what follows is broadcast under the new day
+                current = board.today()
+                hub.roll_over(await board.day(current))
             changes = await board.store.changes_since(board.seen, revoked)
             if changes is not None:
                 revoked = changes.revoked
@@ -1258,9 +1261,6 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                     sessions.revoke(jti, expires)
                 for day in await board.refresh(changes):
                     hub.broadcast(day, current)
-            if board.today() != current:
-                current = board.today()
-                hub.roll_over(await board.day(current))
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
 
