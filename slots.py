@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date as Date
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -84,6 +84,8 @@ class Board:
         self.clock = clock
         self.seen = 0  # the newest event id whose change this process has taken in
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
+        # the club's day last seen: its start and end in UTC, and its date (an empty span until first asked)
+        self._span = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "")
 
     # -- time -----------------------------------------------------------------------------------------
 
@@ -92,7 +94,18 @@ class Board:
         return self.clock().astimezone(self.rules.timezone).replace(tzinfo=None)
 
     def today(self) -> str:
-        return self.now().date().isoformat()
+        """The club's date. GET /slots asks on every request, so it is worked out again only when the
+        clock leaves the day (in UTC bounds) it was last in: a comparison instead of a time-zone lookup."""
+        now = self.clock()
+        start, end, today = self._span
+        if not start <= now < end:
+            zone = self.rules.timezone
+            day = now.astimezone(zone).date()
+            start = datetime.combine(day, time(), zone).astimezone(timezone.utc)
+            end = datetime.combine(day + timedelta(days=1), time(), zone).astimezone(timezone.utc)
+            today = day.isoformat()
+            self._span = (start, end, today)
+        return today
 
     def resolve(self, value: Any) -> str:
         """The date a request names, or today when it names none."""

@@ -902,6 +902,14 @@ def test_at_midnight_sockets_watching_today_get_the_new_day(service: Service, cl
     assert service.slots()["date"] == TOMORROW
 
 
+def test_slots_without_a_date_follow_the_clubs_clock_across_midnight(service: Service, clock: Clock) -> None:
+    for local, date in [("2026-11-24 23:59:59", TODAY), ("2026-11-25 00:00:00", TOMORROW),
+                        ("2026-11-24 18:29:59", TODAY),  # a clock set back to the day before
+                        ("2026-11-25 05:29:59", TOMORROW)]:
+        clock.set(local)
+        assert service.slots()["date"] == date, local
+
+
 def test_daily_and_upcoming_limits(settings: Settings, clock: Clock) -> None:
     with running(replace(settings, max_bookings_per_day=2, max_upcoming_bookings=3), clock) as service:
         assert service.book(3).status_code == 200
