@@ -1,6 +1,6 @@
 """Benchmark: the app against a bare Starlette ceiling, both under real uvicorn on loopback.
 
-    python bench.py            # about 75 seconds on 2 cores; prints a Markdown table
+    python bench.py            # about 100 seconds on 2 cores; prints a Markdown table
 
 The ceiling serves the same bytes and broadcasts the same message as the app, with no database and no
 auth: whatever the app loses against it is the cost of SQLite, PESU checks and the hub. PESU is a fake
