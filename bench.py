@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 USER = {"username": "PES1UG20CS001", "password": "bench-password"}
 VERSION = re.compile(rb'"version":(\d+)')
 HTTP_SECONDS = 4
-OPS_LATENCY = {100: 200, 1000: 1000}  # one change at a time, per listener count (a p99 that holds still)
+OPS_LATENCY = {100: 200, 1000: 1000}  # one-at-a-time changes on each server, per listener count
 LATENCY_CHUNK = 50  # one-at-a-time changes on one server before turning to the other
 OPS_BURST = 600  # back-to-back book/cancel messages
 
