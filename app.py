@@ -410,7 +410,7 @@ class Hub:
                 day = self.newest.get(peer.date or self.today)
                 if day is not None and peer.behind(day):
                     peer.latest = peer.held = day
-                    if not await self._send_at_once(peer):
+                    if not await self._send_at_once(peer, day):
                         peer.due = True
                         peer.wake.set()
                     served += 1
@@ -420,12 +420,11 @@ class Hub:
             if self.pending.is_set():  # more changes came during this round: a burst
                 await asyncio.sleep(2 * (loop.time() - started))
 
-    async def _send_at_once(self, peer: Peer) -> bool:
+    async def _send_at_once(self, peer: Peer, day: Day) -> bool:
         """Send an idle peer its newest state if its socket takes it without waiting; False leaves it to
         the peer's pump. uvicorn's send waits for a writable socket before it writes anything, so a send cut
         off by the zero timeout has written nothing."""
-        day = peer.latest
-        if day is None or peer.sending or peer.due or peer.replies or peer.close_code is not None:
+        if peer.sending or peer.due or peer.replies or peer.close_code is not None:
             return False
         peer.sending = True
         try:
