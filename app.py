@@ -42,7 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 import db
 import pesu
 from db import SlotStore
-from pesu import AuthUnavailable, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttle
+from pesu import AuthBusy, AuthUnavailable, Guard, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttled
 from slots import Board, Day, Forbidden, Rules, SlotError, parse_date
 
 __version__ = "0.6.0"
@@ -83,9 +83,12 @@ class Settings:
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
     session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
     session_minutes: float = 60
-    login_fails_per_username: int = 5  # 0 = off
+    login_fails_per_username: int = 5  # failed checks per (username, address) before delays begin; 0 = off
     login_fail_window_minutes: float = 15
-    login_fails_per_address: int = 0  # 0 = off: a whole campus often shares one address
+    login_fails_per_address: int = 100  # failed checks per address per window (members' successes earn some back)
+    login_max_delay_seconds: float = 30  # the longest delay between guesses at one username from one address
+    pesu_max_concurrency: int = 20  # PESU checks in flight at once, for the whole process
+    pesu_max_queue: int = 200  # PESU checks waiting for a place; beyond that, 503 at once
     ws_rate_per_second: float = 20  # messages per socket; 0 = off
     ws_rate_burst: int = 40
     max_connections: int = 5000  # open sockets and event streams in all; 0 = off
@@ -111,6 +114,9 @@ class Settings:
             workers=get("WORKERS", int, cls.workers),
             pesu_auth_url=get("PESU_AUTH_URL", str, cls.pesu_auth_url),
             cache_minutes=get("CACHE_DURATION_MINUTES", float, cls.cache_minutes),
+            pesu_timeout=get("PESU_TIMEOUT_SECONDS", float, cls.pesu_timeout),
+            pesu_max_concurrency=get("PESU_MAX_CONCURRENCY", int, cls.pesu_max_concurrency),
+            pesu_max_queue=get("PESU_MAX_QUEUE", int, cls.pesu_max_queue),
             database_path=get("DATABASE_PATH", str, cls.database_path),
             cors_origins=get(
                 "CORS_ORIGINS", lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), cls.cors_origins
@@ -131,6 +137,7 @@ class Settings:
             login_fails_per_username=get("LOGIN_FAILS_PER_USERNAME", int, cls.login_fails_per_username),
             login_fail_window_minutes=get("LOGIN_FAIL_WINDOW_MINUTES", float, cls.login_fail_window_minutes),
             login_fails_per_address=get("LOGIN_FAILS_PER_ADDRESS", int, cls.login_fails_per_address),
+            login_max_delay_seconds=get("LOGIN_MAX_DELAY_SECONDS", float, cls.login_max_delay_seconds),
             ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second),
             ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst),
             max_connections=get("MAX_CONNECTIONS", int, cls.max_connections),
@@ -148,6 +155,11 @@ class Settings:
             raise SystemExit("LOG_FORMAT must be text or json")
         if settings.session_minutes <= 0 or settings.login_fail_window_minutes <= 0:
             raise SystemExit("SESSION_MINUTES and LOGIN_FAIL_WINDOW_MINUTES must be positive")
+        if not 0 < settings.pesu_timeout <= 300 or settings.pesu_max_concurrency < 1 or settings.pesu_max_queue < 0:
+            raise SystemExit("PESU_TIMEOUT_SECONDS must be from 0 to 300, PESU_MAX_CONCURRENCY at least 1 and "
+                             "PESU_MAX_QUEUE not negative")
+        if not 0 <= settings.login_max_delay_seconds <= 3600:
+            raise SystemExit("LOGIN_MAX_DELAY_SECONDS must be from 0 to 3600")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
 
@@ -601,8 +613,6 @@ class State(TypedDict):
     hub: Hub
     pesu: PesuChecker
     sessions: Sessions
-    by_username: Throttle  # failed logins per username
-    by_address: Throttle  # failed logins per client address
     metrics: Metrics
 
 
@@ -621,29 +631,30 @@ def claims_of(state: State, token: str) -> dict[str, Any]:
 
 
 async def profile_of(state: State, username: str, password: str, address: str) -> dict[str, Any]:
-    """PESU's answer for these credentials, unless this username (or address) has failed too often lately:
-    then 429 with Retry-After, without asking PESU."""
-    member = username.upper()
-    wait = max(state["by_username"].retry_after(member), state["by_address"].retry_after(address))
-    if wait:
-        logger.warning("login throttled for %s from %s", username, address,
-                       extra={"username": username, "address": address, "action": "login", "status": 429})
-        state["metrics"].count("rero_logins_total", 'result="throttled"')
-        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
+    """PESU's answer for these credentials: 401 if it refuses them, 429 with Retry-After while guessing at
+    this username from this address (or from this address at all) is being slowed, 503 if PESU could not
+    be asked. The limits themselves live in the checker (pesu.Guard), where the upstream call is made."""
+    fields = {"username": username, "address": address, "action": "login"}
     try:
-        profile = await state["pesu"].check(username, password)
+        profile = await state["pesu"].check(username, password, address)
+    except Throttled as exc:
+        state["metrics"].count("rero_logins_total", 'result="throttled"')
+        logger.debug("login throttled for %s from %s", username, address, extra={**fields, "status": 429})
+        wait = exc.retry_after
+        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
     except InvalidCredentials:
         state["metrics"].count("rero_logins_total", 'result="invalid"')
-        logger.info("login refused for %s from %s", username, address,
-                    extra={"username": username, "address": address, "action": "login", "status": 401})
-        state["by_username"].fail(member)
-        state["by_address"].fail(address)
+        logger.info("login refused for %s from %s", username, address, extra={**fields, "status": 401})
         raise HTTPException(401, "Invalid credentials") from None
     except AuthUnavailable as exc:
         state["metrics"].count("rero_logins_total", 'result="upstream_error"')
-        logger.warning("PESU auth unavailable: %s", exc, extra={"action": "login", "status": 503})
-        raise HTTPException(503, "Authentication service unavailable") from None
-    state["by_username"].clear(member)
+        if isinstance(exc, AuthBusy):
+            logger.debug("PESU checks queue full: %s", exc, extra={**fields, "status": 503})
+        else:
+            logger.warning("PESU auth unavailable at %s: %s", public_url(state["settings"].pesu_auth_url), exc,
+                           extra={**fields, "status": 503})
+        wait = str(exc.retry_after)
+        raise HTTPException(503, "Authentication service unavailable", {"Retry-After": wait}) from None
     state["metrics"].count("rero_logins_total", 'result="ok"')
     return profile
 
@@ -1352,13 +1363,21 @@ def create_app(
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)
         window = settings.login_fail_window_minutes * 60
         timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
-        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+        # as many pooled connections as checks may run at once: nobody waits inside httpx's pool
+        limits = httpx.Limits(max_connections=settings.pesu_max_concurrency,
+                              max_keepalive_connections=settings.pesu_max_concurrency)
+        async with httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits) as client:
+            guard = Guard(settings.login_fails_per_username, window, settings.login_fails_per_address, seconds,
+                          max_delay=settings.login_max_delay_seconds)
             checker = PesuChecker(
                 client,
                 settings.pesu_auth_url,
                 settings.cache_minutes * 60,
                 timer=pesu_timer,
                 deadline=1.5 * settings.pesu_timeout,
+                guard=guard,
+                max_concurrency=settings.pesu_max_concurrency,
+                max_queue=settings.pesu_max_queue,
             )
             counters = Metrics()
             checker.on_upstream = counters.observe_upstream
@@ -1375,8 +1394,6 @@ def create_app(
                     "hub": hub,
                     "pesu": checker,
                     "sessions": sessions,
-                    "by_username": Throttle(settings.login_fails_per_username, window, seconds),
-                    "by_address": Throttle(settings.login_fails_per_address, window, seconds),
                     "metrics": counters,
                 }
             finally:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import heapq
 import hmac
 import math
 import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -27,6 +29,7 @@ from cachetools import TTLCache
 
 DEFAULT_URL = "https://pesu-auth.onrender.com/authenticate"
 TIMEOUT_SECONDS = 10.0
+MAX_ANSWER_BYTES = 1024 * 1024  # a real answer is under 1 KiB; anything past this is not read
 PROFILE_FIELDS = ("name", "srn", "prn", "program", "branch", "campus")
 
 
@@ -35,7 +38,23 @@ class InvalidCredentials(Exception):
 
 
 class AuthUnavailable(Exception):
-    """PESU could not be asked, or gave an answer we cannot trust."""
+    """PESU could not be asked, or gave an answer we cannot trust; ``retry_after`` is a hint in seconds."""
+
+    retry_after = 30
+
+
+class AuthBusy(AuthUnavailable):
+    """Too many checks are already waiting for PESU: refused at once rather than queued without end."""
+
+    retry_after = 5
+
+
+class Throttled(Exception):
+    """Too many failed guesses lately for this username (from this address) or from this address."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
 
 
 class PesuChecker:
@@ -43,6 +62,11 @@ class PesuChecker:
 
     The cache key is an HMAC of username and password under a secret made fresh for each process,
     so nothing in memory could be reversed or compared against a leaked hash elsewhere.
+
+    Every check that has to go upstream passes the ``guard`` first (guessing is slowed there), then waits
+    for one of ``max_concurrency`` places, in a queue of at most ``max_queue``: beyond it, ``AuthBusy`` at
+    once. The time limit starts once a place is had, so a slow PESU is never "unavailable" because of time
+    spent queueing here.
     """
 
     def __init__(
@@ -53,6 +77,9 @@ class PesuChecker:
         maxsize: int = 10_000,
         timer: Callable[[], float] | None = None,
         deadline: float = 1.5 * TIMEOUT_SECONDS,
+        guard: Guard | None = None,
+        max_concurrency: int = 20,
+        max_queue: int = 200,
     ) -> None:
         self.client = client
         self.url = url
@@ -62,8 +89,17 @@ class PesuChecker:
         self.cache: TTLCache[bytes, dict[str, Any]] = (
             TTLCache(maxsize, ttl_seconds, timer=timer) if timer else TTLCache(maxsize, ttl_seconds)
         )
+        # srn -> (tag of the password PESU last accepted, the cache keys it was accepted under), so that a
+        # new password accepted by PESU retires the old one here at once.
+        self._passwords: TTLCache[str, tuple[bytes, set[bytes]]] = (
+            TTLCache(maxsize, ttl_seconds, timer=timer) if timer else TTLCache(maxsize, ttl_seconds)
+        )
         self._secret = os.urandom(32)
         self._inflight: dict[bytes, asyncio.Task[dict[str, Any]]] = {}
+        self.guard = guard
+        self._places = asyncio.Semaphore(max_concurrency)
+        self.max_queue = max_queue
+        self.queued = 0  # checks waiting for a place
         self.upstream_calls = 0
         self.cache_hits = 0
         self.cache_misses = 0
@@ -73,8 +109,12 @@ class PesuChecker:
         message = username.encode() + b"\x00" + password.encode()
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
-    async def check(self, username: str, password: str) -> dict[str, Any]:
-        """The member's profile (always with "srn") if PESU accepts these credentials."""
+    async def check(self, username: str, password: str, address: str = "") -> dict[str, Any]:
+        """The member's profile (always with "srn") if PESU accepts these credentials.
+
+        Credentials PESU accepted lately are answered from memory and never throttled. Otherwise
+        ``Throttled`` or ``AuthBusy`` may come before PESU is asked.
+        """
         key = self._key(username, password)
         profile = self.cache.get(key)
         if profile is not None:
@@ -83,46 +123,121 @@ class PesuChecker:
         self.cache_misses += 1
         task = self._inflight.get(key)
         if task is None:
-            # Concurrent checks of the same credentials share this one upstream call.
-            task = asyncio.create_task(self._ask(username, password))
+            # Concurrent checks of the same credentials share this one upstream call (and one attempt).
+            attempt = self.guard.admit(username, address) if self.guard else None
+            if self.queued >= self.max_queue:
+                self._settle(attempt, "unavailable")
+                raise AuthBusy("too many checks waiting for PESU")
+            self.queued += 1
+            task = asyncio.create_task(self._ask(username, password, key, attempt))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # shield: one caller going away must not cancel the call the others are waiting on.
-        profile = await asyncio.shield(task)
-        self.cache[key] = profile
+        return await asyncio.shield(task)
+
+    def _settle(self, attempt: Attempt | None, outcome: str, srn: str = "") -> None:
+        if self.guard is not None and attempt is not None:
+            self.guard.settle(attempt, outcome, srn)
+
+    async def _ask(self, username: str, password: str, key: bytes, attempt: Attempt | None) -> dict[str, Any]:
+        try:
+            try:
+                await self._places.acquire()
+            finally:
+                self.queued -= 1
+            try:
+                profile = await self._call(username, password)
+            finally:
+                self._places.release()
+        except InvalidCredentials:
+            self._settle(attempt, "invalid")
+            raise
+        except BaseException:
+            self._settle(attempt, "unavailable")
+            raise
+        self._settle(attempt, "ok", profile["srn"])
+        self._remember(key, password, profile)
         return profile
 
-    async def _ask(self, username: str, password: str) -> dict[str, Any]:
+    def _remember(self, key: bytes, password: str, profile: dict[str, Any]) -> None:
+        """Cache a success; a password for this member other than the one remembered retires that one."""
+        srn = profile["srn"]
+        tag = hmac.new(self._secret, b"password\x00" + password.encode(), hashlib.sha256).digest()
+        known = self._passwords.get(srn)
+        if known is not None and known[0] != tag:
+            for old in known[1]:
+                self.cache.pop(old, None)
+            known = None
+        keys = known[1] if known is not None else set()
+        keys.add(key)
+        self._passwords[srn] = (tag, keys)
+        self.cache[key] = profile
+
+    async def _call(self, username: str, password: str) -> dict[str, Any]:
         self.upstream_calls += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline):
-                response = await self.client.post(
-                    self.url, json={"username": username, "password": password, "profile": True}
+                request = self.client.build_request(
+                    "POST", self.url, json={"username": username, "password": password, "profile": True},
+                    headers={"accept-encoding": "identity"},  # raw bytes are what the size cap counts
                 )
+                response = await self.client.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    body = await read_capped(response, MAX_ANSWER_BYTES) if status == 200 else b""
+                finally:
+                    await response.aclose()
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
-            raise AuthUnavailable(type(exc).__name__) from None
+            raise AuthUnavailable(describe(exc, self.deadline)) from None
         finally:
             self.on_upstream(time.perf_counter() - started)
-        if response.status_code == 401:
+        if status == 401:
             raise InvalidCredentials
-        if response.status_code != 200:
-            raise AuthUnavailable(f"HTTP {response.status_code}")
+        if status != 200:
+            raise AuthUnavailable(f"HTTP {status}")
+        if body is None:
+            raise AuthUnavailable(f"answer over {MAX_ANSWER_BYTES} bytes")
         try:
-            body = response.json()
-        except ValueError:
+            data = orjson.loads(body)  # orjson refuses nesting past 1024 levels with a JSONDecodeError
+        except orjson.JSONDecodeError:
             raise AuthUnavailable("unreadable body") from None
-        if not isinstance(body, dict) or not isinstance(body.get("status"), bool):
+        if not isinstance(data, dict) or not isinstance(data.get("status"), bool):
             raise AuthUnavailable("unexpected body")
-        if body["status"] is False:
+        if data["status"] is False:
             raise InvalidCredentials
-        raw = body.get("profile")
+        raw = data.get("profile")
         if not isinstance(raw, dict):
             raise AuthUnavailable("no profile")
         profile = {field: raw.get(field) for field in PROFILE_FIELDS}
         srn = raw.get("srn") or raw.get("prn") or username
-        profile["srn"] = str(srn).strip().upper()
+        profile["srn"] = str(srn).strip().upper()[:64]
         return profile
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The response body, or None as soon as it passes ``limit`` bytes (the rest is never read)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    if response.is_stream_consumed:  # read already (an answer built in memory, as a test transport gives)
+        return response.content if len(response.content) <= limit else None
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def describe(exc: BaseException, deadline: float) -> str:
+    """Why PESU could not be asked, for the log: the error's kind and its cause, never the request."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {deadline:g} s"
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {str(cause) or type(cause).__name__}"
 
 
 # -- sessions and throttling: what a member holds after signing in, and how guessing is slowed -------------
@@ -152,6 +267,7 @@ class Sessions:
         self.lifetime = lifetime_seconds
         self.clock = clock
         self.revoked: dict[str, float] = {}  # jti -> expiry, forgotten once the token would have expired
+        self._expiries: list[tuple[float, str]] = []  # a heap of (expiry, jti): what to forget next
 
     def _sign(self, claims: str) -> str:
         return _b64(hmac.new(self.secret, claims.encode(), hashlib.sha256).digest())
@@ -164,7 +280,8 @@ class Sessions:
 
     def claims(self, token: Any) -> dict[str, Any]:
         """The token's claims if it is genuine, unexpired and not revoked; InvalidToken otherwise."""
-        if not isinstance(token, str) or token.count(".") != 1 or len(token) > 512:
+        # A real token is ASCII; anything else is refused here (compare_digest would raise on it).
+        if not isinstance(token, str) or not token.isascii() or token.count(".") != 1 or len(token) > 512:
             raise InvalidToken
         claims, signature = token.split(".")
         if not hmac.compare_digest(signature, self._sign(claims)):
@@ -177,46 +294,107 @@ class Sessions:
             raise InvalidToken
         return data
 
-    def srn_of(self, token: Any) -> str:
-        return self.claims(token)["srn"]
-
     def revoke(self, jti: str, expires: float) -> None:
+        """Refuse this token from now on; the ids of tokens that have expired since are forgotten, oldest
+        first, so each call does work in proportion to what it forgets, not to all it remembers."""
         now = self.clock()
-        for old in [old for old, until in self.revoked.items() if until <= now]:
-            del self.revoked[old]
-        if expires > now:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, old = heapq.heappop(self._expiries)
+            self.revoked.pop(old, None)
+        if expires > now and jti not in self.revoked:
             self.revoked[jti] = expires
+            heapq.heappush(self._expiries, (expires, jti))
 
 
-class Throttle:
-    """Failed attempts per key (a username, an address) within a sliding window; ``limit`` 0 = off."""
+@dataclass
+class _Pair:
+    """One username from one address: failed checks in the window, when the next may go, checks in flight."""
 
-    def __init__(self, limit: int, window_seconds: float, clock: Callable[[], float], maxsize: int = 100_000) -> None:
-        self.limit = limit
-        self.window = window_seconds
+    fails: int = 0
+    next_at: float = 0.0
+    inflight: int = 0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A check let through to PESU, to be settled with its outcome."""
+
+    pair: tuple[str, str]
+    address: str
+
+
+class Guard:
+    """How guessing through us is slowed, without letting anyone lock a member out.
+
+    - Per (username, address): ``free_fails`` failed checks in a window go at once; after that, one check
+      at a time, each after a delay that doubles with every further failure (1 s, 2 s, 4 s ... up to
+      ``max_delay``). A success forgets the pair. Other addresses are not affected at all.
+    - Per address: a bucket of ``address_fails`` failed checks, refilled at that many per window, so one
+      address cannot spray a password over many usernames. Each member who signs in successfully from the
+      address (once per window) earns it two back, so a campus behind one address is not slowed by typos.
+    - Checks count from the moment they are let through (concurrent guesses cannot all slip past), and a
+      check PESU could not answer is given back.
+
+    ``0`` turns either limit off. State is bounded: at most ``maxsize`` pairs and addresses, each forgotten
+    a window after its last failure.
+    """
+
+    def __init__(
+        self,
+        free_fails: int,
+        window: float,
+        address_fails: int,
+        clock: Callable[[], float],
+        max_delay: float = 30.0,
+        maxsize: int = 100_000,
+    ) -> None:
+        self.free_fails = free_fails
+        self.window = window
+        self.address_fails = address_fails
         self.clock = clock
-        # A key's failures are dropped a window after its latest one; the size bound keeps a flood of
-        # made-up usernames from growing memory without end.
-        self.failures: TTLCache[str, list[float]] = TTLCache(maxsize, window_seconds, timer=clock)
+        self.max_delay = max_delay
+        self.pairs: TTLCache[tuple[str, str], _Pair] = TTLCache(maxsize, window, timer=clock)
+        self.buckets: TTLCache[str, tuple[float, float]] = TTLCache(maxsize, window, timer=clock)  # tokens, at
+        self.credited: TTLCache[tuple[str, str], bool] = TTLCache(maxsize, window, timer=clock)
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        """key's failures still inside the window."""
-        return [at for at in self.failures.get(key, ()) if at > now - self.window]
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self.buckets.get(address, (float(self.address_fails), now))
+        return min(float(self.address_fails), tokens + (now - at) * self.address_fails / self.window)
 
-    def retry_after(self, key: str) -> int:
-        """Seconds until key may try again; 0 if it may now."""
-        if not self.limit:
-            return 0
+    def admit(self, username: str, address: str) -> Attempt:
+        """Let one check through to PESU, or raise Throttled with the seconds to wait."""
         now = self.clock()
-        recent = self._recent(key, now)
-        if len(recent) < self.limit:
-            return 0
-        return max(1, math.ceil(recent[-self.limit] + self.window - now))
+        key = (username.upper(), address)
+        pair = self.pairs.get(key) or _Pair()
+        if self.free_fails and pair.fails + pair.inflight >= self.free_fails:
+            if pair.inflight or now < pair.next_at:
+                raise Throttled(max(1, math.ceil(pair.next_at - now)))
+        if self.address_fails:
+            tokens = self._tokens(address, now)
+            if tokens < 1:
+                raise Throttled(max(1, math.ceil((1 - tokens) * self.window / self.address_fails)))
+            self.buckets[address] = (tokens - 1, now)
+        pair.inflight += 1
+        self.pairs[key] = pair
+        return Attempt(key, address)
 
-    def fail(self, key: str) -> None:
-        if self.limit:
-            now = self.clock()
-            self.failures[key] = self._recent(key, now)[-self.limit:] + [now]
-
-    def clear(self, key: str) -> None:
-        self.failures.pop(key, None)
+    def settle(self, attempt: Attempt, outcome: str, srn: str = "") -> None:
+        """Record how a check let through went: "ok", "invalid" or "unavailable"."""
+        now = self.clock()
+        pair = self.pairs.get(attempt.pair)
+        if pair is not None:
+            pair.inflight = max(0, pair.inflight - 1)
+            if outcome == "ok":
+                del self.pairs[attempt.pair]
+            elif outcome == "invalid":
+                pair.fails += 1
+                if pair.fails >= self.free_fails:
+                    pair.next_at = now + min(2.0 ** (pair.fails - self.free_fails), self.max_delay)
+                self.pairs[attempt.pair] = pair  # a failure keeps the pair for another window
+        if self.address_fails and outcome != "invalid":
+            refund = 1.0
+            if outcome == "ok" and (attempt.address, srn) not in self.credited:
+                self.credited[attempt.address, srn] = True
+                refund += 2
+            tokens = min(float(self.address_fails), self._tokens(attempt.address, now) + refund)
+            self.buckets[attempt.address] = (tokens, now)
