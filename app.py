@@ -13,6 +13,7 @@ import functools
 import html
 import logging
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -51,6 +52,7 @@ logger = logging.getLogger("rero")
 MAX_BODY_BYTES = 64 * 1024
 MAX_SOCKET_MESSAGE_BYTES = 16 * 1024
 SWITCH_INTERVAL = 0.0001  # seconds; see lifespan
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn knows
 
 
 # -- configuration ---------------------------------------------------------------------------------------
@@ -153,6 +155,8 @@ class Settings:
             raise SystemExit("BOOKING_*, MAX_*, LOGIN_* and WS_* settings cannot be negative")
         if settings.log_format not in ("text", "json"):
             raise SystemExit("LOG_FORMAT must be text or json")
+        if settings.log_level not in LOG_LEVELS:
+            raise SystemExit(f"LOG_LEVEL={settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if settings.session_minutes <= 0 or settings.login_fail_window_minutes <= 0:
             raise SystemExit("SESSION_MINUTES and LOGIN_FAIL_WINDOW_MINUTES must be positive")
         if not 0 < settings.pesu_timeout <= 300 or settings.pesu_max_concurrency < 1 or settings.pesu_max_queue < 0:
@@ -394,8 +398,9 @@ class Hub:
     """
 
     def __init__(self, send_timeout: float, max_backlog: int, max_peers: int = 0, max_per_address: int = 0) -> None:
-        self.peers: set[Peer] = set()
-        self.per_address: collections.Counter[str] = collections.Counter()
+        self.peers: set[Peer] = set()  # the listeners a broadcast goes to
+        self.open = 0  # listeners joined whose endpoints have not left yet
+        self.per_address: collections.Counter[str] = collections.Counter()  # of those, by client address
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
         self.max_peers = max_peers
@@ -455,30 +460,35 @@ class Hub:
         return True
 
     def admits(self, address: str) -> bool:
-        """Room for one more listener, in all and from this address (limits of 0 are off)."""
-        if self.max_peers and len(self.peers) >= self.max_peers:
+        """Room for one more listener, in all and from this address (limits of 0 are off).
+
+        A listener counts from join until its endpoint has left, so one dropped for not reading still
+        counts while its connection is being closed."""
+        if self.max_peers and self.open >= self.max_peers:
             return False
         return not self.max_per_address or self.per_address[address] < self.max_per_address
 
     def join(self, peer: Peer) -> None:
         peer.task = asyncio.create_task(self._pump(peer))
         self.peers.add(peer)
+        self.open += 1
         self.per_address[peer.address] += 1
 
     def _drop(self, peer: Peer) -> None:
-        """Forget a listener (its pump sends nothing more); safe to call more than once."""
-        if peer in self.peers:
-            self.peers.remove(peer)
-            self.per_address[peer.address] -= 1
-            if not self.per_address[peer.address]:
-                del self.per_address[peer.address]
+        """Stop sending to a listener (its pump sends nothing more); safe to call more than once."""
+        self.peers.discard(peer)
 
     async def leave(self, peer: Peer) -> None:
+        """The listener's endpoint is done with it: stop its pump and stop counting it."""
         self._drop(peer)
         if peer.task is not None:
             peer.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await peer.task
+        self.open -= 1
+        self.per_address[peer.address] -= 1
+        if not self.per_address[peer.address]:
+            del self.per_address[peer.address]
 
     @property
     def sockets(self) -> int:
@@ -499,13 +509,27 @@ class Hub:
         self.broadcast(day, day.date)
 
     def reply(self, peer: Peer, message: dict[str, Any]) -> None:
+        self._queue(peer, orjson.dumps(message).decode())
+
+    def reply_state(self, peer: Peer, day: Day) -> None:
+        """Answer a get_slots: one slots_update per request, in order with the other replies (a broadcast
+        waiting for this peer is older, so it is not sent after it)."""
+        peer.latest, peer.due, peer.held = None, False, day
+        self._queue(peer, day.update_text)
+
+    def _queue(self, peer: Peer, text: str) -> None:
         if len(peer.replies) >= self.max_backlog:
             logger.warning("dropping a socket that stopped reading (%d replies waiting)", len(peer.replies))
             self._drop(peer)
             peer.close(1008)
             return
-        peer.replies.append(orjson.dumps(message).decode())
+        peer.replies.append(text)
         peer.wake.set()
+
+    async def closed(self, peer: Peer) -> None:
+        """Wait while the pump sends what this peer is owed and then the close frame (each send bounded)."""
+        if peer.task is not None:
+            await asyncio.wait({peer.task}, timeout=2 * self.send_timeout + 1)
 
     def close_all(self, code: int) -> None:
         for peer in list(self.peers):
@@ -519,7 +543,9 @@ class Hub:
             while True:
                 await peer.wake.wait()
                 peer.wake.clear()
-                while peer.close_code is None and (peer.replies or (peer.due and peer.latest is not None)):
+                # Replies are owed even when the socket is being closed (a flood's warning, the answers to
+                # what it sent before): they go before the close frame. States stop once closing.
+                while peer.replies or (peer.close_code is None and peer.due and peer.latest is not None):
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
                     # with a completed send, leaving this task alive after its socket has gone.
                     peer.sending = True
@@ -531,13 +557,15 @@ class Hub:
                             await peer.deliver_day(day)  # type: ignore[arg-type]
                     peer.sending = False
                 if peer.close_code is not None:
-                    await peer.finish(peer.close_code)
+                    async with asyncio.timeout(self.send_timeout):
+                        await peer.finish(peer.close_code)
                     return
         except asyncio.TimeoutError:
             logger.warning("dropping a listener that took over %.1fs to accept a message", self.send_timeout)
             self._drop(peer)
             with contextlib.suppress(Exception):
-                await peer.finish(1008)
+                async with asyncio.timeout(self.send_timeout):  # the close frame may never go either
+                    await peer.finish(1008)
         except SEND_ERRORS as exc:  # the peer went away mid-send; its endpoint cleans up
             logger.debug("send failed: %r", exc)
             self._drop(peer)
@@ -772,6 +800,14 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else header
 
 
+def origin_allowed(settings: Settings, connection: Request | WebSocket) -> bool:
+    """Whether a page may open a socket or stream here. Browsers always send ``Origin`` with these, and no
+    CORS check guards a WebSocket or a GET, so with an explicit CORS_ORIGINS another site's page is refused
+    here; a client that sends no Origin (curl, a native app, the device gateway) is not a page, and may."""
+    origin = connection.headers.get("origin")
+    return origin is None or "*" in settings.cors_origins or origin in settings.cors_origins
+
+
 def address_of(connection: Request | WebSocket) -> str:
     return connection.client.host if connection.client else "unknown"
 
@@ -927,6 +963,8 @@ class EventStream:
             date = watched_date(request.query_params.get("date"))
         except SlotError as exc:
             raise HTTPException(400, str(exc)) from None
+        if not origin_allowed(state["settings"], request):
+            raise HTTPException(403, "Origin not allowed")
         address = address_of(request)
         if not hub.admits(address):
             raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
@@ -994,6 +1032,9 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
     state = websocket.state
     hub, settings = state["hub"], state["settings"]
     address = address_of(websocket)
+    if not origin_allowed(settings, websocket):
+        await websocket.close(1008)  # before the handshake: the page gets HTTP 403
+        return
     await websocket.accept()
     if not hub.admits(address):
         logger.warning("refusing a socket from %s: too many connections", address)
@@ -1004,7 +1045,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
     peer.send_state(await today(state))
     bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
     try:
-        while True:
+        while peer.close_code is None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
@@ -1012,7 +1053,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
                 if bucket.refused == 1:
                     hub.reply(peer, {"type": "error", "message": "Too many messages; slow down"})
                 elif bucket.refused > settings.ws_rate_burst:  # it went on: another burst, unread warnings
-                    logger.warning("dropping a socket from %s that kept flooding", address)
+                    logger.warning("closing a socket from %s that kept flooding", address)
                     peer.close(1008)
                 continue
             text = message.get("text")
@@ -1022,6 +1063,8 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
                 peer.close(1009)
             else:
                 await on_message(state, peer, text)
+        else:  # we are closing it: what it is owed goes first, then the close frame; nothing more is read
+            await hub.closed(peer)
     finally:
         await hub.leave(peer)
 
@@ -1046,7 +1089,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         except SlotError as exc:
             return error(str(exc))
         peer.date = date  # watch that day from now on; without a date, watch today
-        return peer.send_state(await board.day(date or board.today()))
+        return hub.reply_state(peer, await board.day(date or board.today()))
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
         shown = kind if isinstance(kind, str) else orjson.dumps(kind).decode()
         return error(f"Unknown message type: {shown[:64]}")
@@ -1303,10 +1346,33 @@ def public_url(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class TextFormatter(logging.Formatter):
+    """A plain line per record, with control characters escaped: a username with a newline in it cannot
+    forge a line of its own (a traceback, added after the message, keeps its newlines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), line)
+
+
+class NoFrames(logging.Filter):
+    """Drops the websockets library's frame-by-frame debug lines ("< TEXT ...", "> TEXT ..."), which uvicorn
+    sends to its error log at LOG_LEVEL=debug: a frame carries a member's password or token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in ("< %s", "> %s")
+
+
 def configure_logging(level: str, form: str = "text") -> None:
     """Our own log lines at LOG_LEVEL, beside uvicorn's; with LOG_FORMAT=json, uvicorn's lines as well."""
-    logger.setLevel(level.upper())
-    formatter = JsonFormatter() if form == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(5 if level == "trace" else level.upper())  # uvicorn's TRACE is 5
+    frames = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, NoFrames) for f in frames.filters):
+        frames.addFilter(NoFrames())
+    formatter = JsonFormatter() if form == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not logger.handlers and not logging.getLogger().handlers:  # leave a host's own logging set-up alone
         handler = logging.StreamHandler()
         handler.setFormatter(formatter)

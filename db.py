@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- only grows, so other workers can read "what is new"
     jti TEXT NOT NULL UNIQUE,
     expires REAL NOT NULL
-)
+);
+CREATE INDEX IF NOT EXISTS revoked_by_expiry ON revoked_tokens (expires)
 """
 
 # (slot_id, booked_by, booked_at, closed) for the slots of one day that are booked or closed
@@ -226,7 +227,12 @@ class SlotStore:
 
         def revoke() -> None:
             with self._transaction():
-                self.conn.execute("DELETE FROM revoked_tokens WHERE expires <= ?", (now,))
+                # A few of the oldest expired rows go with each logout (through the index on expires), so the
+                # work per logout stays small however many rows there are, and the table never outgrows logouts.
+                self.conn.execute(
+                    "DELETE FROM revoked_tokens WHERE id IN"
+                    " (SELECT id FROM revoked_tokens WHERE expires <= ? ORDER BY expires LIMIT 16)", (now,)
+                )
                 self.conn.execute("INSERT OR IGNORE INTO revoked_tokens (jti, expires) VALUES (?, ?)", (jti, expires))
 
         await self._run(revoke)
@@ -396,7 +402,8 @@ def check(path: str) -> dict[str, Any]:
     """PRAGMA integrity_check, the schema version and booking counts, read without changing anything."""
     if not Path(path).exists():
         raise FileNotFoundError(path)
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+    # as a URI, so that it opens read-only; as_uri() escapes "#" and "?", so it names exactly this file
+    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()

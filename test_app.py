@@ -38,6 +38,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 import app as app_module
+import db
 from app import Hub, Peer, Settings, create_app
 from pesu import AuthUnavailable, InvalidCredentials, PesuChecker
 from slots import Day
@@ -410,6 +411,23 @@ def test_cors_with_a_list_allows_only_those_origins(settings: Settings) -> None:
     assert ok.headers["access-control-allow-origin"] == "https://club.example"
     assert ok.headers["access-control-allow-credentials"] == "true"
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_with_a_list_of_origins_other_pages_cannot_open_sockets_or_streams(settings: Settings) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    with running(replace(settings, cors_origins=("https://club.example",))) as service:
+        url = service.server.ws_url
+        with ws_connect(url, origin="https://club.example", open_timeout=5) as ws:  # type: ignore[arg-type]
+            assert receive(ws)["type"] == "slots_update"
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(url, origin="https://evil.example", open_timeout=5)  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 403
+        assert service.socket()  # no Origin at all: curl, a native app, the device gateway
+        evil = service.http.get("/events", headers={"origin": "https://evil.example"})
+        assert evil.status_code == 403 and evil.json() == {"detail": "Origin not allowed"}
+        with service.http.stream("GET", "/events", headers={"origin": "https://club.example"}) as stream:
+            assert stream.status_code == 200
 
 
 # -- the WebSocket protocol ----------------------------------------------------------------------------------
@@ -833,21 +851,24 @@ def test_a_login_flood_queues_for_pesu_and_members_with_tokens_keep_booking(sett
         assert slow_pesu.peak == 4
 
 
-def test_a_socket_that_floods_is_warned_then_closed_with_1008(settings: Settings) -> None:
+def test_a_socket_that_floods_is_warned_then_closed_with_1008(settings: Settings,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     with running(replace(settings, ws_rate_per_second=2, ws_rate_burst=5)) as service:
         ws = service.socket()
         for _ in range(5):
             assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
         assert send(ws, {"type": "get_slots"}) == {"type": "error", "message": "Too many messages; slow down"}
-        time.sleep(0.6)  # one more message allowed
-        assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
+        time.sleep(3)  # the bucket is full again
+        for _ in range(60):  # a burst: 5 answered, a warning, 5 more refused, then the close
+            ws.send('{"type": "get_slots"}')
+        received = []
         with pytest.raises(ConnectionClosed) as closed:
-            for _ in range(50):
-                ws.send('{"type": "get_slots"}')
             while True:
-                ws.recv(timeout=5)
+                received.append(receive(ws)["type"])
+        assert received == ["slots_update"] * 5 + ["error"]  # every answer owed and the warning, then the close
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
         assert service.socket()  # others still get in
+    assert sum("kept flooding" in record.getMessage() for record in caplog.records) == 1
 
 
 def test_connection_caps_refuse_the_handshake_with_1013(settings: Settings) -> None:
@@ -1526,6 +1547,46 @@ def test_backup_copies_a_running_database_and_check_reads_it(settings: Settings,
     assert run_app("restore", database=str(copy)).returncode == 2  # unknown command: the usage, no server
 
 
+def make_database(path: Path, bookings: int = 0) -> None:
+    """A database as the app leaves it, with some bookings."""
+    async def build() -> None:
+        store = db.SlotStore(str(path), range(3, 15))
+        await store.open(TODAY, "2026-11-24 01:00:00")
+        for slot_id in range(3, 3 + bookings):
+            await store.book(TODAY, slot_id, ALICE, "2026-11-24 01:00:00", db.Limits(0, 0, TODAY, 1), "http")
+        await store.close()
+
+    asyncio.run(build())
+
+
+def test_check_and_backup_open_exactly_the_path_given(tmp_path: Path) -> None:
+    make_database(tmp_path / "rero", bookings=1)  # what "rero#2.db" would turn into if read as a URI
+    corrupt = tmp_path / "rero#2.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    assert run_app("check", database=str(corrupt)).returncode == 1
+    assert run_app("backup", str(tmp_path / "copy.db"), database=str(corrupt)).returncode == 1
+    odd = tmp_path / "club?term=2.db"
+    make_database(odd, bookings=2)
+    checked = run_app("check", database=str(odd))
+    assert checked.returncode == 0 and "2 booking(s)" in checked.stdout
+    copied = run_app("backup", str(tmp_path / "copy#1.db"), database=str(odd))
+    assert copied.returncode == 0 and "2 booking(s)" in copied.stdout
+    assert (tmp_path / "copy#1.db").exists()
+
+
+def test_signing_out_does_bounded_work_however_many_tokens_were_signed_out(service: Service, clock: Clock,
+                                                                          settings: Settings) -> None:
+    for _ in range(40):
+        assert service.http.post("/auth/logout", headers=bearer(login(service))).status_code == 200
+    clock.now += timedelta(minutes=61)  # every one of them has expired
+    for _ in range(2):
+        assert service.http.post("/auth/logout", headers=bearer(login(service))).status_code == 200
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM revoked_tokens").fetchone()[0] == 40 + 2 - 2 * 16
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT id FROM revoked_tokens WHERE expires <= 1").fetchall()
+    assert "USING COVERING INDEX" in str(plan)  # expired ids are found through an index, not a scan
+
+
 def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Settings) -> None:
     day = tomorrow()
     with process(settings, LOG_FORMAT="json", LOG_LEVEL="info") as (proc, url):
@@ -1544,6 +1605,35 @@ def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Sett
     access = [line for line in lines if line["logger"] == "uvicorn.access"]
     assert {"route": "POST /book-slot", "status": 200}.items() <= access[-2].items()
     assert PASSWORD not in output
+
+
+@pytest.mark.parametrize("level", ["debug", "trace"])
+def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str) -> None:
+    day = tomorrow()
+    with process(settings, LOG_LEVEL=level) as (proc, url):
+        login = httpx.post(f"{url}/auth/login", json={"username": ALICE, "password": PASSWORD}).json()
+        signature = login["token"].split(".")[1]
+        with ws_connect(url.replace("http", "ws") + "/slot-booking", open_timeout=5) as ws:
+            receive(ws)
+            assert send(ws, {"type": "book_slot", "slot_id": 7, "date": day, "username": BOB,
+                             "password": PASSWORD})["success"] is True
+            assert send(ws, {"type": "cancel_slot", "slot_id": 7, "date": day, "token": login["token"]})
+        httpx.post(f"{url}/my-bookings", headers=bearer(login["token"]))
+        httpx.post(f"{url}/auth/logout", json={"token": login["token"]})
+        proc.send_signal(signal.SIGTERM)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "booking" in output.lower() or "book slot" in output  # the levels did log
+    assert PASSWORD not in output and signature not in output
+
+
+def test_a_username_cannot_forge_a_log_line(settings: Settings) -> None:
+    forged = "nobody\n2026-11-24 01:00:00,000 INFO rero: book slot 5 by PES1UG"  # 64 characters at most
+    with process(settings, LOG_LEVEL="info") as (proc, url):
+        httpx.post(f"{url}/auth/login", json={"username": forged, "password": "x"})
+        proc.send_signal(signal.SIGTERM)
+        output = proc.stdout.read().decode() if proc.stdout else ""
+    assert not any(line.startswith("2026-11-24 01:00:00,000") for line in output.splitlines())
+    assert "login refused for nobody\\n2026-11-24" in output  # escaped, on the line it belongs to
 
 
 def test_metrics_are_off_unless_asked_for_and_never_name_a_member(settings: Settings) -> None:
