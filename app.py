@@ -14,6 +14,7 @@ import html
 import logging
 import os
 import re
+import resource
 import signal
 import sqlite3
 import sys
@@ -39,6 +40,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 import db
 import pesu
@@ -80,7 +83,8 @@ class Settings:
     max_bookings_per_day: int = 0  # 0 = no limit
     max_upcoming_bookings: int = 0  # 0 = no limit
     admin_srns: frozenset[str] = frozenset()
-    send_timeout: float = 10.0  # a socket whose send takes longer than this is dropped
+    send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
+    request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
     session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
@@ -143,6 +147,8 @@ class Settings:
             ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second),
             ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst),
             max_connections=get("MAX_CONNECTIONS", int, cls.max_connections),
+            send_timeout=get("SEND_TIMEOUT_SECONDS", float, cls.send_timeout),
+            request_timeout=get("REQUEST_TIMEOUT_SECONDS", float, cls.request_timeout),
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
             metrics=get("METRICS", lambda v: v.lower() in ("1", "true", "yes", "on"), cls.metrics),
         )
@@ -164,6 +170,8 @@ class Settings:
                              "PESU_MAX_QUEUE not negative")
         if not 0 <= settings.login_max_delay_seconds <= 3600:
             raise SystemExit("LOGIN_MAX_DELAY_SECONDS must be from 0 to 3600")
+        if not (0 < settings.send_timeout <= 300 and 0 < settings.request_timeout <= 300):
+            raise SystemExit("SEND_TIMEOUT_SECONDS and REQUEST_TIMEOUT_SECONDS must be from 0 to 300")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
 
@@ -571,6 +579,193 @@ class Hub:
             self._drop(peer)
 
 
+# -- the door: connections as uvicorn's protocols see them ----------------------------------------------------
+
+
+RESERVED_FDS = 64  # descriptors kept for the database, the listening socket, logs and pipes, besides PESU's
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit (the common soft 1024 would run out
+    long before MAX_CONNECTIONS); returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Door:
+    """Every TCP connection of this process, counted where uvicorn makes them, so descriptors never run out.
+
+    - At most ``limit`` connections (below the open-file limit). One more evicts the oldest connection that
+      has not sent a request yet (an idle or trickling one); if there is none, the newcomer is closed at once.
+    - A connection that has not sent a whole request head within ``request_timeout`` is closed.
+    - A connection whose peer stops reading, so that our writes back up, is aborted after ``stall_timeout``:
+      closing it politely would wait for a reader that never comes, and hold its descriptor for ever.
+    """
+
+    def __init__(self, limit: int, request_timeout: float, stall_timeout: float) -> None:
+        self.limit = limit
+        self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+        self.open: dict[asyncio.BaseProtocol, asyncio.Transport] = {}  # oldest first
+        self.waiting: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}  # no request yet, oldest first
+        self.stalled: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}
+        self.refused = 0  # connections closed at once, or evicted, for want of room
+
+    def enter(self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, *, requested: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self.open) >= self.limit and not self._evict():
+            self.refused += 1
+            transport.abort()
+            return
+        self.open[protocol] = transport
+        if not requested:
+            self.waiting[protocol] = loop.call_later(self.request_timeout, self._expire, protocol)
+
+    def _evict(self) -> bool:
+        for protocol in self.waiting:
+            if not has_request(protocol):
+                self.refused += 1
+                self.open[protocol].abort()  # its connection_lost calls leave()
+                self.leave(protocol)
+                return True
+        return False
+
+    def _expire(self, protocol: asyncio.BaseProtocol) -> None:
+        self.waiting.pop(protocol, None)
+        if protocol in self.open and not has_request(protocol):
+            self.open[protocol].abort()
+
+    def requested(self, protocol: asyncio.BaseProtocol) -> None:
+        timer = self.waiting.pop(protocol, None)
+        if timer is not None:
+            timer.cancel()
+
+    def leave(self, protocol: asyncio.BaseProtocol) -> None:
+        """The connection closed, or was handed to another protocol (a WebSocket upgrade)."""
+        self.open.pop(protocol, None)
+        for timers in (self.waiting, self.stalled):
+            timer = timers.pop(protocol, None)
+            if timer is not None:
+                timer.cancel()
+
+    def stall(self, protocol: asyncio.BaseProtocol) -> None:
+        """Our writes to this connection back up (the transport paused writing)."""
+        transport = self.open.get(protocol)
+        if transport is not None and protocol not in self.stalled:
+            self.stalled[protocol] = asyncio.get_running_loop().call_later(self.stall_timeout, transport.abort)
+
+    def flowing(self, protocol: asyncio.BaseProtocol) -> None:
+        timer = self.stalled.pop(protocol, None)
+        if timer is not None:
+            timer.cancel()
+
+
+def has_request(protocol: asyncio.BaseProtocol) -> bool:
+    """Whether an HTTP connection has sent a whole request head (both of uvicorn's parsers set ``cycle``)."""
+    return getattr(protocol, "cycle", None) is not None
+
+
+def door_of(protocol: Any) -> Door | None:
+    """The Door of the app this protocol serves (in its lifespan state); None before start-up finishes."""
+    return protocol.app_state.get("door")
+
+
+class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        door = door_of(self)
+        if door is not None:
+            door.enter(self, transport, requested=False)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        door = door_of(self)
+        if door is not None:
+            door.leave(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        door = door_of(self)
+        if door is not None and has_request(self):
+            door.requested(self)
+
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        door = door_of(self)
+        if door is not None:
+            door.leave(self)  # the WebSocket protocol that takes over the connection enters it anew
+        super().handle_websocket_upgrade(*args)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        door = door_of(self)
+        if door is not None:
+            door.stall(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        door = door_of(self)
+        if door is not None:
+            door.flowing(self)
+
+
+PONG_BACKLOG = 64 * 1024  # bytes of our own writes waiting for a peer, past which we stop reading from it
+
+
+class GuardedWebSocket(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol (its default with websockets installed), counted by the Door,
+    with back-pressure on what the peer makes us write.
+
+    uvicorn answers every ping with a pong as it reads it, without waiting for the peer to read them, so
+    a client that sends pings and never reads grew our memory without bound. Here, once our unsent writes
+    pass PONG_BACKLOG we stop reading from that peer until they drain, and the Door aborts it if they do not
+    drain within its stall timeout: one such client costs at most one read (256 KiB) past PONG_BACKLOG.
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.held_back = False  # reading paused by us, for our writes to drain
+        door = door_of(self)
+        if door is not None:
+            door.enter(self, transport, requested=True)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        door = door_of(self)
+        if door is not None:
+            door.leave(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size() > PONG_BACKLOG:
+            self.held_back = True
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        door = door_of(self)
+        if door is not None:
+            door.stall(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        door = door_of(self)
+        if door is not None:
+            door.flowing(self)
+        if self.held_back:
+            self.held_back = False
+            if not self.read_paused:  # uvicorn's own pause (a message the app has not taken yet) stays
+                self.transport.resume_reading()
+
+
 # -- metrics ---------------------------------------------------------------------------------------------
 
 
@@ -638,6 +833,7 @@ async def metrics(request: Request[State]) -> Response:
 class State(TypedDict):
     settings: Settings
     board: Board
+    door: Door  # read by the protocols (GuardedHttp, GuardedWebSocket) from uvicorn's copy of this state
     hub: Hub
     pesu: PesuChecker
     sessions: Sessions
@@ -1421,8 +1617,14 @@ def create_app(
         store = SlotStore(settings.database_path, settings.hours)
         board = Board(store, settings.rules(), clock)
         await board.open()
-        hub = Hub(settings.send_timeout, settings.max_backlog, settings.max_connections,
-                  settings.max_connections_per_address)
+        # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
+        files = raise_fd_limit()
+        connections = max(16, files - RESERVED_FDS - settings.pesu_max_concurrency)
+        listeners = connections - max(8, connections // 10)
+        if settings.max_connections:
+            listeners = min(listeners, settings.max_connections)
+        door = Door(connections, settings.request_timeout, settings.send_timeout)
+        hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
         hub.start()
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
@@ -1452,11 +1654,14 @@ def create_app(
                 "rero-slots %s serving http://%s:%d, database %s, PESU %s",
                 __version__, settings.host, settings.port, settings.database_path, public_url(settings.pesu_auth_url),
             )
+            logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d",
+                        files, connections, listeners)
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
                 yield {
                     "settings": settings,
                     "board": board,
+                    "door": door,
                     "hub": hub,
                     "pesu": checker,
                     "sessions": sessions,
@@ -1559,9 +1764,19 @@ def main(argv: list[str]) -> None:
         workers=SETTINGS.workers,
         log_level=SETTINGS.log_level,
         log_config=uvicorn_log_config(SETTINGS.log_format),
-        ws_max_size=MAX_SOCKET_MESSAGE_BYTES,
-        timeout_graceful_shutdown=5,
+        **server_options(SETTINGS),
     )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn must serve this app (``python app.py``, and the tests' servers): the guarded protocols,
+    the socket message cap, and a short graceful shutdown."""
+    return {
+        "http": GuardedHttp,
+        "ws": GuardedWebSocket,
+        "ws_max_size": MAX_SOCKET_MESSAGE_BYTES,
+        "timeout_graceful_shutdown": 5,
+    }
 
 
 if __name__ == "__main__":

@@ -98,8 +98,9 @@ class PesuChecker:
         self._inflight: dict[bytes, asyncio.Task[dict[str, Any]]] = {}
         self.guard = guard
         self._places = asyncio.Semaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self.queued = 0  # checks waiting for a place
+        self.pending = 0  # checks asking PESU or waiting for a place to
         self.upstream_calls = 0
         self.cache_hits = 0
         self.cache_misses = 0
@@ -125,10 +126,10 @@ class PesuChecker:
         if task is None:
             # Concurrent checks of the same credentials share this one upstream call (and one attempt).
             attempt = self.guard.admit(username, address) if self.guard else None
-            if self.queued >= self.max_queue:
+            if self.pending >= self.max_concurrency + self.max_queue:
                 self._settle(attempt, "unavailable")
                 raise AuthBusy("too many checks waiting for PESU")
-            self.queued += 1
+            self.pending += 1
             task = asyncio.create_task(self._ask(username, password, key, attempt))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
@@ -141,20 +142,16 @@ class PesuChecker:
 
     async def _ask(self, username: str, password: str, key: bytes, attempt: Attempt | None) -> dict[str, Any]:
         try:
-            try:
-                await self._places.acquire()
-            finally:
-                self.queued -= 1
-            try:
+            async with self._places:
                 profile = await self._call(username, password)
-            finally:
-                self._places.release()
         except InvalidCredentials:
             self._settle(attempt, "invalid")
             raise
         except BaseException:
             self._settle(attempt, "unavailable")
             raise
+        finally:
+            self.pending -= 1
         self._settle(attempt, "ok", profile["srn"])
         self._remember(key, password, profile)
         return profile
