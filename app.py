@@ -1617,6 +1617,8 @@ def create_app(
         store = SlotStore(settings.database_path, settings.hours)
         board = Board(store, settings.rules(), clock)
         await board.open()
+        guard_store = db.GuardStore(settings.database_path)
+        await guard_store.open()
         # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
         files = raise_fd_limit()
         connections = max(16, files - RESERVED_FDS - settings.pesu_max_concurrency)
@@ -1635,8 +1637,8 @@ def create_app(
         limits = httpx.Limits(max_connections=settings.pesu_max_concurrency,
                               max_keepalive_connections=settings.pesu_max_concurrency)
         async with httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits) as client:
-            guard = Guard(settings.login_fails_per_username, window, settings.login_fails_per_address, seconds,
-                          max_delay=settings.login_max_delay_seconds)
+            guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
+                          seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
             checker = PesuChecker(
                 client,
                 settings.pesu_auth_url,
@@ -1673,6 +1675,7 @@ def create_app(
                 hub.close_all(1001)
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                await guard_store.close()
                 await store.close()
                 sys.setswitchinterval(switch_interval)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
@@ -71,7 +73,15 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti TEXT NOT NULL UNIQUE,
     expires REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS revoked_by_expiry ON revoked_tokens (expires)
+CREATE INDEX IF NOT EXISTS revoked_by_expiry ON revoked_tokens (expires);
+-- The login guard's state (failed guesses per username and address, per-address buckets), shared by every
+-- worker, and forgotten once expired. Never a password: keys are usernames and addresses.
+CREATE TABLE IF NOT EXISTS guard (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires)
 """
 
 # (slot_id, booked_by, booked_at, closed) for the slots of one day that are booked or closed
@@ -367,6 +377,79 @@ class SlotStore:
             return "ok", None
 
         return await self._run(self._write, set_closed, date)
+
+
+class GuardStore:
+    """The login guard's state (pesu.Guard), shared by every worker on the file: small JSON values under
+    string keys, each with an expiry.
+
+    It has its own connection and thread, and its commits are not synced to disk (after a power cut the
+    state would be worth little anyway), so a flood of logins never waits behind the bookings' fsyncs, and
+    bookings wait for at most one short guard transaction at a time.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-guard")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    async def close(self) -> None:
+        await self._call(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA synchronous = OFF")
+        self._conn = conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(entries, *args)`` inside one write transaction: what it reads, no other worker changes
+        before it has written. An exception from fn rolls back whatever it wrote."""
+
+        def run() -> T:
+            assert self._conn is not None, "GuardStore.open() first"
+            with _Transaction(self._conn):
+                return fn(_Entries(self._conn, args[-1]), *args)
+
+        return await self._call(run)
+
+
+class _Entries:
+    """The guard's entries as one transaction sees them, at the guard's time ``now``."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+
+    def get(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM guard WHERE key = ? AND expires > ?", (key, self.now)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def put(self, key: str, value: Any, ttl: float) -> None:
+        # A few expired entries go with each write, so the table holds about one window's worth.
+        self.conn.execute(
+            "DELETE FROM guard WHERE key IN (SELECT key FROM guard WHERE expires <= ? ORDER BY expires LIMIT 8)",
+            (self.now,),
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO guard (key, value, expires) VALUES (?, ?, ?)",
+            (key, orjson.dumps(value).decode(), self.now + ttl),
+        )
+
+    def delete(self, key: str) -> None:
+        self.conn.execute("DELETE FROM guard WHERE key = ?", (key,))
 
 
 class _Transaction:

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -31,6 +31,7 @@ DEFAULT_URL = "https://pesu-auth.onrender.com/authenticate"
 TIMEOUT_SECONDS = 10.0
 MAX_ANSWER_BYTES = 1024 * 1024  # a real answer is under 1 KiB; anything past this is not read
 PROFILE_FIELDS = ("name", "srn", "prn", "program", "branch", "campus")
+T = TypeVar("T")
 
 
 class InvalidCredentials(Exception):
@@ -125,35 +126,46 @@ class PesuChecker:
         task = self._inflight.get(key)
         if task is None:
             # Concurrent checks of the same credentials share this one upstream call (and one attempt).
-            attempt = self.guard.admit(username, address) if self.guard else None
-            if self.pending >= self.max_concurrency + self.max_queue:
-                self._settle(attempt, "unavailable")
-                raise AuthBusy("too many checks waiting for PESU")
-            self.pending += 1
-            task = asyncio.create_task(self._ask(username, password, key, attempt))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            self._refuse_if_busy()
+            attempt = await self.guard.admit(username, address) if self.guard else None
+            task = self._inflight.get(key)  # another check of these credentials may have begun meanwhile
+            if task is None:
+                try:
+                    self._refuse_if_busy()
+                except AuthBusy:
+                    await self._settle(attempt, "unavailable")
+                    raise
+                self.pending += 1
+                task = asyncio.create_task(self._ask(username, password, key, attempt))
+                self._inflight[key] = task
+                task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            else:
+                await self._settle(attempt, "unavailable")
         # shield: one caller going away must not cancel the call the others are waiting on.
         return await asyncio.shield(task)
 
-    def _settle(self, attempt: Attempt | None, outcome: str, srn: str = "") -> None:
+    def _refuse_if_busy(self) -> None:
+        if self.pending >= self.max_concurrency + self.max_queue:
+            raise AuthBusy("too many checks waiting for PESU")
+
+    async def _settle(self, attempt: Attempt | None, outcome: str, srn: str = "") -> None:
         if self.guard is not None and attempt is not None:
-            self.guard.settle(attempt, outcome, srn)
+            await self.guard.settle(attempt, outcome, srn)
 
     async def _ask(self, username: str, password: str, key: bytes, attempt: Attempt | None) -> dict[str, Any]:
         try:
             async with self._places:
                 profile = await self._call(username, password)
         except InvalidCredentials:
-            self._settle(attempt, "invalid")
+            await self._settle(attempt, "invalid")
             raise
-        except BaseException:
-            self._settle(attempt, "unavailable")
+        except Exception:
+            await self._settle(attempt, "unavailable")
             raise
         finally:
             self.pending -= 1
-        self._settle(attempt, "ok", profile["srn"])
         self._remember(key, password, profile)
+        await self._settle(attempt, "ok", profile["srn"])
         return profile
 
     def _remember(self, key: bytes, password: str, profile: dict[str, Any]) -> None:
@@ -303,21 +315,28 @@ class Sessions:
             heapq.heappush(self._expiries, (expires, jti))
 
 
-@dataclass
-class _Pair:
-    """One username from one address: failed checks in the window, when the next may go, checks in flight."""
-
-    fails: int = 0
-    next_at: float = 0.0
-    inflight: int = 0
-
-
 @dataclass(frozen=True)
 class Attempt:
     """A check let through to PESU, to be settled with its outcome."""
 
-    pair: tuple[str, str]
+    pair: str  # the key of its (username, address)
     address: str
+
+
+class Entries(Protocol):
+    """Where the guard keeps its state: small JSON-able values under string keys, each for ``ttl`` seconds.
+
+    db.GuardStore gives one inside a write transaction, so every worker on the file sees one state."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, value: Any, ttl: float) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class GuardStore(Protocol):
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 class Guard:
@@ -330,68 +349,77 @@ class Guard:
       address cannot spray a password over many usernames. Each member who signs in successfully from the
       address (once per window) earns it two back, so a campus behind one address is not slowed by typos.
     - Checks count from the moment they are let through (concurrent guesses cannot all slip past), and a
-      check PESU could not answer is given back.
+      check PESU could not answer is given back. A check whose worker died is given back after ``stale``.
 
-    ``0`` turns either limit off. State is bounded: at most ``maxsize`` pairs and addresses, each forgotten
-    a window after its last failure.
+    ``0`` turns either limit off. The state lives in the database (``store``), read and changed in one
+    transaction per step, so the limits hold across worker processes; each entry is forgotten a window
+    after its last change.
     """
 
     def __init__(
         self,
+        store: GuardStore,
         free_fails: int,
         window: float,
         address_fails: int,
         clock: Callable[[], float],
         max_delay: float = 30.0,
-        maxsize: int = 100_000,
+        stale: float = 60.0,
     ) -> None:
+        self.store = store
         self.free_fails = free_fails
         self.window = window
         self.address_fails = address_fails
         self.clock = clock
         self.max_delay = max_delay
-        self.pairs: TTLCache[tuple[str, str], _Pair] = TTLCache(maxsize, window, timer=clock)
-        self.buckets: TTLCache[str, tuple[float, float]] = TTLCache(maxsize, window, timer=clock)  # tokens, at
-        self.credited: TTLCache[tuple[str, str], bool] = TTLCache(maxsize, window, timer=clock)
+        self.stale = stale
 
-    def _tokens(self, address: str, now: float) -> float:
-        tokens, at = self.buckets.get(address, (float(self.address_fails), now))
+    async def admit(self, username: str, address: str) -> Attempt:
+        """Let one check through to PESU, or raise Throttled with the seconds to wait."""
+        return await self.store.run(self._admit, username.upper(), address, self.clock())
+
+    async def settle(self, attempt: Attempt, outcome: str, srn: str = "") -> None:
+        """Record how a check let through went: "ok", "invalid" or "unavailable"."""
+        await self.store.run(self._settle, attempt, outcome, srn, self.clock())
+
+    def _tokens(self, entries: Entries, address: str, now: float) -> float:
+        tokens, at = entries.get("bucket " + address) or (float(self.address_fails), now)
         return min(float(self.address_fails), tokens + (now - at) * self.address_fails / self.window)
 
-    def admit(self, username: str, address: str) -> Attempt:
-        """Let one check through to PESU, or raise Throttled with the seconds to wait."""
-        now = self.clock()
-        key = (username.upper(), address)
-        pair = self.pairs.get(key) or _Pair()
-        if self.free_fails and pair.fails + pair.inflight >= self.free_fails:
-            if pair.inflight or now < pair.next_at:
-                raise Throttled(max(1, math.ceil(pair.next_at - now)))
+    def _admit(self, entries: Entries, username: str, address: str, now: float) -> Attempt:
+        key = orjson.dumps(["pair", username, address]).decode()
+        fails, next_at, inflight, since = entries.get(key) or (0, 0.0, 0, now)
+        if inflight and now - since > self.stale:
+            inflight = 0
+        if self.free_fails and fails + inflight >= self.free_fails:
+            if inflight or now < next_at:
+                raise Throttled(max(1, math.ceil(next_at - now)))
         if self.address_fails:
-            tokens = self._tokens(address, now)
+            tokens = self._tokens(entries, address, now)
             if tokens < 1:
                 raise Throttled(max(1, math.ceil((1 - tokens) * self.window / self.address_fails)))
-            self.buckets[address] = (tokens - 1, now)
-        pair.inflight += 1
-        self.pairs[key] = pair
+            entries.put("bucket " + address, (tokens - 1, now), self.window)
+        entries.put(key, (fails, next_at, inflight + 1, now), self.window)
         return Attempt(key, address)
 
-    def settle(self, attempt: Attempt, outcome: str, srn: str = "") -> None:
-        """Record how a check let through went: "ok", "invalid" or "unavailable"."""
-        now = self.clock()
-        pair = self.pairs.get(attempt.pair)
+    def _settle(self, entries: Entries, attempt: Attempt, outcome: str, srn: str, now: float) -> None:
+        pair = entries.get(attempt.pair)
         if pair is not None:
-            pair.inflight = max(0, pair.inflight - 1)
+            fails, next_at, inflight, since = pair
+            inflight = max(0, inflight - 1)
             if outcome == "ok":
-                del self.pairs[attempt.pair]
-            elif outcome == "invalid":
-                pair.fails += 1
-                if pair.fails >= self.free_fails:
-                    pair.next_at = now + min(2.0 ** (pair.fails - self.free_fails), self.max_delay)
-                self.pairs[attempt.pair] = pair  # a failure keeps the pair for another window
+                entries.delete(attempt.pair)
+            else:
+                if outcome == "invalid":
+                    fails += 1
+                    if fails >= self.free_fails:
+                        next_at = now + min(2.0 ** (fails - self.free_fails), self.max_delay)
+                entries.put(attempt.pair, (fails, next_at, inflight, since), self.window)
         if self.address_fails and outcome != "invalid":
             refund = 1.0
-            if outcome == "ok" and (attempt.address, srn) not in self.credited:
-                self.credited[attempt.address, srn] = True
+            credit = orjson.dumps(["credit", attempt.address, srn]).decode()
+            if outcome == "ok" and entries.get(credit) is None:
+                entries.put(credit, 1, self.window)
                 refund += 2
-            tokens = min(float(self.address_fails), self._tokens(attempt.address, now) + refund)
-            self.buckets[attempt.address] = (tokens, now)
+            tokens = min(float(self.address_fails), self._tokens(entries, attempt.address, now) + refund)
+            entries.put("bucket " + attempt.address, (tokens, now), self.window)

@@ -1485,6 +1485,21 @@ def test_a_daily_limit_holds_across_two_processes(settings: Settings) -> None:
             assert len(httpx.get(f"{url_a}/slots", params={"date": day}).json()["booked_slots"]) == 1
 
 
+def test_the_guess_limit_holds_across_two_processes(settings: Settings, slow_pesu: FakePesu) -> None:
+    before = slow_pesu.calls.count(BOB)
+    with process(settings, PESU_TIMEOUT_SECONDS="5") as (_, first), process(settings, PESU_TIMEOUT_SECONDS="5") as (_, second):
+        guesses = [{"username": BOB, "password": f"guess-{i}"} for i in range(100)]
+        at_once: list[list[httpx.Response]] = []
+        threads = [threading.Thread(target=lambda url=url: at_once.append(logins_at_once(url, guesses)))
+                   for url in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert slow_pesu.calls.count(BOB) - before <= 5
+    assert sorted({a.status_code for answers in at_once for a in answers}) == [401, 429]
+
+
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
     day = tomorrow()
     with process(settings) as (proc, url):
