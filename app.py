@@ -336,7 +336,7 @@ class Peer:
 
     def behind(self, day: Day) -> bool:
         """Whether day is news to this peer: another day than it holds, or a newer state of it."""
-        return self.held is None or self.held.date != day.date or self.held.version < day.version
+        return self.held is None or self.held.date != day.date or day.newer_than(self.held)
 
     def close(self, code: int) -> None:
         if self.close_code is None:
@@ -507,7 +507,7 @@ class Hub:
         """Send a day's new state to the listeners watching that day (the fan-out sends it)."""
         self.today = today
         known = self.newest.get(day.date)
-        if known is None or known.version < day.version:
+        if known is None or day.newer_than(known):
             self.newest[day.date] = day
         self.pending.set()
 
@@ -1067,7 +1067,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
     async def endpoint(request: Request[State]) -> Response:
         ask = await parse(request, slot=True)
         srn = await identify(request.state, ask)
-        announce(request.state, await change(request.state, action, ask, srn, via="http"))
+        await change(request.state, action, ask, srn, via="http")
         message = MESSAGES[action].format(ask.slot_id)
         return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
 
@@ -1112,19 +1112,19 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
-async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> Day | None:
-    """Book, cancel, close or reopen; the day to announce afterwards (None if a newer one already went out).
+async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> None:
+    """Book, cancel, close or reopen (the board hands the new state to the hub, which broadcasts it).
 
     A refusal is a 400 with the rules' own sentence (403 where only admins may).
     """
     board = state["board"]
     try:
         if action == "book":
-            day = await board.book(ask.date, ask.slot_id, srn, via)
+            await board.book(ask.date, ask.slot_id, srn, via)
         elif action == "cancel":
-            day = await board.cancel(ask.date, ask.slot_id, srn, via)
+            await board.cancel(ask.date, ask.slot_id, srn, via)
         else:
-            day = await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
+            await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
     except Forbidden as exc:
         raise HTTPException(403, str(exc)) from None
     except SlotError as exc:
@@ -1132,13 +1132,7 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
-    return day
-
-
-def announce(state: State, day: Day | None) -> None:
-    """Hand a changed day to the listeners watching it (the hub's fan-out sends it; nothing here waits)."""
-    if day is not None:
-        state["hub"].broadcast(day, state["board"].today())
+    
 
 
 # -- the live feed for curl and EventSource ----------------------------------------------------------------
@@ -1305,15 +1299,16 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
 
     try:
         srn = await identify(state, ask)
-        day = await change(state, action, ask, srn, via="websocket")
+        # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
+        # and it leaves to the pump any listener with replies waiting, so the booker hears first.
+        await change(state, action, ask, srn, via="websocket")
     except HTTPException as exc:
         if exc.status_code == 401 and ask.token is None:
             return respond(False, "Authentication failed. Invalid credentials.")
         if exc.status_code == 503:
             return respond(False, "Authentication service unavailable. Please try again later.")
         return respond(False, str(exc.detail))
-    respond(True, MESSAGES[action].format(ask.slot_id))  # the booker hears first; then everyone else
-    announce(state, day)
+    respond(True, MESSAGES[action].format(ask.slot_id))
 
 
 # -- API documentation ---------------------------------------------------------------------------------------
@@ -1500,16 +1495,17 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
     while True:
         await asyncio.sleep(interval)
         try:
-            if board.today() != current:  # first, so that what follows is broadcast under the new day
-                current = board.today()
-                hub.roll_over(await board.day(current))
+            today = board.today()
+            if today != current:  # first, so that what follows is broadcast under the new day
+                hub.roll_over(await board.day(today))
+                current = today  # only once the new day's state is in hand: a failed read is tried again
+            board.expire()
             changes = await board.store.changes_since(board.seen, revoked)
             if changes is not None:
                 revoked = changes.revoked
                 for jti, expires in changes.tokens:
                     sessions.revoke(jti, expires)
-                for day in await board.refresh(changes):
-                    hub.broadcast(day, current)
+                await board.refresh(changes)  # the board broadcasts each new state
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
 
@@ -1628,6 +1624,7 @@ def create_app(
         door = Door(connections, settings.request_timeout, settings.send_timeout)
         hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
         hub.start()
+        board.on_change = lambda day: hub.broadcast(day, board.today())
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)

@@ -46,16 +46,23 @@ class Rules:
 
 @dataclass(frozen=True)
 class Day:
-    """One day's slots as everyone sees them, encoded once per change."""
+    """One day's slots as everyone sees them, encoded once per change (or once per slot whose booking time
+    runs out: ``until``, in UTC, is when the statuses next change by the clock alone)."""
 
     date: str
-    version: int
+    version: int  # the newest event of the database this state includes
+    serial: int  # this process's count of states built: orders two states of one version (see ``until``)
+    rows: list[DayRow]
+    until: datetime | None
     slots: list[dict[str, Any]]
     available: list[int]
     booked: list[int]
     slots_json: bytes  # body of GET /slots
     update_text: str  # the slots_update message sent on sockets
     event_bytes: bytes  # the same message as a Server-Sent Event, id = version
+
+    def newer_than(self, other: Day) -> bool:
+        return (self.version, self.serial) > (other.version, other.serial)
 
 
 DATE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -84,6 +91,8 @@ class Board:
         self.clock = clock
         self.seen = 0  # the newest event id whose change this process has taken in
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
+        self.serial = 0  # states built so far
+        self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's day last seen: its start and end in UTC, and its date (an empty span until first asked)
         self._span = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "")
 
@@ -124,63 +133,99 @@ class Board:
         day = self.days.get(date)
         if day is None:
             version, rows = await self.store.day(date)
-            day = self._remember(date, version, rows)
+            return self._remember(date, version, rows)
+        if day.until is not None and self.clock() >= day.until:
+            return self._remember(date, day.version, day.rows)
         return day
 
     def _remember(self, date: str, version: int, rows: list[DayRow]) -> Day:
+        """Keep the newest state of a day, and hand every state that is news to ``on_change``.
+
+        Whatever teaches this process a newer state (its own write, a refused one, a read, another worker's
+        change, or the clock) goes through here, so none is kept without being broadcast.
+        """
         cached = self.days.get(date)
-        if cached is not None and cached.version > version:  # an older read finishing late
-            return cached
+        if cached is not None and cached.version >= version:
+            if cached.until is None or self.clock() < cached.until:
+                return cached  # nothing new (or an older read finishing late)
+            version, rows = cached.version, cached.rows  # the clock moved on: the same rows, new statuses
+        day = self._build(date, version, rows)
+        self.days[date] = day
+        self.on_change(day)
+        return day
+
+    def expire(self) -> None:
+        """Rebuild the remembered days whose statuses the clock has changed (a slot can no longer be booked,
+        a day comes into the booking window), so that they are broadcast."""
+        now = self.clock()
+        for date, day in list(self.days.items()):
+            if day.until is not None and now >= day.until:
+                self._remember(date, day.version, day.rows)
+
+    def _build(self, date: str, version: int, rows: list[DayRow]) -> Day:
+        now = self.now()
+        day = Date.fromisoformat(date)
+        opens = datetime.combine(day - timedelta(days=self.rules.days_ahead), time())  # the window reaches it
+        grace = timedelta(minutes=self.rules.grace_minutes)
         taken = {slot_id: (booked_by, booked_at, closed) for slot_id, booked_by, booked_at, closed in rows}
-        slots = []
+        slots, changes = [], []
         for hour in self.rules.hours:
             booked_by, booked_at, closed = taken.get(hour, (None, None, 0))
+            deadline = datetime(day.year, day.month, day.day, hour) + grace
+            if closed:
+                status = "closed"
+            elif hour in taken:
+                status = "booked"
+            elif now >= deadline:
+                status = "started"
+            elif now < opens:
+                status, deadline = "not_open", opens
+            else:
+                status = "available"
+            if status in ("available", "not_open"):
+                changes.append(deadline)
             slots.append({
                 "id": hour,
                 "start_time": f"{hour:02d}:00",
                 "end_time": f"{hour + 1:02d}:00",
-                "is_booked": hour in taken and not closed,
-                "booked_by": None if closed else booked_by,
-                "booked_at": None if closed else booked_at,
+                # The original clients offer any slot that is not booked: so is_booked is true for every slot
+                # that cannot be booked now, and status says why.
+                "is_booked": status != "available",
+                "booked_by": booked_by if status == "booked" else None,
+                "booked_at": booked_at if status == "booked" else None,
                 "closed": bool(closed),
+                "status": status,
                 "date": date,
             })
-        available = [s["id"] for s in slots if not s["is_booked"] and not s["closed"]]
-        booked = [s["id"] for s in slots if s["is_booked"]]
+        available = [s["id"] for s in slots if s["status"] == "available"]
+        booked = [s["id"] for s in slots if s["status"] == "booked"]
         data = {"slots": slots, "available_slots": available, "booked_slots": booked, "date": date}
         update = orjson.dumps({
             "type": "slots_update",
             "data": {**data, "version": version},
-            "timestamp": self.now().isoformat(),
+            "timestamp": now.isoformat(),
         })
         event = b"id: %d\ndata: %s\n\n" % (version, update)
-        day = Day(date, version, slots, available, booked, orjson.dumps(data), update.decode(), event)
-        self.days[date] = day
-        return day
+        until = min(changes).replace(tzinfo=self.rules.timezone).astimezone(timezone.utc) if changes else None
+        self.serial += 1
+        return Day(date, version, self.serial, rows, until, slots, available, booked, orjson.dumps(data),
+                   update.decode(), event)
 
-    async def refresh(self, changes: Changes) -> list[Day]:
-        """The new states of the days that other processes (other workers on the same file) changed."""
+    async def refresh(self, changes: Changes) -> None:
+        """Take in the days that other processes (other workers on the same file) changed."""
         self.seen = max(self.seen, changes.version)
-        fresh = []
         for date, last in changes.days.items():
             cached = self.days.get(date)
             if cached is None or cached.version < last:
                 version, rows = await self.store.day(date)
-                fresh.append(self._remember(date, version, rows))
-        return fresh
+                self._remember(date, version, rows)
 
-    def _settle(self, date: str, change: Change, refusals: dict[str, str]) -> Day | None:
-        """Remember the day a write left behind, then refuse with the sentence for its outcome if not "ok".
-
-        Returns the Day to broadcast, or None when a newer state of that day is already known (and sent).
-        """
-        current = self.days.get(date)
-        day = None
-        if current is None or current.version < change.version:
-            day = self._remember(date, change.version, change.rows)
+    def _settle(self, date: str, change: Change, refusals: dict[str, str]) -> None:
+        """Take in the day a write left behind (refused or not), then refuse with the sentence for its
+        outcome if it is not "ok"."""
+        self._remember(date, change.version, change.rows)
         if change.outcome != "ok":
             raise SlotError(refusals[change.outcome].format(booked_by=change.booked_by))
-        return day
 
     # -- rules ----------------------------------------------------------------------------------------
 
@@ -203,39 +248,39 @@ class Board:
         now = self.now()
         return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour)
 
-    async def book(self, date: str, slot_id: int, srn: str, via: str) -> Day | None:
-        """Book (date, slot_id) for srn; the new Day to broadcast (None if a newer one already went out)."""
+    async def book(self, date: str, slot_id: int, srn: str, via: str) -> None:
+        """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
         start = self._check(date, slot_id, for_booking=True)
         if self.now() >= start + timedelta(minutes=self.rules.grace_minutes):
             raise SlotError(f"Slot {slot_id} on {date} has already started")
         change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
-        return self._settle(date, change, {
+        self._settle(date, change, {
             "taken": f"Slot {slot_id} is not available",
             "closed": f"Slot {slot_id} on {date} is closed",
             "per_day": f"Daily limit reached: at most {self.rules.max_per_day} booking(s) per day",
             "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
         })
 
-    async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> Day | None:
+    async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> None:
         """Cancel srn's own booking (an admin: anyone's, even after it started)."""
         admin = self.is_admin(srn)
         start = self._check(date, slot_id, for_booking=False)
         if self.now() >= start and not admin:
             raise SlotError(f"Slot {slot_id} on {date} has already started and can no longer be cancelled")
         change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin)
-        return self._settle(date, change, {
+        self._settle(date, change, {
             "free": f"Slot {slot_id} is not booked",
             "closed": f"Slot {slot_id} on {date} is closed, not booked",
             "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
         })
 
-    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> Day | None:
+    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
         """An admin closes a free slot (nobody can book it) or reopens a closed one."""
         if not self.is_admin(srn):
             raise Forbidden("Admins only")
         self._check(date, slot_id, for_booking=False)
         change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
-        return self._settle(date, change, {
+        self._settle(date, change, {
             "taken": f"Slot {slot_id} on {date} is booked by {{booked_by}}; cancel the booking first",
             "closed": f"Slot {slot_id} on {date} is already closed",
             "open": f"Slot {slot_id} on {date} is not closed",
