@@ -1008,6 +1008,53 @@ def test_at_midnight_sockets_watching_today_get_the_new_day(service: Service, cl
     assert service.slots()["date"] == TOMORROW
 
 
+def test_the_new_day_is_broadcast_even_if_its_first_read_fails(service: Service, clock: Clock) -> None:
+    board = service.server.server.lifespan.state["board"]
+    read_day, failed = board.store.day, []
+
+    async def busy_once(date: str) -> Any:
+        if date == TOMORROW and not failed:
+            failed.append(date)
+            raise sqlite3.OperationalError("database is locked")
+        return await read_day(date)
+
+    board.store.day = busy_once
+    watcher = service.socket()
+    clock.set("2026-11-25 00:00:01")
+    update = receive_until(watcher, "slots_update")
+    while update["data"]["date"] != TOMORROW:
+        update = receive_until(watcher, "slots_update")
+    assert failed == [TOMORROW] and update["data"]["available_slots"] == list(range(3, 15))
+
+
+def test_a_slot_that_can_no_longer_be_booked_never_looks_bookable(service: Service, clock: Clock) -> None:
+    watcher = service.socket()
+    clock.set("2026-11-24 09:31")  # slot 9 began more than 30 minutes ago, and nobody booked it
+    update = receive(watcher)["data"]
+    nine, ten = update["slots"][6], update["slots"][7]
+    assert (nine["id"], nine["status"], nine["is_booked"], nine["booked_by"]) == (9, "started", True, None)
+    assert (ten["id"], ten["status"], ten["is_booked"]) == (10, "available", False)
+    assert update["available_slots"] == list(range(10, 15)) and update["booked_slots"] == []
+    assert service.slots() == {key: update[key] for key in ("slots", "available_slots", "booked_slots", "date")}
+    assert service.book(9).status_code == 400  # what the original client would have offered
+    assert service.book(10).status_code == 200
+    assert booked(receive(watcher)) == [10]
+    clock.set("2026-11-24 11:31")  # slot 10 is booked (and stays so); slot 11's time ran out
+    later = receive(watcher)["data"]
+    assert [s["status"] for s in later["slots"]][6:10] == ["started", "booked", "started", "available"]
+    assert later["available_slots"] == [12, 13, 14] and later["booked_slots"] == [10]
+
+    past = service.http.get("/slots", params={"date": "2026-11-23"}).json()
+    assert past["available_slots"] == [] and {s["status"] for s in past["slots"]} == {"started"}
+    last_open = service.http.get("/slots", params={"date": "2026-12-01"}).json()
+    assert last_open["available_slots"] == list(range(3, 15))  # 7 days ahead: bookable
+    unopened = service.http.get("/slots", params={"date": "2026-12-02"}).json()
+    assert unopened["available_slots"] == [] and {s["status"] for s in unopened["slots"]} == {"not_open"}
+    assert all(s["is_booked"] for s in unopened["slots"])
+    refused = service.http.post("/book-slot", json=body(5, date="2026-12-02"))
+    assert refused.status_code == 400 and refused.json() == {"detail": "Bookings open 7 days ahead"}
+
+
 def test_slots_without_a_date_follow_the_clubs_clock_across_midnight(service: Service, clock: Clock) -> None:
     for local, date in [("2026-11-24 23:59:59", TODAY), ("2026-11-25 00:00:00", TOMORROW),
                         ("2026-11-24 18:29:59", TODAY),  # a clock set back to the day before
@@ -1504,6 +1551,51 @@ def test_the_guess_limit_holds_across_two_processes(settings: Settings, slow_pes
             thread.join(30)
     assert slow_pesu.calls.count(BOB) - before <= 5
     assert sorted({a.status_code for answers in at_once for a in answers}) == [401, 429]
+
+
+def test_every_page_on_every_worker_holds_every_committed_state(settings: Settings) -> None:
+    day = tomorrow()
+    with process(settings) as (_, first), process(settings) as (_, second), contextlib.ExitStack() as opened:
+        pages = []
+        for url in (first, second) * 10:  # twenty open pages, half on each process
+            ws = opened.enter_context(ws_connect(url.replace("http", "ws") + "/slot-booking", open_timeout=5))
+            receive(ws)
+            assert send(ws, {"type": "get_slots", "date": day})["data"]["date"] == day
+            pages.append(ws)
+        latest: dict[int, dict[str, Any]] = {}
+
+        def listen(i: int, ws: ClientConnection) -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for message in ws:
+                    latest[i] = orjson.loads(message)["data"]
+
+        listeners = [threading.Thread(target=listen, args=(i, ws), daemon=True) for i, ws in enumerate(pages)]
+        for thread in listeners:
+            thread.start()
+
+        def everyone_sees(slot: int, holder: str | None, within: float = 0.3) -> None:
+            deadline = time.monotonic() + within
+            while True:
+                wrong = [i for i in range(len(pages)) if latest.get(i, {}).get("slots", [{}] * 12)[slot - 3]
+                         .get("booked_by") != holder]
+                if not wrong:
+                    return
+                assert time.monotonic() < deadline, f"pages {wrong} still show slot {slot} wrong"
+                time.sleep(0.01)
+
+        def book(url: str, member: str, slot: int) -> int:
+            return httpx.post(f"{url}/book-slot", json={"slot_id": slot, "date": day, "username": member,
+                                                         "password": PASSWORD}).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            for slot in range(3, 15):  # two members race for each slot, one through each process
+                codes = list(pool.map(book, (first, second), (ALICE, BOB), (slot, slot)))
+                assert sorted(codes) == [200, 400]
+                winner = (ALICE, BOB)[codes.index(200)]
+                everyone_sees(slot, winner)
+                assert httpx.post(f"{(first, second)[codes.index(200)]}/cancel-slot", json={
+                    "slot_id": slot, "date": day, "username": winner, "password": PASSWORD}).status_code == 200
+                everyone_sees(slot, None)
 
 
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
