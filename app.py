@@ -85,6 +85,8 @@ class Settings:
     admin_srns: frozenset[str] = frozenset()
     send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
     request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
+    heartbeat_seconds: float = 15.0  # how often /events streams get a comment, so proxies keep them open
+    ws_compression: bool = False  # permessage-deflate for sockets (WS_COMPRESSION=1)
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
     session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
@@ -111,6 +113,11 @@ class Settings:
                 return cast(raw.strip())
             except ValueError:
                 raise SystemExit(f"{name}={raw!r} is not a valid value") from None
+
+        def flag(value: str) -> bool:
+            if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes", "on")
 
         settings = cls(
             host=get("HOST", str, cls.host),
@@ -150,7 +157,8 @@ class Settings:
             send_timeout=get("SEND_TIMEOUT_SECONDS", float, cls.send_timeout),
             request_timeout=get("REQUEST_TIMEOUT_SECONDS", float, cls.request_timeout),
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
-            metrics=get("METRICS", lambda v: v.lower() in ("1", "true", "yes", "on"), cls.metrics),
+            metrics=get("METRICS", flag, cls.metrics),
+            ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
         )
         if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
             raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
@@ -371,11 +379,15 @@ class SocketPeer(Peer):
 
 
 class StreamPeer(Peer):
-    """A Server-Sent Events listener: the same slots_update messages, with ``id:`` = version."""
+    """A Server-Sent Events listener: the same slots_update messages, with ``id:`` = version; its only
+    "replies" are the hub's heartbeat comments."""
 
     def __init__(self, send: Send, address: str) -> None:
         super().__init__(address)
         self.send = send
+
+    async def deliver(self, text: str) -> None:
+        await self.send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
     async def deliver_day(self, day: Day) -> None:
         await self.send({"type": "http.response.body", "body": day.event_bytes, "more_body": True})
@@ -385,6 +397,7 @@ class StreamPeer(Peer):
 
 
 FAN_OUT_BATCH = 25  # listeners served per turn of the event loop during a broadcast
+HEARTBEAT = ": keep-alive\n\n"  # an SSE comment: EventSource ignores it
 SEND_ERRORS = (OSError, RuntimeError, WebSocketDisconnect)  # the peer went away mid-send
 
 
@@ -417,11 +430,22 @@ class Hub:
         self.today = ""  # the club's today, which listeners that name no day watch
         self.pending = asyncio.Event()
         self.fan_out_task: asyncio.Task[None] | None = None
+        self.heartbeat_task: asyncio.Task[None] | None = None
         self.rounds = 0  # broadcast rounds, and the seconds they took to hand every listener its state
         self.round_seconds = 0.0
 
-    def start(self) -> None:
+    def start(self, heartbeat: float = 15.0) -> None:
         self.fan_out_task = asyncio.create_task(self._fan_out())
+        self.heartbeat_task = asyncio.create_task(self._heartbeat(heartbeat))
+
+    async def _heartbeat(self, interval: float) -> None:
+        """An SSE comment to every /events stream now and then: proxies (nginx: 60 s by default) cut a
+        response that sends nothing for a while, and a stream sends nothing while nothing changes."""
+        while True:
+            await asyncio.sleep(interval)
+            for peer in list(self.peers):
+                if isinstance(peer, StreamPeer):
+                    self._queue(peer, HEARTBEAT)
 
     async def _fan_out(self) -> None:
         loop = asyncio.get_running_loop()
@@ -543,8 +567,9 @@ class Hub:
         for peer in list(self.peers):
             self._drop(peer)
             peer.close(code)
-        if self.fan_out_task is not None:
-            self.fan_out_task.cancel()
+        for task in (self.fan_out_task, self.heartbeat_task):
+            if task is not None:
+                task.cancel()
 
     async def _pump(self, peer: Peer) -> None:
         try:
@@ -1623,7 +1648,7 @@ def create_app(
             listeners = min(listeners, settings.max_connections)
         door = Door(connections, settings.request_timeout, settings.send_timeout)
         hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
-        hub.start()
+        hub.start(settings.heartbeat_seconds)
         board.on_change = lambda day: hub.broadcast(day, board.today())
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
@@ -1775,6 +1800,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "http": GuardedHttp,
         "ws": GuardedWebSocket,
         "ws_max_size": MAX_SOCKET_MESSAGE_BYTES,
+        # Off unless asked for: each socket would deflate every state again with a compressor of its own
+        # (about 45 KiB more per idle socket, and 1.5x the time to reach 1000 of them).
+        "ws_per_message_deflate": settings.ws_compression,
         "timeout_graceful_shutdown": 5,
     }
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -201,7 +202,7 @@ class Service:
 @contextlib.contextmanager
 def running(settings: Settings, clock: Clock | None = None, **options: Any) -> Iterator[Service]:
     clock = clock or Clock(datetime(2026, 11, 24, 1, 0, tzinfo=IST))
-    with ServerThread(create_app(settings, clock=clock), **options) as server:
+    with ServerThread(create_app(settings, clock=clock), **{**app_module.server_options(settings), **options}) as server:
         service = Service(server)
         try:
             yield service
@@ -1243,6 +1244,41 @@ def test_the_events_feed_streams_slots_updates_for_curl(service: Service) -> Non
         assert newer > version and booked(update) == [5] and update["data"]["date"] == TODAY
     tomorrow = service.http.get("/events", params={"date": "not-a-date"})
     assert tomorrow.status_code == 400 and "YYYY-MM-DD" in tomorrow.json()["detail"]
+
+
+def test_the_events_feed_sends_a_heartbeat_while_nothing_changes(settings: Settings) -> None:
+    with running(replace(settings, heartbeat_seconds=0.2)) as service:
+        with httpx.stream("GET", f"{service.server.url}/events", timeout=5) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("id: ") and next(lines).startswith("data: ") and next(lines) == ""
+            started = time.monotonic()
+            assert next(lines) == ": keep-alive" and next(lines) == ""  # a comment EventSource ignores
+            assert time.monotonic() - started < 1
+
+
+def test_the_readmes_nginx_snippet_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed here")
+    readme = (HERE / "README.md").read_text()
+    snippet = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "nginx.conf").write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                                         f"events {{}}\nhttp {{\naccess_log off;\n{snippet}}}\n")
+    checked = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert "location /events" in snippet and "proxy_buffering off" in snippet
+
+
+def test_sockets_are_not_compressed_unless_asked_for(settings: Settings) -> None:
+    for compression, answer in ((False, None), (True, "permessage-deflate")):
+        with running(replace(settings, ws_compression=compression)) as service:
+            # websockets offers "permessage-deflate; client_max_window_bits", as Chrome and Firefox do
+            with ws_connect(service.server.ws_url, open_timeout=5) as ws:
+                assert ws.request is not None and ws.response is not None
+                assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+                agreed = ws.response.headers.get("Sec-WebSocket-Extensions")
+                assert (agreed and agreed.split(";")[0]) == answer
 
 
 def test_an_eventsource_reconnecting_with_last_event_id_starts_from_the_current_state(service: Service) -> None:
