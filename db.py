@@ -127,6 +127,7 @@ class SlotStore:
         self.hours = list(hours)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._probe: sqlite3.Connection | None = None
         self._data_version = 0  # no connection reports 0: the first look reads everything
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -157,6 +158,9 @@ class SlotStore:
         # FULL: a commit is on disk before we answer, so an acknowledged booking survives a power cut.
         conn.execute("PRAGMA synchronous = FULL")
         self._conn = conn
+        if self.path != ":memory:":
+            # Read from the event loop's thread, for data_version alone (see data_version()).
+            self._probe = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         with self._transaction():
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
@@ -190,9 +194,18 @@ class SlotStore:
                   f"{', '.join(str(r[0]) for r in rows)}) moved to {today}")
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._probe):
+            if conn is not None:
+                conn.close()
+        self._conn = self._probe = None
+
+    def data_version(self) -> int | None:
+        """A number that changes whenever any connection, in any process, commits to the file (this one's
+        own writes included); None for ":memory:". Called on the event loop: it reads SQLite's shared
+        memory, never the disk, in a few microseconds, so a cache can be checked without a thread hop."""
+        if self._probe is None:
+            return None
+        return self._probe.execute("PRAGMA data_version").fetchone()[0]
 
     # -- reads ------------------------------------------------------------------------------------------
 
@@ -410,9 +423,18 @@ class GuardStore:
         self._conn = conn
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._probe):
+            if conn is not None:
+                conn.close()
+        self._conn = self._probe = None
+
+    def data_version(self) -> int | None:
+        """A number that changes whenever any connection, in any process, commits to the file (this one's
+        own writes included); None for ":memory:". Called on the event loop: it reads SQLite's shared
+        memory, never the disk, in a few microseconds, so a cache can be checked without a thread hop."""
+        if self._probe is None:
+            return None
+        return self._probe.execute("PRAGMA data_version").fetchone()[0]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(entries, *args)`` inside one write transaction: what it reads, no other worker changes

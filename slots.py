@@ -92,6 +92,8 @@ class Board:
         self.seen = 0  # the newest event id whose change this process has taken in
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
         self.serial = 0  # states built so far
+        # srn -> (data_version, today, rows of their bookings from today on), for POST /my-bookings
+        self.bookings: LRUCache[str, tuple[int, str, list[tuple[str, int, str]]]] = LRUCache(maxsize=10_000)
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's day last seen: its start and end in UTC, and its date (an empty span until first asked)
         self._span = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "")
@@ -287,14 +289,26 @@ class Board:
         })
 
     async def bookings_of(self, srn: str) -> list[dict[str, Any]]:
-        """srn's bookings that have not ended yet, oldest first."""
+        """srn's bookings that have not ended yet, oldest first.
+
+        Read from memory while nothing has been committed to the database since (by any process), which
+        ``data_version`` tells without leaving the event loop: exact across workers, and no thread hop.
+        """
         now = self.now()
-        rows = await self.store.upcoming_of(srn, now.date().isoformat(), now.hour)
+        today = now.date().isoformat()
+        version = self.store.data_version()
+        cached = self.bookings.get(srn)
+        if version is not None and cached is not None and cached[0] == version and cached[1] == today:
+            rows = cached[2]
+        else:
+            rows = await self.store.upcoming_of(srn, today, 0)
+            if version is not None:
+                self.bookings[srn] = (version, today, rows)  # the version read before: never newer than rows
         return [
             {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00",
              "booked_at": booked_at, "date": date}
             for date, slot_id, booked_at in rows
-            if slot_id in self.rules.hours
+            if slot_id in self.rules.hours and (date > today or slot_id >= now.hour)
         ]
 
     async def history(

@@ -1634,6 +1634,26 @@ def test_every_page_on_every_worker_holds_every_committed_state(settings: Settin
                 everyone_sees(slot, None)
 
 
+def test_my_bookings_is_exact_the_moment_another_process_changes_them(settings: Settings) -> None:
+    day = tomorrow()
+    with process(settings) as (_, first), process(settings) as (_, second):
+        def mine(url: str) -> list[int]:
+            answer = httpx.post(f"{url}/my-bookings", json={"username": ALICE, "password": PASSWORD}).json()
+            return [b["id"] for b in answer["bookings"] if b["date"] == day]
+
+        def change(url: str, action: str, slot: int) -> None:
+            response = httpx.post(f"{url}/{action}", json={"slot_id": slot, "date": day, "username": ALICE,
+                                                           "password": PASSWORD})
+            assert response.status_code == 200
+
+        assert mine(second) == [] and mine(first) == []  # both remember "none"
+        for slot in (5, 6, 7):
+            change(first, "book-slot", slot)
+            assert mine(second) == list(range(5, slot + 1))  # at once: no watcher tick in between
+        change(second, "cancel-slot", 6)
+        assert mine(first) == [5, 7] and mine(second) == [5, 7]
+
+
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
     day = tomorrow()
     with process(settings) as (proc, url):
