@@ -87,6 +87,7 @@ class Settings:
     request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
     heartbeat_seconds: float = 15.0  # how often /events streams get a comment, so proxies keep them open
     ws_compression: bool = False  # permessage-deflate for sockets (WS_COMPRESSION=1)
+    ws_ping_seconds: float = 20.0  # keep-alive pings; a peer that does not answer within as long is dropped
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
     session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
@@ -159,6 +160,7 @@ class Settings:
             max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
             metrics=get("METRICS", flag, cls.metrics),
             ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
+            ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds),
         )
         if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
             raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
@@ -180,6 +182,8 @@ class Settings:
             raise SystemExit("LOGIN_MAX_DELAY_SECONDS must be from 0 to 3600")
         if not (0 < settings.send_timeout <= 300 and 0 < settings.request_timeout <= 300):
             raise SystemExit("SEND_TIMEOUT_SECONDS and REQUEST_TIMEOUT_SECONDS must be from 0 to 300")
+        if not 0 <= settings.ws_ping_seconds <= 3600:
+            raise SystemExit("WS_PING_SECONDS must be from 0 (no pings) to 3600")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
 
@@ -1803,6 +1807,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # Off unless asked for: each socket would deflate every state again with a compressor of its own
         # (about 45 KiB more per idle socket, and 1.5x the time to reach 1000 of them).
         "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ws_ping_seconds or None,
+        "ws_ping_timeout": settings.ws_ping_seconds or None,
         "timeout_graceful_shutdown": 5,
     }
 

@@ -1,6 +1,6 @@
 """Benchmark: the app against a bare Starlette ceiling, both under real uvicorn on loopback.
 
-    python bench.py            # about 100 seconds on 2 cores; prints a Markdown table
+    python bench.py            # about 4 minutes on 2 cores; prints a Markdown table
 
 The ceiling serves the same bytes and broadcasts the same message as the app, with no database and no
 auth: whatever the app loses against it is the cost of SQLite, PESU checks and the hub. PESU is a fake
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ HTTP_SECONDS = 4
 OPS_LATENCY = {100: 200, 1000: 1000}  # one-at-a-time changes on each server, per listener count
 LATENCY_CHUNK = 50  # one-at-a-time changes on one server before turning to the other
 OPS_BURST = 600  # back-to-back book/cancel messages
+BROWSER_LATENCY = {1000: 1000, 5000: 200}  # browser-like listeners: one-at-a-time changes on each server
 
 
 # -- the servers (each runs in its own process: python bench.py --serve NAME PORT) -----------------------------
@@ -202,20 +204,60 @@ def client_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def listen(port: int, count: int, hello: bytes) -> None:
-    """python bench.py --listen PORT COUNT HELLO: open COUNT sockets that only read, and print
+BROWSER_OFFER = "permessage-deflate; client_max_window_bits"  # what Chrome sends in every handshake
+
+
+class Frames:
+    """A browser-like listener's reading side: whole frames out of the byte stream, inflated when the
+    server agreed to permessage-deflate (RSV1 set), as a browser does. Server frames are never masked."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+
+    def messages(self, chunk: bytes) -> list[bytes]:
+        self.buffer += chunk
+        out = []
+        while len(self.buffer) >= 2:
+            first, length = self.buffer[0], self.buffer[1] & 0x7F
+            start = 2
+            if length == 126:
+                if len(self.buffer) < 4:
+                    break
+                length, start = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(self.buffer) < 10:
+                    break
+                length, start = int.from_bytes(self.buffer[2:10], "big"), 10
+            if len(self.buffer) < start + length:
+                break
+            payload, self.buffer = self.buffer[start:start + length], self.buffer[start + length:]
+            if first & 0x40:  # RSV1: a compressed message
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
+            out.append(payload)
+        return out
+
+
+def listen(port: int, count: int, hello: bytes, browser: bool = False) -> None:
+    """python bench.py --listen PORT COUNT HELLO [browser]: open COUNT sockets that only read, and print
     "VERSION TIME" each time the lowest version held by all of them rises (TIME from perf_counter,
-    which is CLOCK_MONOTONIC: comparable with the parent's)."""
+    which is CLOCK_MONOTONIC: comparable with the parent's). Browser-like sockets offer permessage-deflate
+    in the handshake and inflate what comes back; plain ones scan the raw bytes."""
     selector = selectors.DefaultSelector()
     versions: dict[socket.socket, int] = {}
     tails: dict[socket.socket, bytes] = {}
+    frames: dict[socket.socket, Frames] = {}
     held: collections.Counter[int] = collections.Counter({-1: count})
     lowest = -1
+    offer = f"Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\n" if browser else ""
 
     def take(sock: socket.socket, chunk: bytes) -> None:
         nonlocal lowest
-        found = VERSION.findall(tails[sock] + chunk)
-        tails[sock] = chunk[-24:]
+        if browser:
+            found = [v for message in frames[sock].messages(chunk) for v in VERSION.findall(message)]
+        else:
+            found = VERSION.findall(tails[sock] + chunk)
+            tails[sock] = chunk[-24:]
         if not found or int(found[-1]) <= versions[sock]:
             return
         old, versions[sock] = versions[sock], int(found[-1])
@@ -231,7 +273,7 @@ def listen(port: int, count: int, hello: bytes) -> None:
         sock = socket.create_connection(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         sock.sendall(f"GET /slot-booking HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode())
         response = b""
         while b"\r\n\r\n" not in response:  # the upgrade first: bytes sent along with it are lost
             response += sock.recv(4096)
@@ -239,7 +281,7 @@ def listen(port: int, count: int, hello: bytes) -> None:
             sock.sendall(client_frame(hello))
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ)
-        versions[sock], tails[sock] = -1, b""
+        versions[sock], tails[sock], frames[sock] = -1, b"", Frames()
         take(sock, response.split(b"\r\n\r\n", 1)[1])  # the first state may have come with the upgrade
     while True:
         for key, _ in selector.select():
@@ -257,9 +299,10 @@ def listen(port: int, count: int, hello: bytes) -> None:
 class Listeners:
     """COUNT raw listening sockets in a child process; ``all_hold(v)`` is when the last of them held v."""
 
-    def __init__(self, port: int, count: int, hello: bytes | None) -> None:
+    def __init__(self, port: int, count: int, hello: bytes | None, browser: bool = False) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--listen", str(port), str(count),
-                                      (hello or b"").decode()], stdout=subprocess.PIPE)
+                                      (hello or b"").decode(), "browser" if browser else "plain"],
+                                     stdout=subprocess.PIPE)
         self.lowest, self.at = -1, 0.0
         self.unread = b""
 
@@ -328,9 +371,9 @@ class Rig:
         self.listeners, self.booker, self.version = listeners, booker, version
 
     @classmethod
-    async def open(cls, server: Server, count: int) -> Rig:
+    async def open(cls, server: Server, count: int, browser: bool = False) -> Rig:
         hello = orjson.dumps({"type": "get_slots", "date": server.day}) if server.day else None
-        listeners = Listeners(server.port, count, hello)
+        listeners = Listeners(server.port, count, hello, browser)
         try:
             version = await asyncio.to_thread(initial_version, listeners)
             booker = Booker(server.port, server.day)
@@ -376,22 +419,24 @@ def percentile(values: list[float], fraction: float) -> float:
     return sorted(values)[int(len(values) * fraction) - 1]
 
 
-async def realtime(servers: dict[str, Server], count: int) -> dict[str, dict[str, float]]:
+async def realtime(servers: dict[str, Server], count: int, browser: bool = False,
+                   changes: int | None = None, burst: bool = True) -> dict[str, dict[str, float]]:
     """COUNT listeners on every server at once; one change at a time, LATENCY_CHUNK changes on each server
     in turn, so that a slow spell of the VM falls on both; then back-to-back changes on each."""
     rigs: dict[str, Rig] = {}
     try:
         for name, server in servers.items():
-            rigs[name] = await Rig.open(server, count)
+            rigs[name] = await Rig.open(server, count, browser)
         delays: dict[str, list[float]] = {name: [] for name in servers}
-        for _ in range(OPS_LATENCY[count] // LATENCY_CHUNK):
+        for _ in range((changes or OPS_LATENCY[count]) // LATENCY_CHUNK):
             for name, rig in rigs.items():
                 delays[name] += await rig.one_at_a_time(LATENCY_CHUNK)
         results = {}
         for name, rig in rigs.items():
             results[name] = {"p50": statistics.median(delays[name]) * 1000,
                              "p99": percentile(delays[name], 0.99) * 1000,
-                             **await rig.back_to_back(OPS_BURST)}
+                             **(await rig.back_to_back(OPS_BURST) if burst else {})}
+            assert rig.listeners.proc.poll() is None, f"{name}: a listener was closed by the server"
     finally:
         for rig in rigs.values():
             await rig.close()
@@ -405,10 +450,10 @@ def initial_version(listeners: Listeners) -> int:
     return listeners.lowest
 
 
-def idle_memory(pid: int, port: int, count: int = 1000) -> float:
+def idle_memory(pid: int, port: int, count: int = 1000, browser: bool = False) -> float:
     """KiB of server memory per idle socket."""
     before = rss_kib(pid)
-    listeners = Listeners(port, count, None)
+    listeners = Listeners(port, count, None, browser)
     try:
         listeners.all_hold(0)
         time.sleep(0.5)
@@ -441,13 +486,21 @@ def measure(servers: dict[str, Server]) -> dict[str, dict[str, float]]:
                 rate = requests_per_second(server.port, method, path, body)
                 results[name][key] = max(results[name].get(key, 0.0), rate)
     for name, server in servers.items():
-        step(name, "memory")
-        results[name]["memory"] = idle_memory(server.proc.pid, server.port)
+        for browser in (False, True):
+            step(name, "memory" + (" (browser-like)" if browser else ""))
+            results[name]["browser_memory" if browser else "memory"] = idle_memory(server.proc.pid, server.port,
+                                                                                  browser=browser)
     for count in (100, 1000):
         step("both", f"{count} listeners")
         for name, measured in asyncio.run(realtime(servers, count)).items():
             for key, value in measured.items():
                 results[name][f"{key}_{count}"] = value
+    for count, changes in BROWSER_LATENCY.items():
+        step("both", f"{count} browser-like listeners")
+        for name, measured in asyncio.run(realtime(servers, count, browser=True, changes=changes,
+                                                   burst=False)).items():
+            for key, value in measured.items():
+                results[name][f"browser_{key}_{count}"] = value
     return results
 
 
@@ -456,13 +509,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         pesu_port, app_port, ceiling_port = free_port(), free_port(), free_port()
         running.enter_context(process([sys.executable, __file__, "--serve", "pesu", str(pesu_port), ""], pesu_port))
+        # The app as deployed (python app.py), but with keep-alive pings off for both servers: the listeners
+        # only read, so they would never answer one; and room for 5000 listeners and the booker.
         env = {"HOST": "127.0.0.1", "PORT": str(app_port), "DATABASE_PATH": f"{tmp}/rero.db",
                "LOG_LEVEL": "warning", "PESU_AUTH_URL": f"http://127.0.0.1:{pesu_port}/authenticate",
-               "WS_RATE_PER_SECOND": "0"}
-        # The app as `uvicorn app:app`, as deployed, but with keep-alive pings off for both servers:
-        # the listeners only read, so they would never answer one.
-        args = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port),
-                "--log-level", "warning", "--ws-max-size", "16384", "--ws-ping-interval", "0"]
+               "WS_RATE_PER_SECOND": "0", "WS_PING_SECONDS": "0", "MAX_CONNECTIONS": "20000"}
+        args = [sys.executable, "app.py"]
         app = Server(app_port, *running.enter_context(process(args, app_port, env)), tomorrow)
         httpx.post(f"http://127.0.0.1:{app_port}/auth/login", json=USER).raise_for_status()
         same = {
@@ -493,6 +545,11 @@ def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
         ("1000 listeners: last reply until all hold final state (ms)", "tail_1000", "{:.1f}"),
         ("1000 listeners: booker's reply p99 (ms)", "reply_p99_1000", "{:.2f}"),
         ("memory per idle socket (KiB)", "memory", "{:.1f}"),
+        ("browser-like: memory per idle socket (KiB)", "browser_memory", "{:.1f}"),
+        ("browser-like, 1000 listeners: change until all hold it, p50 (ms)", "browser_p50_1000", "{:.2f}"),
+        ("browser-like, 1000 listeners: change until all hold it, p99 (ms)", "browser_p99_1000", "{:.2f}"),
+        ("browser-like, 5000 listeners: change until all hold it, p50 (ms)", "browser_p50_5000", "{:.2f}"),
+        ("browser-like, 5000 listeners: change until all hold it, p99 (ms)", "browser_p99_5000", "{:.2f}"),
         ("start-up to first /health (ms)", "startup", "{:.0f}"),
     ]
     print("| measure | app | ceiling | app / ceiling |\n|---|---:|---:|---:|")
@@ -506,7 +563,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) > 1 and sys.argv[1] == "--listen":
-        listen(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode())
+        listen(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode(), sys.argv[5] == "browser")
     elif len(sys.argv) > 1 and sys.argv[1] == "--load":
         port, method, path, body = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].encode()
         print(asyncio.run(load(port, method, path, body, HTTP_SECONDS)))
