@@ -1,23 +1,31 @@
 """rero-slots: the web face (HTTP routes), the socket hub, and start-up.
 
-Run with ``python app.py`` (reads HOST, PORT, WORKERS, ... from the environment) or ``uvicorn app:app``.
+Run with ``python app.py`` (reads HOST, PORT, WORKERS, ... from the environment); ``uvicorn app:app``
+serves the same routes without the connection guards (see README).
 """
 
 from __future__ import annotations
 
-import asyncio
+import sys
+
+if sys.version_info < (3, 11):  # asyncio.timeout, and more: stop here rather than answer every login with 500
+    raise SystemExit(f"rero-slots needs Python 3.11 or newer; this is Python {sys.version.split()[0]}")
+
+import asyncio  # noqa: E402 (after the version check)
 import bisect
 import collections
 import contextlib
 import functools
 import html
 import logging
+import math
 import os
 import re
 import resource
 import signal
+import socket
 import sqlite3
-import sys
+import struct
 import threading
 import urllib.parse
 import time
@@ -106,84 +114,83 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
-        def get(name: str, cast: Callable[[str], Any], default: Any) -> Any:
+        """The settings from the environment; a value that cannot be used stops start-up with one line
+        naming the variable and what it takes (SystemExit), never a traceback or a silent default."""
+
+        def get(name: str, cast: Callable[[str], Any], default: Any, low: float | None = None,
+                high: float | None = None) -> Any:
             raw = env.get(name)
             if raw is None or raw.strip() == "":
                 return default
             try:
-                return cast(raw.strip())
+                value = cast(raw.strip())
             except ValueError:
                 raise SystemExit(f"{name}={raw!r} is not a valid value") from None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
+            ):
+                raise SystemExit(f"{name}={raw!r} must be a number from {low:g} to {high:g}")
+            return value
 
         def flag(value: str) -> bool:
             if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError(value)
             return value.lower() in ("1", "true", "yes", "on")
 
+        def url(value: str) -> str:
+            parts = urllib.parse.urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(value)
+            return value
+
+        def words(value: str) -> tuple[str, ...]:
+            return tuple(word.strip() for word in value.split(",") if word.strip())
+
         settings = cls(
             host=get("HOST", str, cls.host),
-            port=get("PORT", int, cls.port),
+            port=get("PORT", int, cls.port, 1, 65535),
             log_level=get("LOG_LEVEL", str.lower, cls.log_level),
             log_format=get("LOG_FORMAT", str.lower, cls.log_format),
-            workers=get("WORKERS", int, cls.workers),
-            pesu_auth_url=get("PESU_AUTH_URL", str, cls.pesu_auth_url),
-            cache_minutes=get("CACHE_DURATION_MINUTES", float, cls.cache_minutes),
-            pesu_timeout=get("PESU_TIMEOUT_SECONDS", float, cls.pesu_timeout),
-            pesu_max_concurrency=get("PESU_MAX_CONCURRENCY", int, cls.pesu_max_concurrency),
-            pesu_max_queue=get("PESU_MAX_QUEUE", int, cls.pesu_max_queue),
+            workers=get("WORKERS", int, cls.workers, 1, 64),
+            pesu_auth_url=get("PESU_AUTH_URL", url, cls.pesu_auth_url),
+            cache_minutes=get("CACHE_DURATION_MINUTES", float, cls.cache_minutes, 0, 24 * 60),
+            pesu_timeout=get("PESU_TIMEOUT_SECONDS", float, cls.pesu_timeout, 0.1, 300),
+            pesu_max_concurrency=get("PESU_MAX_CONCURRENCY", int, cls.pesu_max_concurrency, 1, 1000),
+            pesu_max_queue=get("PESU_MAX_QUEUE", int, cls.pesu_max_queue, 0, 100_000),
             database_path=get("DATABASE_PATH", str, cls.database_path),
-            cors_origins=get(
-                "CORS_ORIGINS", lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), cls.cors_origins
-            ),
-            slot_start_hour=get("SLOT_START_HOUR", int, cls.slot_start_hour),
-            slot_end_hour=get("SLOT_END_HOUR", int, cls.slot_end_hour),
+            cors_origins=get("CORS_ORIGINS", words, cls.cors_origins),
+            slot_start_hour=get("SLOT_START_HOUR", int, cls.slot_start_hour, 0, 23),
+            slot_end_hour=get("SLOT_END_HOUR", int, cls.slot_end_hour, 1, 24),
             timezone=get("TIMEZONE", str, cls.timezone),
-            booking_days_ahead=get("BOOKING_DAYS_AHEAD", int, cls.booking_days_ahead),
-            booking_grace_minutes=get("BOOKING_GRACE_MINUTES", int, cls.booking_grace_minutes),
-            max_bookings_per_day=get("MAX_BOOKINGS_PER_DAY", int, cls.max_bookings_per_day),
-            max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings),
-            admin_srns=get(
-                "ADMIN_SRNS", lambda v: frozenset(s.strip().upper() for s in v.split(",") if s.strip()),
-                cls.admin_srns,
-            ),
+            booking_days_ahead=get("BOOKING_DAYS_AHEAD", int, cls.booking_days_ahead, 0, 3650),
+            booking_grace_minutes=get("BOOKING_GRACE_MINUTES", int, cls.booking_grace_minutes, 0, 60),
+            max_bookings_per_day=get("MAX_BOOKINGS_PER_DAY", int, cls.max_bookings_per_day, 0, 24),
+            max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings, 0, 100_000),
+            admin_srns=get("ADMIN_SRNS", lambda v: frozenset(s.upper() for s in words(v)), cls.admin_srns),
             session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
-            session_minutes=get("SESSION_MINUTES", float, cls.session_minutes),
-            login_fails_per_username=get("LOGIN_FAILS_PER_USERNAME", int, cls.login_fails_per_username),
-            login_fail_window_minutes=get("LOGIN_FAIL_WINDOW_MINUTES", float, cls.login_fail_window_minutes),
-            login_fails_per_address=get("LOGIN_FAILS_PER_ADDRESS", int, cls.login_fails_per_address),
-            login_max_delay_seconds=get("LOGIN_MAX_DELAY_SECONDS", float, cls.login_max_delay_seconds),
-            ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second),
-            ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst),
-            max_connections=get("MAX_CONNECTIONS", int, cls.max_connections),
-            send_timeout=get("SEND_TIMEOUT_SECONDS", float, cls.send_timeout),
-            request_timeout=get("REQUEST_TIMEOUT_SECONDS", float, cls.request_timeout),
-            max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address),
+            session_minutes=get("SESSION_MINUTES", float, cls.session_minutes, 1, 366 * 24 * 60),
+            login_fails_per_username=get("LOGIN_FAILS_PER_USERNAME", int, cls.login_fails_per_username, 0, 1000),
+            login_fail_window_minutes=get("LOGIN_FAIL_WINDOW_MINUTES", float, cls.login_fail_window_minutes,
+                                          1, 24 * 60),
+            login_fails_per_address=get("LOGIN_FAILS_PER_ADDRESS", int, cls.login_fails_per_address, 0, 1_000_000),
+            login_max_delay_seconds=get("LOGIN_MAX_DELAY_SECONDS", float, cls.login_max_delay_seconds, 0, 3600),
+            ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second, 0, 10_000),
+            ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst, 1, 10_000),
+            max_connections=get("MAX_CONNECTIONS", int, cls.max_connections, 0, 1_000_000),
+            send_timeout=get("SEND_TIMEOUT_SECONDS", float, cls.send_timeout, 0.1, 300),
+            request_timeout=get("REQUEST_TIMEOUT_SECONDS", float, cls.request_timeout, 0.1, 300),
+            max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address,
+                                            0, 1_000_000),
             metrics=get("METRICS", flag, cls.metrics),
             ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
-            ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds),
+            ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds, 0, 3600),
         )
-        if not 0 <= settings.slot_start_hour < settings.slot_end_hour <= 24:
-            raise SystemExit("SLOT_START_HOUR and SLOT_END_HOUR must satisfy 0 <= start < end <= 24")
-        if min(settings.booking_days_ahead, settings.booking_grace_minutes, settings.max_bookings_per_day,
-               settings.max_upcoming_bookings, settings.login_fails_per_username, settings.login_fails_per_address,
-               settings.ws_rate_per_second, settings.ws_rate_burst, settings.max_connections,
-               settings.max_connections_per_address) < 0:
-            raise SystemExit("BOOKING_*, MAX_*, LOGIN_* and WS_* settings cannot be negative")
+        if settings.slot_start_hour >= settings.slot_end_hour:
+            raise SystemExit("SLOT_START_HOUR must be before SLOT_END_HOUR")
         if settings.log_format not in ("text", "json"):
             raise SystemExit("LOG_FORMAT must be text or json")
         if settings.log_level not in LOG_LEVELS:
             raise SystemExit(f"LOG_LEVEL={settings.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if settings.session_minutes <= 0 or settings.login_fail_window_minutes <= 0:
-            raise SystemExit("SESSION_MINUTES and LOGIN_FAIL_WINDOW_MINUTES must be positive")
-        if not 0 < settings.pesu_timeout <= 300 or settings.pesu_max_concurrency < 1 or settings.pesu_max_queue < 0:
-            raise SystemExit("PESU_TIMEOUT_SECONDS must be from 0 to 300, PESU_MAX_CONCURRENCY at least 1 and "
-                             "PESU_MAX_QUEUE not negative")
-        if not 0 <= settings.login_max_delay_seconds <= 3600:
-            raise SystemExit("LOGIN_MAX_DELAY_SECONDS must be from 0 to 3600")
-        if not (0 < settings.send_timeout <= 300 and 0 < settings.request_timeout <= 300):
-            raise SystemExit("SEND_TIMEOUT_SECONDS and REQUEST_TIMEOUT_SECONDS must be from 0 to 300")
-        if not 0 <= settings.ws_ping_seconds <= 3600:
-            raise SystemExit("WS_PING_SECONDS must be from 0 (no pings) to 3600")
         settings.rules()  # an unknown TIMEZONE stops start-up here, not at the first request
         return settings
 
@@ -651,7 +658,7 @@ class Door:
         loop = asyncio.get_running_loop()
         if len(self.open) >= self.limit and not self._evict():
             self.refused += 1
-            transport.abort()
+            cut(transport)
             return
         self.open[protocol] = transport
         if not requested:
@@ -661,7 +668,7 @@ class Door:
         for protocol in self.waiting:
             if not has_request(protocol):
                 self.refused += 1
-                self.open[protocol].abort()  # its connection_lost calls leave()
+                cut(self.open[protocol])
                 self.leave(protocol)
                 return True
         return False
@@ -669,7 +676,7 @@ class Door:
     def _expire(self, protocol: asyncio.BaseProtocol) -> None:
         self.waiting.pop(protocol, None)
         if protocol in self.open and not has_request(protocol):
-            self.open[protocol].abort()
+            cut(self.open[protocol])
 
     def requested(self, protocol: asyncio.BaseProtocol) -> None:
         timer = self.waiting.pop(protocol, None)
@@ -688,12 +695,22 @@ class Door:
         """Our writes to this connection back up (the transport paused writing)."""
         transport = self.open.get(protocol)
         if transport is not None and protocol not in self.stalled:
-            self.stalled[protocol] = asyncio.get_running_loop().call_later(self.stall_timeout, transport.abort)
+            self.stalled[protocol] = asyncio.get_running_loop().call_later(self.stall_timeout, cut, transport)
 
     def flowing(self, protocol: asyncio.BaseProtocol) -> None:
         timer = self.stalled.pop(protocol, None)
         if timer is not None:
             timer.cancel()
+
+
+def cut(transport: asyncio.BaseTransport) -> None:
+    """Close a connection at once with a reset: what we had not sent yet is dropped, rather than left to
+    the kernel to deliver for minutes to a peer that does not read (SO_LINGER 0, then abort)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
 
 
 def has_request(protocol: asyncio.BaseProtocol) -> bool:
@@ -1754,11 +1771,15 @@ def maintain(argv: list[str]) -> int:
         if argv == ["check"]:
             report = db.check(path)
             print(f"{path}: integrity {'ok' if report['ok'] else 'FAILED: ' + '; '.join(report['integrity'])}")
-            print(f"schema version {report['schema']}; {report['bookings']} booking(s) and "
+            schema = report["schema"] or "none (the original system's database, not yet upgraded)"
+            print(f"schema version {schema}; {report['bookings']} booking(s) and "
                   f"{report['closed_slots']} closed slot(s) over {report['days']} day(s); {report['events']} event(s)")
             return 0 if report["ok"] else 1
     except FileNotFoundError:
         print(f"no database at {path} (DATABASE_PATH)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         print(f"{path}: {exc}", file=sys.stderr)
@@ -1776,11 +1797,26 @@ def uvicorn_log_config(form: str) -> dict[str, Any]:
     return {**LOGGING_CONFIG, "formatters": {name: {"()": JsonFormatter} for name in LOGGING_CONFIG["formatters"]}}
 
 
+def preflight(settings: Settings) -> None:
+    """Stop with one line naming the setting if the address or the database cannot be used: uvicorn would
+    otherwise log "serving" first and fail later, and a worker would fail with a traceback."""
+    try:
+        socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SystemExit(f"HOST={settings.host!r} cannot be used: {exc.strerror or exc}") from None
+    try:
+        db.check_writable(settings.database_path)
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SystemExit(f"DATABASE_PATH={settings.database_path!r} cannot be used: {reason}") from None
+
+
 def main(argv: list[str]) -> None:
     import uvicorn
 
     if argv:
         raise SystemExit(maintain(argv))
+    preflight(SETTINGS)
 
     if SETTINGS.workers > 1 and not SETTINGS.session_secret:
         # One random secret for all the workers (they inherit the environment), so a token from one

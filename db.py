@@ -188,7 +188,8 @@ class SlotStore:
             "INSERT OR IGNORE INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
             [(today, id_, booked_by, booked_at or now) for id_, booked_by, booked_at in rows],
         )
-        self.conn.execute("UPDATE slots SET is_booked = 0, booked_by = NULL, booked_at = NULL")
+        # The original's own table is left as it was, so the original backend can run on this file again
+        # (it then shows its bookings as they were at the upgrade); meta's schema version marks the copy done.
         self._log(now, None, "migrate", today, None, "system",
                   f"{len(rows)} undated booking(s) from the original database (slots "
                   f"{', '.join(str(r[0]) for r in rows)}) moved to {today}")
@@ -500,7 +501,35 @@ def backup(source: str, target: str) -> int:
     with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
         live.execute("PRAGMA busy_timeout = 10000")
         live.backup(copy)
-        return copy.execute("SELECT COUNT(*) FROM bookings").fetchone()[0]
+        return _counts(copy)["bookings"]
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The schema version and what the database holds; an original system's database (not yet upgraded,
+    so without meta, bookings or events) has schema None and its booked slots counted."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if "meta" in tables else None
+    if "bookings" in tables:
+        booked, closed, days = conn.execute(
+            "SELECT COALESCE(SUM(NOT closed), 0), COALESCE(SUM(closed), 0), COUNT(DISTINCT date) FROM bookings"
+        ).fetchone()
+    elif "slots" in tables:
+        booked, closed, days = conn.execute("SELECT COUNT(*) FROM slots WHERE is_booked").fetchone()[0], 0, 1
+    else:
+        booked = closed = days = 0
+    events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] if "events" in tables else 0
+    return {"schema": schema[0] if schema else None, "bookings": booked, "closed_slots": closed, "days": days,
+            "events": events}
+
+
+def check_writable(path: str) -> None:
+    """Raise OSError or sqlite3.Error if the server could not create or write the database at path."""
+    if path == ":memory:":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
 
 
 def check(path: str) -> dict[str, Any]:
@@ -511,17 +540,4 @@ def check(path: str) -> dict[str, Any]:
     with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        booked, closed, days = conn.execute(
-            "SELECT COALESCE(SUM(NOT closed), 0), COALESCE(SUM(closed), 0), COUNT(DISTINCT date) FROM bookings"
-        ).fetchone()
-        events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    return {
-        "ok": problems == ["ok"],
-        "integrity": problems,
-        "schema": schema[0] if schema else None,
-        "bookings": booked,
-        "closed_slots": closed,
-        "days": days,
-        "events": events,
-    }
+        return {"ok": problems == ["ok"], "integrity": problems, **_counts(conn)}

@@ -51,11 +51,14 @@ class AuthBusy(AuthUnavailable):
 
 
 class Throttled(Exception):
-    """Too many failed guesses lately for this username (from this address) or from this address."""
+    """Too many failed guesses lately for this username (from this address) or from this address.
 
-    def __init__(self, retry_after: int) -> None:
+    ``key`` names the guard entry whose delay refused it, when waiting ``retry_after`` is sure to be enough."""
+
+    def __init__(self, retry_after: int, key: str = "") -> None:
         super().__init__(retry_after)
-        self.retry_after = retry_after
+        self.retry_after = max(1, retry_after)
+        self.key = key
 
 
 class PesuChecker:
@@ -344,16 +347,19 @@ class Guard:
 
     - Per (username, address): ``free_fails`` failed checks in a window go at once; after that, one check
       at a time, each after a delay that doubles with every further failure (1 s, 2 s, 4 s ... up to
-      ``max_delay``). A success forgets the pair. Other addresses are not affected at all.
-    - Per address: a bucket of ``address_fails`` failed checks, refilled at that many per window, so one
-      address cannot spray a password over many usernames. Each member who signs in successfully from the
-      address (once per window) earns it two back, so a campus behind one address is not slowed by typos.
-    - Checks count from the moment they are let through (concurrent guesses cannot all slip past), and a
-      check PESU could not answer is given back. A check whose worker died is given back after ``stale``.
+      ``max_delay``). A success forgets the pair. Other addresses are not affected at all. Checks count
+      from the moment they are let through, so guesses sent at the same instant cannot all slip past.
+    - Per address: a budget of ``address_fails`` failed checks, refilled at that many per window, so one
+      address cannot spray a password over many usernames. Only failures spend it (members behind one
+      address signing in at the same moment are never refused for each other's checks in flight); checks
+      already in flight when it runs out may overdraw it, and the overdraft is repaid before the address may
+      check again. Each member who signs in successfully from the address (once per window) earns it two.
+    - A check PESU could not answer is given back; one whose worker died is given back after ``stale``.
 
     ``0`` turns either limit off. The state lives in the database (``store``), read and changed in one
     transaction per step, so the limits hold across worker processes; each entry is forgotten a window
-    after its last change.
+    after its last change. A refusal is remembered in memory until it ends, so a flood of refused attempts
+    costs no database work.
     """
 
     def __init__(
@@ -373,10 +379,23 @@ class Guard:
         self.clock = clock
         self.max_delay = max_delay
         self.stale = stale
+        # pair or address key -> when its refusal ends, as the database last said
+        self.refused: TTLCache[str, float] = TTLCache(100_000, max(window, max_delay), timer=clock)
 
     async def admit(self, username: str, address: str) -> Attempt:
         """Let one check through to PESU, or raise Throttled with the seconds to wait."""
-        return await self.store.run(self._admit, username.upper(), address, self.clock())
+        now = self.clock()
+        pair = orjson.dumps(["pair", username.upper(), address]).decode()
+        bucket = "bucket " + address
+        until = max(self.refused.get(pair, 0.0), self.refused.get(bucket, 0.0))
+        if until > now:
+            raise Throttled(max(1, math.ceil(until - now)))
+        try:
+            return await self.store.run(self._admit, pair, address, now)
+        except Throttled as exc:
+            if exc.key:
+                self.refused[exc.key] = now + exc.retry_after
+            raise
 
     async def settle(self, attempt: Attempt, outcome: str, srn: str = "") -> None:
         """Record how a check let through went: "ok", "invalid" or "unavailable"."""
@@ -386,19 +405,19 @@ class Guard:
         tokens, at = entries.get("bucket " + address) or (float(self.address_fails), now)
         return min(float(self.address_fails), tokens + (now - at) * self.address_fails / self.window)
 
-    def _admit(self, entries: Entries, username: str, address: str, now: float) -> Attempt:
-        key = orjson.dumps(["pair", username, address]).decode()
+    def _admit(self, entries: Entries, key: str, address: str, now: float) -> Attempt:
         fails, next_at, inflight, since = entries.get(key) or (0, 0.0, 0, now)
         if inflight and now - since > self.stale:
             inflight = 0
         if self.free_fails and fails + inflight >= self.free_fails:
-            if inflight or now < next_at:
-                raise Throttled(max(1, math.ceil(next_at - now)))
+            if now < next_at:
+                raise Throttled(math.ceil(next_at - now), key)
+            if inflight:
+                raise Throttled(1)  # one at a time now: the check in flight decides the next delay
         if self.address_fails:
             tokens = self._tokens(entries, address, now)
             if tokens < 1:
-                raise Throttled(max(1, math.ceil((1 - tokens) * self.window / self.address_fails)))
-            entries.put("bucket " + address, (tokens - 1, now), self.window)
+                raise Throttled(math.ceil((1 - tokens) * self.window / self.address_fails), "bucket " + address)
         entries.put(key, (fails, next_at, inflight + 1, now), self.window)
         return Attempt(key, address)
 
@@ -415,11 +434,13 @@ class Guard:
                     if fails >= self.free_fails:
                         next_at = now + min(2.0 ** (fails - self.free_fails), self.max_delay)
                 entries.put(attempt.pair, (fails, next_at, inflight, since), self.window)
-        if self.address_fails and outcome != "invalid":
-            refund = 1.0
-            credit = orjson.dumps(["credit", attempt.address, srn]).decode()
-            if outcome == "ok" and entries.get(credit) is None:
+        if self.address_fails and outcome != "unavailable":
+            change = -1.0
+            if outcome == "ok":
+                credit = orjson.dumps(["credit", attempt.address, srn]).decode()
+                if entries.get(credit) is not None:
+                    return
                 entries.put(credit, 1, self.window)
-                refund += 2
-            tokens = min(float(self.address_fails), self._tokens(entries, attempt.address, now) + refund)
+                change = 2.0
+            tokens = min(float(self.address_fails), self._tokens(entries, attempt.address, now) + change)
             entries.put("bucket " + attempt.address, (tokens, now), self.window)

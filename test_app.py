@@ -620,7 +620,7 @@ def test_bookings_survive_a_restart(settings: Settings) -> None:
 def test_an_original_database_opens_with_its_bookings(settings: Settings) -> None:
     """A database made by the original system before it tracked users: no booked_by column."""
     Path(settings.database_path).parent.mkdir(parents=True)
-    with sqlite3.connect(settings.database_path) as conn:
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as conn:
         conn.execute("""CREATE TABLE slots (id INTEGER PRIMARY KEY, start_time TEXT NOT NULL,
             end_time TEXT NOT NULL, is_booked BOOLEAN DEFAULT FALSE, booked_at DATETIME DEFAULT NULL,
             created_at DATETIME DEFAULT CURRENT_TIMESTAMP, updated_at DATETIME DEFAULT CURRENT_TIMESTAMP)""")
@@ -628,6 +628,7 @@ def test_an_original_database_opens_with_its_bookings(settings: Settings) -> Non
             conn.execute("INSERT INTO slots (id, start_time, end_time, is_booked, booked_at) VALUES (?, ?, ?, ?, ?)",
                          (hour, f"{hour:02d}:00", f"{hour + 1:02d}:00", hour in (6, 9),
                           "2025-07-28 10:15:30" if hour in (6, 9) else None))
+        conn.commit()
     with running(settings) as service:
         slots = service.slots()
         assert slots["booked_slots"] == [6, 9]
@@ -640,6 +641,36 @@ def test_an_original_database_opens_with_its_bookings(settings: Settings) -> Non
         log = service.http.post("/admin/history", json=body()).json()["events"]
         assert [e["action"] for e in log] == ["book", "migrate"]
         assert log[1]["note"].startswith("2 undated booking(s) from the original database")
+
+
+@pytest.mark.parametrize("tracked_users", [False, True])  # the original's first schema, and its later one
+def test_upgrading_from_the_original_backend_and_back(settings: Settings, tmp_path: Path, tracked_users: bool) -> None:
+    database = Path(settings.database_path)
+    database.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        conn.execute(f"""CREATE TABLE slots (id INTEGER PRIMARY KEY, start_time TEXT NOT NULL,
+            end_time TEXT NOT NULL, is_booked BOOLEAN DEFAULT FALSE,
+            {"booked_by TEXT DEFAULT NULL," if tracked_users else ""} booked_at DATETIME DEFAULT NULL,
+            created_at DATETIME DEFAULT CURRENT_TIMESTAMP, updated_at DATETIME DEFAULT CURRENT_TIMESTAMP)""")
+        for hour in range(3, 15):
+            conn.execute("INSERT INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, ?)",
+                         (hour, f"{hour:02d}:00", f"{hour + 1:02d}:00", hour in (6, 9)))
+        conn.commit()
+    before = run_app("check", database=str(database))  # before the first start: the README's first step
+    assert before.returncode == 0 and "integrity ok" in before.stdout
+    assert "schema version none (the original system's database, not yet upgraded); 2 booking(s)" in before.stdout
+    saved = run_app("backup", str(tmp_path / "before-upgrade.db"), database=str(database))
+    assert saved.returncode == 0 and "2 booking(s)" in saved.stdout
+
+    with running(settings) as service:
+        assert service.slots()["booked_slots"] == [6, 9]
+        assert service.book(7).status_code == 200
+    after = run_app("check", database=str(database))
+    assert after.returncode == 0 and "schema version 2; 3 booking(s)" in after.stdout
+
+    with contextlib.closing(sqlite3.connect(database)) as conn:  # rolling back: what the original reads
+        kept = conn.execute("SELECT id FROM slots WHERE is_booked ORDER BY id").fetchall()
+    assert kept == [(6,), (9,)]  # its bookings as they were at the upgrade; 7 lives only in rero-slots
 
 
 def test_only_the_srn_is_stored_never_a_password(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
@@ -831,6 +862,14 @@ def test_two_hundred_members_behind_one_address_with_typos_are_never_slowed(serv
                             .status_code)
         statuses.append(service.http.post("/auth/login", json={"username": member, "password": PASSWORD}).status_code)
     assert len(USERS) == 200 and 429 not in statuses and statuses.count(200) == 200
+
+
+def test_members_signing_in_at_the_same_moment_behind_one_address_are_not_refused(
+    settings: Settings, slow_pesu: FakePesu
+) -> None:
+    with running(replace(settings, pesu_timeout=5)) as service:  # the whole lab opens the page at once
+        answers = logins_at_once(service.server.url, [{"username": m, "password": PASSWORD} for m in USERS])
+    assert [a.status_code for a in answers] == [200] * 200
 
 
 def test_a_login_flood_queues_for_pesu_and_members_with_tokens_keep_booking(settings: Settings,
@@ -1470,6 +1509,35 @@ def test_settings_come_from_the_environment() -> None:
         Settings.from_env({"SLOT_START_HOUR": "15", "SLOT_END_HOUR": "3"})
 
 
+@pytest.mark.parametrize("name, value", [
+    ("LOG_LEVEL", "warn"), ("PORT", "70000"), ("CACHE_DURATION_MINUTES", "-5"), ("WS_RATE_PER_SECOND", "nan"),
+    ("SEND_TIMEOUT_SECONDS", "inf"), ("WORKERS", "0"), ("METRICS", "2"), ("PESU_AUTH_URL", "not-a-url"),
+    ("SLOT_END_HOUR", "25"), ("LOGIN_FAIL_WINDOW_MINUTES", "0"),
+])
+def test_a_bad_setting_stops_start_up_with_one_line_naming_it(name: str, value: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        Settings.from_env({name: value})
+    assert str(stopped.value).startswith(f"{name}={value!r}")
+
+
+@pytest.mark.parametrize("name, value", [("HOST", "no-such-host.invalid"),
+                                         ("DATABASE_PATH", "/etc/hostname/rero.db"), ("LOG_LEVEL", "warn")])
+def test_python_app_py_refuses_a_bad_setting_without_a_traceback(settings: Settings, name: str, value: str) -> None:
+    env = {**os.environ, "DATABASE_PATH": settings.database_path, "PORT": str(free_port()), name: value}
+    ran = subprocess.run([sys.executable, str(HERE / "app.py")], env=env, cwd=HERE, capture_output=True,
+                         text=True, timeout=30)
+    assert ran.returncode != 0 and "Traceback" not in ran.stderr + ran.stdout
+    assert ran.stderr.strip().count("\n") == 0 and ran.stderr.startswith(f"{name}={value!r}")
+
+
+def test_an_unsupported_python_is_told_in_one_line() -> None:
+    pretend = ("import runpy, sys; sys.version_info = (3, 10, 13, 'final', 0); "
+               "runpy.run_path('app.py', run_name='__main__')")
+    ran = subprocess.run([sys.executable, "-c", pretend], cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 1 and ran.stderr.strip().startswith("rero-slots needs Python 3.11 or newer")
+    assert "Traceback" not in ran.stderr
+
+
 def test_slot_hours_follow_the_settings(settings: Settings) -> None:
     with running(replace(settings, slot_start_hour=8, slot_end_hour=10)) as service:
         slots = service.slots()["slots"]
@@ -1795,7 +1863,7 @@ def test_backup_copies_a_running_database_and_check_reads_it(settings: Settings,
     checked = run_app("check", database=str(copy))
     assert checked.returncode == 0
     assert "integrity ok" in checked.stdout and "schema version 2; 2 booking(s)" in checked.stdout
-    with sqlite3.connect(copy) as conn:
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("SELECT slot_id FROM bookings WHERE date = ? ORDER BY slot_id", (day,)).fetchall() == [
             (5,), (6,)]
 
