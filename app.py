@@ -1695,10 +1695,11 @@ def create_app(
             counters = Metrics()
             checker.on_upstream = counters.observe_upstream
             watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
-            logger.info(
-                "rero-slots %s serving http://%s:%d, database %s, PESU %s",
-                __version__, settings.host, settings.port, settings.database_path, public_url(settings.pesu_auth_url),
-            )
+            # (not the address: uvicorn names the one it really listens on, whichever way it was started)
+            logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
+                        public_url(settings.pesu_auth_url))
+            if not settings.session_secret:
+                logger.info("SESSION_SECRET is not set: tokens end when this process does (see README)")
             logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d",
                         files, connections, listeners)
             restore_sigterm = close_sockets_on_sigterm(hub)

@@ -201,7 +201,7 @@ class PesuChecker:
                 finally:
                     await response.aclose()
         except (httpx.HTTPError, asyncio.TimeoutError) as exc:
-            raise AuthUnavailable(describe(exc, self.deadline)) from None
+            raise AuthUnavailable(describe(exc, self.deadline, self.client.timeout)) from None
         finally:
             self.on_upstream(time.perf_counter() - started)
         if status == 401:
@@ -242,10 +242,14 @@ async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
     return bytes(body)
 
 
-def describe(exc: BaseException, deadline: float) -> str:
-    """Why PESU could not be asked, for the log: the error's kind and its cause, never the request."""
+def describe(exc: BaseException, deadline: float, timeout: httpx.Timeout) -> str:
+    """Why PESU could not be asked, for the log: the error and its root cause, never the request."""
     if isinstance(exc, asyncio.TimeoutError):
         return f"no answer within {deadline:g} s"
+    if isinstance(exc, httpx.TimeoutException):
+        phase = {httpx.ConnectTimeout: timeout.connect, httpx.ReadTimeout: timeout.read,
+                 httpx.WriteTimeout: timeout.write, httpx.PoolTimeout: timeout.pool}.get(type(exc))
+        return f"{type(exc).__name__} after {phase:g} s" if phase else type(exc).__name__
     cause = exc
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]

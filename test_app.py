@@ -1309,6 +1309,21 @@ def test_the_readmes_nginx_snippet_passes_nginx_t(tmp_path: Path) -> None:
     assert "location /events" in snippet and "proxy_buffering off" in snippet
 
 
+def test_the_readmes_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    unit = (HERE / "README.md").read_text().split("```ini\n", 1)[1].split("```", 1)[0]
+    for needed in ("Wants=network-online.target", "StateDirectory=rero-slots", "EnvironmentFile=/etc/rero-slots.env",
+                   "LimitNOFILE=", "NoNewPrivileges=yes", "ProtectSystem=strict", "User=rero"):
+        assert needed in unit
+    # as printed, but for the interpreter, which exists only once the README's steps have made the venv
+    (tmp_path / "rero-slots.service").write_text(unit.replace("/opt/rero-slots/.venv/bin/python", sys.executable))
+    checked = subprocess.run([analyze, "verify", str(tmp_path / "rero-slots.service")], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+
+
 def test_sockets_are_not_compressed_unless_asked_for(settings: Settings) -> None:
     for compression, answer in ((False, None), (True, "permessage-deflate")):
         with running(replace(settings, ws_compression=compression)) as service:
@@ -1373,6 +1388,20 @@ def pesu_transport(calls: list[str], answer: Any = None) -> httpx.MockTransport:
         return httpx.Response(401, json={"status": False})
 
     return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("url, username, cause", [
+    ("http://pesu.invalid/authenticate", ALICE, "ConnectError: "),  # the resolver's own words follow
+    (None, "SLOW" + ALICE, "ReadTimeout after 0.5 s"),
+    (None, "DOWN" + ALICE, "HTTP 503"),
+])
+def test_pesu_trouble_is_logged_with_its_url_and_cause(settings: Settings, caplog: pytest.LogCaptureFixture,
+                                                       url: str | None, username: str, cause: str) -> None:
+    with running(replace(settings, pesu_auth_url=url or settings.pesu_auth_url)) as service:
+        answer = service.http.post("/auth/login", json={"username": username, "password": PASSWORD})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "30"
+    warning = next(r.getMessage() for r in caplog.records if "PESU auth unavailable" in r.getMessage())
+    assert (url or settings.pesu_auth_url) in warning and cause in warning and PASSWORD not in warning
 
 
 def test_successful_logins_are_cached_until_the_ttl_passes() -> None:
