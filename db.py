@@ -424,18 +424,9 @@ class GuardStore:
         self._conn = conn
 
     def _close(self) -> None:
-        for conn in (self._conn, self._probe):
-            if conn is not None:
-                conn.close()
-        self._conn = self._probe = None
-
-    def data_version(self) -> int | None:
-        """A number that changes whenever any connection, in any process, commits to the file (this one's
-        own writes included); None for ":memory:". Called on the event loop: it reads SQLite's shared
-        memory, never the disk, in a few microseconds, so a cache can be checked without a thread hop."""
-        if self._probe is None:
-            return None
-        return self._probe.execute("PRAGMA data_version").fetchone()[0]
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(entries, *args)`` inside one write transaction: what it reads, no other worker changes

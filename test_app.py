@@ -145,6 +145,7 @@ class ServerThread:
         self.thread.join(10)
         self.sock.close()
         assert not self.thread.is_alive(), "server did not shut down within 10 s"
+        assert not self.server.lifespan.shutdown_failed, "the app's shutdown failed (see the log)"
 
     @property
     def url(self) -> str:
