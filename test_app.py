@@ -906,8 +906,8 @@ def test_a_socket_that_floods_is_warned_then_closed_with_1008(settings: Settings
         time.sleep(2.2)  # one message allowed again
         assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
         ws = service.socket()  # a full bucket
-        for _ in range(60):  # a burst: 5 answered, a warning, 5 more refused, then the close
-            ws.send('{"type": "get_slots"}')
+        # a burst of 60 in one write: 5 answered, a warning, 5 more refused, then the close (the rest unread)
+        ws.socket.sendall(client_frame(b'{"type": "get_slots"}') * 60)
         received = []
         with pytest.raises(ConnectionClosed) as closed:
             while True:
