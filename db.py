@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +129,7 @@ class SlotStore:
         self.hours = list(hours)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._probe: sqlite3.Connection | None = None
+        self.generation: Generation | None = None  # None for ":memory:"
         self._data_version = 0  # no connection reports 0: the first look reads everything
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -159,8 +161,7 @@ class SlotStore:
         conn.execute("PRAGMA synchronous = FULL")
         self._conn = conn
         if self.path != ":memory:":
-            # Read from the event loop's thread, for data_version alone (see data_version()).
-            self._probe = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.generation = Generation(self.path + "-gen")
         with self._transaction():
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
@@ -195,18 +196,17 @@ class SlotStore:
                   f"{', '.join(str(r[0]) for r in rows)}) moved to {today}")
 
     def _close(self) -> None:
-        for conn in (self._conn, self._probe):
-            if conn is not None:
-                conn.close()
-        self._conn = self._probe = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self.generation is not None:
+            self.generation.close()
+            self.generation = None
 
-    def data_version(self) -> int | None:
-        """A number that changes whenever any connection, in any process, commits to the file (this one's
-        own writes included); None for ":memory:". Called on the event loop: it reads SQLite's shared
-        memory, never the disk, in a few microseconds, so a cache can be checked without a thread hop."""
-        if self._probe is None:
-            return None
-        return self._probe.execute("PRAGMA data_version").fetchone()[0]
+    def stamp(self) -> bytes | None:
+        """What the database's generation is now (see Generation); None for ":memory:". A memory read, so
+        the event loop can check a cache without a thread hop or a system call."""
+        return None if self.generation is None else self.generation.read()
 
     # -- reads ------------------------------------------------------------------------------------------
 
@@ -233,6 +233,8 @@ class SlotStore:
         if data_version == self._data_version:
             return None
         self._data_version = data_version
+        if self.generation is not None:
+            self.generation.bump()  # someone else committed, perhaps not through this module: caches go
         days = self.conn.execute(
             "SELECT date, MAX(id) FROM events WHERE id > ? GROUP BY date", (version,)
         ).fetchall()
@@ -323,7 +325,10 @@ class SlotStore:
     def _write(self, fn: Callable[[], tuple[str, str | None]], date: str) -> Change:
         with self._transaction():
             outcome, booked_by = fn()
-            return Change(outcome, self._version(), self._day(date), booked_by)
+            change = Change(outcome, self._version(), self._day(date), booked_by)
+        if self.generation is not None and outcome == "ok":
+            self.generation.bump()  # after the commit, so a reader that sees the old generation read before it
+        return change
 
     async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str) -> Change:
         """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"."""
@@ -464,6 +469,33 @@ class _Entries:
 
     def delete(self, key: str) -> None:
         self.conn.execute("DELETE FROM guard WHERE key = ?", (key,))
+
+
+class Generation:
+    """Eight bytes in a file beside the database (``rero.db-gen``), mapped into the memory of every process
+    that uses it: each bumps it after every commit that changes bookings, so any of them can tell with one
+    memory read whether something may have changed since it last looked.
+
+    A reader takes the generation *before* it reads the database, a writer bumps it *after* it commits:
+    then a cache keyed by the generation is never older than its key says. Two bumps at once may both
+    write the same new value; either way the value moved on, which is all a reader asks.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.file = open(path, "a+b")  # noqa: SIM115 (kept open: the mapping needs it)
+        if os.fstat(self.file.fileno()).st_size < 8:
+            self.file.truncate(8)
+        self.map = mmap.mmap(self.file.fileno(), 8)
+
+    def read(self) -> bytes:
+        return self.map[:8]
+
+    def bump(self) -> None:
+        self.map[:8] = ((int.from_bytes(self.map[:8], "little") + 1) % (1 << 64)).to_bytes(8, "little")
+
+    def close(self) -> None:
+        self.map.close()
+        self.file.close()
 
 
 class _Transaction:

@@ -92,11 +92,12 @@ class Board:
         self.seen = 0  # the newest event id whose change this process has taken in
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
         self.serial = 0  # states built so far
-        # srn -> (data_version, today, rows of their bookings from today on), for POST /my-bookings
-        self.bookings: LRUCache[str, tuple[int, str, list[tuple[str, int, str]]]] = LRUCache(maxsize=10_000)
+        # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
+        self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's day last seen: its start and end in UTC, and its date (an empty span until first asked)
         self._span = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "")
+        self._hour = (*self._span[:2], "", 0)  # likewise for the hour
 
     # -- time -----------------------------------------------------------------------------------------
 
@@ -117,6 +118,19 @@ class Board:
             today = day.isoformat()
             self._span = (start, end, today)
         return today
+
+    def hour(self) -> tuple[str, int]:
+        """The club's date and hour, worked out again only when the clock leaves the hour (in UTC bounds)
+        it was last in: POST /my-bookings asks on every request."""
+        now = self.clock()
+        start, end, date, hour = self._hour
+        if not start <= now < end:
+            local = now.astimezone(self.rules.timezone)
+            start = local.replace(minute=0, second=0, microsecond=0).astimezone(timezone.utc)
+            end = start + timedelta(hours=1)
+            date, hour = local.date().isoformat(), local.hour
+            self._hour = (start, end, date, hour)
+        return date, hour
 
     def resolve(self, value: Any) -> str:
         """The date a request names, or today when it names none."""
@@ -288,28 +302,29 @@ class Board:
             "open": f"Slot {slot_id} on {date} is not closed",
         })
 
-    async def bookings_of(self, srn: str) -> list[dict[str, Any]]:
-        """srn's bookings that have not ended yet, oldest first.
+    async def bookings_body(self, srn: str) -> bytes:
+        """The body of POST /my-bookings for srn: their bookings that have not ended yet, oldest first.
 
-        Read from memory while nothing has been committed to the database since (by any process), which
-        ``data_version`` tells without leaving the event loop: exact across workers, and no thread hop.
+        Encoded once, and answered from memory while nothing has been committed to the database since (by
+        any process), which the store's generation tells with one memory read: exact across workers, and
+        no thread hop. The clock's hour is part of the key, since a booking drops out as it ends.
         """
-        now = self.now()
-        today = now.date().isoformat()
-        version = self.store.data_version()
+        key = (self.store.stamp(), *self.hour())
         cached = self.bookings.get(srn)
-        if version is not None and cached is not None and cached[0] == version and cached[1] == today:
-            rows = cached[2]
-        else:
-            rows = await self.store.upcoming_of(srn, today, 0)
-            if version is not None:
-                self.bookings[srn] = (version, today, rows)  # the version read before: never newer than rows
-        return [
+        if key[0] is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        today, hour = key[1], key[2]
+        rows = await self.store.upcoming_of(srn, today, hour)
+        bookings = [
             {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00",
              "booked_at": booked_at, "date": date}
             for date, slot_id, booked_at in rows
-            if slot_id in self.rules.hours and (date > today or slot_id >= now.hour)
+            if slot_id in self.rules.hours
         ]
+        body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings)})
+        if key[0] is not None:
+            self.bookings[srn] = (key, body)  # the version read before the rows: never newer than they are
+        return body
 
     async def history(
         self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int
