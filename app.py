@@ -730,20 +730,41 @@ def door_of(protocol: Any) -> Door | None:
     return protocol.app_state.get("door")
 
 
-class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door."""
+class Counted:
+    """What both guarded protocols do: enter the Door when a connection is made, leave it when lost, and
+    tell it when our writes to the peer back up and when they flow again. (A mixin: ``super()`` is uvicorn's
+    protocol.)"""
+
+    requested = False  # whether a connection already carries a whole request when it reaches us
+    app_state: dict[str, Any]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         door = door_of(self)
         if door is not None:
-            door.enter(self, transport, requested=False)  # type: ignore[arg-type]
+            door.enter(self, transport, requested=self.requested)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         door = door_of(self)
         if door is not None:
-            door.leave(self)
-        super().connection_lost(exc)
+            door.leave(self)  # type: ignore[arg-type]
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        door = door_of(self)
+        if door is not None:
+            door.stall(self)  # type: ignore[arg-type]
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        door = door_of(self)
+        if door is not None:
+            door.flowing(self)  # type: ignore[arg-type]
+
+
+class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door."""
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -757,23 +778,11 @@ class GuardedHttp(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             door.leave(self)  # the WebSocket protocol that takes over the connection enters it anew
         super().handle_websocket_upgrade(*args)
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        door = door_of(self)
-        if door is not None:
-            door.stall(self)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        door = door_of(self)
-        if door is not None:
-            door.flowing(self)
-
 
 PONG_BACKLOG = 64 * 1024  # bytes of our own writes waiting for a peer, past which we stop reading from it
 
 
-class GuardedWebSocket(WebSocketsSansIOProtocol):
+class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol (its default with websockets installed), counted by the Door,
     with back-pressure on what the peer makes us write.
 
@@ -783,18 +792,8 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
     drain within its stall timeout: one such client costs at most one read (256 KiB) past PONG_BACKLOG.
     """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.held_back = False  # reading paused by us, for our writes to drain
-        door = door_of(self)
-        if door is not None:
-            door.enter(self, transport, requested=True)  # type: ignore[arg-type]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        door = door_of(self)
-        if door is not None:
-            door.leave(self)
-        super().connection_lost(exc)
+    requested = True  # it was an HTTP request first
+    held_back = False  # reading paused by us, for our writes to drain
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -802,17 +801,8 @@ class GuardedWebSocket(WebSocketsSansIOProtocol):
             self.held_back = True
             self.transport.pause_reading()
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        door = door_of(self)
-        if door is not None:
-            door.stall(self)
-
     def resume_writing(self) -> None:
         super().resume_writing()
-        door = door_of(self)
-        if door is not None:
-            door.flowing(self)
         if self.held_back:
             self.held_back = False
             if not self.read_paused:  # uvicorn's own pause (a message the app has not taken yet) stays

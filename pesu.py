@@ -90,14 +90,11 @@ class PesuChecker:
         # The client's timeouts bound each read and write; this bounds the whole call, so a server that
         # trickles bytes cannot hold a member's request for long.
         self.deadline = deadline
-        self.cache: TTLCache[bytes, dict[str, Any]] = (
-            TTLCache(maxsize, ttl_seconds, timer=timer) if timer else TTLCache(maxsize, ttl_seconds)
-        )
+        timer = timer or time.monotonic  # TTLCache's own default
+        self.cache: TTLCache[bytes, dict[str, Any]] = TTLCache(maxsize, ttl_seconds, timer=timer)
         # srn -> (tag of the password PESU last accepted, the cache keys it was accepted under), so that a
         # new password accepted by PESU retires the old one here at once.
-        self._passwords: TTLCache[str, tuple[bytes, set[bytes]]] = (
-            TTLCache(maxsize, ttl_seconds, timer=timer) if timer else TTLCache(maxsize, ttl_seconds)
-        )
+        self._passwords: TTLCache[str, tuple[bytes, set[bytes]]] = TTLCache(maxsize, ttl_seconds, timer=timer)
         self._secret = os.urandom(32)
         self._inflight: dict[bytes, asyncio.Task[dict[str, Any]]] = {}
         self.guard = guard
