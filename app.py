@@ -90,6 +90,8 @@ class Settings:
     booking_grace_minutes: int = 30
     max_bookings_per_day: int = 0  # 0 = no limit
     max_upcoming_bookings: int = 0  # 0 = no limit
+    waitlist_per_slot: int = 5  # members waiting for one slot; 0 = no limit
+    waitlist_per_member: int = 3  # slots one member may wait for at once; 0 = no limit
     admin_srns: frozenset[str] = frozenset()
     send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
     request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
@@ -166,6 +168,8 @@ class Settings:
             booking_grace_minutes=get("BOOKING_GRACE_MINUTES", int, cls.booking_grace_minutes, 0, 60),
             max_bookings_per_day=get("MAX_BOOKINGS_PER_DAY", int, cls.max_bookings_per_day, 0, 24),
             max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings, 0, 100_000),
+            waitlist_per_slot=get("WAITLIST_PER_SLOT", int, cls.waitlist_per_slot, 0, 1000),
+            waitlist_per_member=get("WAITLIST_PER_MEMBER", int, cls.waitlist_per_member, 0, 1000),
             admin_srns=get("ADMIN_SRNS", lambda v: frozenset(s.upper() for s in words(v)), cls.admin_srns),
             session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
             session_minutes=get("SESSION_MINUTES", float, cls.session_minutes, 1, 366 * 24 * 60),
@@ -207,6 +211,8 @@ class Settings:
             max_per_day=self.max_bookings_per_day,
             max_upcoming=self.max_upcoming_bookings,
             admins=self.admin_srns,
+            waitlist_per_slot=self.waitlist_per_slot,
+            waitlist_per_member=self.waitlist_per_member,
         )
 
     @property
@@ -1100,6 +1106,8 @@ MESSAGES = {
     "cancel": "Slot {} booking cancelled successfully",
     "close": "Slot {} closed",
     "open": "Slot {} reopened",
+    "join": "In line for slot {}",  # the board says where
+    "leave": "Left the waitlist for slot {}",
 }
 
 
@@ -1109,8 +1117,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
     async def endpoint(request: Request[State]) -> Response:
         ask = await parse(request, slot=True)
         srn = await identify(request.state, ask)
-        await change(request.state, action, ask, srn, via="http")
-        message = MESSAGES[action].format(ask.slot_id)
+        message = await change(request.state, action, ask, srn, via="http")
         return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
 
     endpoint.__name__ = f"{action}_slot"
@@ -1154,17 +1161,23 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
-async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> None:
-    """Book, cancel, close or reopen (the board hands the new state to the hub, which broadcasts it).
+async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> str:
+    """Book, cancel, close, reopen, join or leave a waitlist; the sentence that answers it (the board hands
+    the new state to the hub, which broadcasts it).
 
     A refusal is a 400 with the rules' own sentence (403 where only admins may).
     """
     board = state["board"]
+    message = MESSAGES[action].format(ask.slot_id)
     try:
         if action == "book":
             await board.book(ask.date, ask.slot_id, srn, via)
         elif action == "cancel":
             await board.cancel(ask.date, ask.slot_id, srn, via)
+        elif action == "join":
+            message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
+        elif action == "leave":
+            await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
         else:
             await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
     except Forbidden as exc:
@@ -1174,7 +1187,7 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
-    
+    return message
 
 
 # -- the live feed for curl and EventSource ----------------------------------------------------------------
@@ -1257,6 +1270,8 @@ class RateLimit:
 SOCKET_ACTIONS = {
     "book_slot": ("book", "booking_response", "booking"),
     "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
+    "join_waitlist": ("join", "waitlist_response", "waitlist"),
+    "leave_waitlist": ("leave", "waitlist_response", "waitlist"),
 }
 
 
@@ -1343,14 +1358,14 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         srn = await identify(state, ask)
         # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
         # and it leaves to the pump any listener with replies waiting, so the booker hears first.
-        await change(state, action, ask, srn, via="websocket")
+        message = await change(state, action, ask, srn, via="websocket")
     except HTTPException as exc:
         if exc.status_code == 401 and ask.token is None:
             return respond(False, "Authentication failed. Invalid credentials.")
         if exc.status_code == 503:
             return respond(False, "Authentication service unavailable. Please try again later.")
         return respond(False, str(exc.detail))
-    respond(True, MESSAGES[action].format(ask.slot_id))
+    respond(True, message)
 
 
 # -- API documentation ---------------------------------------------------------------------------------------
@@ -1378,9 +1393,12 @@ SCHEMAS: dict[str, Any] = {
     "HistoryRequest": _obj([], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
                            srn=STRING, page={"type": "integer", "minimum": 1},
                            page_size={"type": "integer", "minimum": 1, "maximum": 500}),
-    "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "date"],
+    "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "status",
+                  "waiting", "date"],
                  id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
-                 booked_at=NULLABLE_STRING, closed=BOOLEAN, date=STRING),
+                 booked_at=NULLABLE_STRING, closed=BOOLEAN,
+                 status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
+                 date=STRING),
     "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
                   available_slots={"type": "array", "items": INTEGER}, booked_slots={"type": "array", "items": INTEGER}),
     "Root": _obj(["message", "websocket_endpoint", "active_connections", "booked_slots"], message=STRING,
@@ -1401,10 +1419,14 @@ SCHEMAS: dict[str, Any] = {
     "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
     "TokenBody": _obj([], token=STRING),
     "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
-    "MyBookings": _obj(["success", "bookings", "total_bookings"], success=BOOLEAN, total_bookings=INTEGER,
+    "MyBookings": _obj(["success", "bookings", "total_bookings", "waitlist"], success=BOOLEAN,
+                       total_bookings=INTEGER,
                        bookings={"type": "array", "items": _obj(["id", "start_time", "end_time", "booked_at", "date"],
                                                                 id=INTEGER, start_time=STRING, end_time=STRING,
-                                                                booked_at=STRING, date=STRING)}),
+                                                                booked_at=STRING, date=STRING)},
+                       waitlist={"type": "array", "items": _obj(["id", "start_time", "end_time", "date", "position"],
+                                                                id=INTEGER, start_time=STRING, end_time=STRING,
+                                                                date=STRING, position=INTEGER)}),
     "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
                     page=INTEGER, page_size=INTEGER,
                     events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via", "note"],
@@ -1473,7 +1495,12 @@ def openapi_document() -> dict[str, Any]:
         "/auth/logout": {"post": operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
                                            "TokenBody", secured=True)},
         "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
-        "/cancel-slot": {"post": operation("Cancel your booking", "SlotDone", member, "SlotRequest", secured=True)},
+        "/cancel-slot": {"post": operation("Cancel your booking (the slot goes to the first in its waitlist who "
+                                           "may take it)", "SlotDone", member, "SlotRequest", secured=True)},
+        "/waitlist/join": {"post": operation("Wait in line for a booked slot (a free one is booked at once)",
+                                             "SlotDone", member, "SlotRequest", secured=True)},
+        "/waitlist/leave": {"post": operation("Leave a slot's waitlist", "SlotDone", member, "SlotRequest",
+                                              secured=True)},
         "/my-bookings": {"post": operation("Your bookings that have not ended", "MyBookings", member, "Credentials",
                                            secured=True)},
         "/admin/close-slot": {"post": operation("Close a free slot (admins)", "SlotDone", slot, "SlotRequest",
@@ -1725,6 +1752,8 @@ def create_app(
         Route("/book-slot", slot_route("book"), methods=["POST"]),
         Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
         Route("/auth/login", login, methods=["POST"]),
+        Route("/waitlist/join", slot_route("join"), methods=["POST"]),
+        Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
         Route("/health", health),
         Route("/", root),
         Route("/stats", stats),

@@ -52,6 +52,16 @@ CREATE TABLE IF NOT EXISTS bookings (
     PRIMARY KEY (date, slot_id)
 );
 CREATE INDEX IF NOT EXISTS bookings_by_member ON bookings (booked_by, date);
+-- Members waiting for a booked slot, in order of id: the first who may take it gets it when it frees up.
+CREATE TABLE IF NOT EXISTS waitlist (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    date TEXT NOT NULL,
+    slot_id INTEGER NOT NULL,
+    srn TEXT NOT NULL,
+    joined_at TEXT NOT NULL,
+    UNIQUE (date, slot_id, srn)
+);
+CREATE INDEX IF NOT EXISTS waitlist_by_member ON waitlist (srn, date);
 -- Append-only history of every change.
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,8 +96,10 @@ CREATE TABLE IF NOT EXISTS guard (
 CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires)
 """
 
-# (slot_id, booked_by, booked_at, closed) for the slots of one day that are booked or closed
-DayRow = tuple[int, str | None, str, int]
+# (slot_id, booked_by, booked_at, closed, waiting) for the slots of one day that are booked or closed
+DayRow = tuple[int, str | None, str, int, int]
+# (date, slot_id, position in line) of a member's places in waitlists
+Place = tuple[str, int, int]
 
 
 @dataclass(frozen=True)
@@ -101,13 +113,25 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Line:
+    """How long waitlists may grow: members per slot, and slots one member may wait for at once."""
+
+    per_slot: int
+    per_member: int
+
+
+@dataclass(frozen=True)
 class Change:
-    """The outcome of a write: ``outcome`` is "ok" or why not; ``version`` and ``rows`` are the day after."""
+    """The outcome of a write: ``outcome`` is "ok" or why not; ``version`` and ``rows`` are the day after.
+    ``promoted``: the member a cancellation handed the slot to from its waitlist; ``position``: a new place
+    in a waitlist."""
 
     outcome: str
     version: int
     rows: list[DayRow]
     booked_by: str | None = None
+    promoted: str | None = None
+    position: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,9 @@ class SlotStore:
 
     def _day(self, date: str) -> list[DayRow]:
         return self.conn.execute(
-            "SELECT slot_id, booked_by, booked_at, closed FROM bookings WHERE date = ? ORDER BY slot_id", (date,)
+            "SELECT slot_id, booked_by, booked_at, closed,"
+            " (SELECT COUNT(*) FROM waitlist w WHERE w.date = b.date AND w.slot_id = b.slot_id)"
+            " FROM bookings b WHERE date = ? ORDER BY slot_id", (date,)
         ).fetchall()
 
     async def day(self, date: str) -> tuple[int, list[DayRow]]:
@@ -263,16 +289,24 @@ class SlotStore:
 
         await self._run(revoke)
 
-    async def upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
-        """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first."""
+    async def upcoming_of(self, srn: str, today: str, after_hour: int) -> tuple[list[tuple[str, int, str]], list[Place]]:
+        """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first, and their
+        places in waitlists."""
         return await self._run(self._upcoming_of, srn, today, after_hour)
 
-    def _upcoming_of(self, srn: str, today: str, after_hour: int) -> list[tuple[str, int, str]]:
-        return self.conn.execute(
-            "SELECT date, slot_id, booked_at FROM bookings WHERE booked_by = ? AND NOT closed"
-            " AND (date > ? OR (date = ? AND slot_id >= ?)) ORDER BY date, slot_id",
+    def _upcoming_of(self, srn: str, today: str, after_hour: int) -> tuple[list[tuple[str, int, str]], list[Place]]:
+        later = "(date > ? OR (date = ? AND slot_id >= ?))"
+        bookings = self.conn.execute(
+            f"SELECT date, slot_id, booked_at FROM bookings WHERE booked_by = ? AND NOT closed AND {later}"
+            " ORDER BY date, slot_id",
             (srn, today, today, after_hour),
         ).fetchall()
+        places = self.conn.execute(
+            "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
+            f" AND x.id <= w.id) FROM waitlist w WHERE srn = ? AND {later} ORDER BY date, slot_id",
+            (srn, today, today, after_hour),
+        ).fetchall()
+        return bookings, places
 
     async def history(
         self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
@@ -322,13 +356,26 @@ class SlotStore:
             "SELECT booked_by, closed FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id)
         ).fetchone()
 
-    def _write(self, fn: Callable[[], tuple[str, str | None]], date: str) -> Change:
+    def _write(self, fn: Callable[[], tuple[str, str | None] | tuple[str, str | None, str | None, int]],
+               date: str) -> Change:
+        before = self.conn.total_changes
         with self._transaction():
-            outcome, booked_by = fn()
-            change = Change(outcome, self._version(), self._day(date), booked_by)
-        if self.generation is not None and outcome == "ok":
+            outcome, booked_by, *more = fn()
+            change = Change(outcome, self._version(), self._day(date), booked_by, *more)  # type: ignore[arg-type]
+        if self.generation is not None and self.conn.total_changes != before:
             self.generation.bump()  # after the commit, so a reader that sees the old generation read before it
         return change
+
+    def _over_limits(self, srn: str, date: str, limits: Limits) -> str | None:
+        """Why srn may not take another booking on date ("per_day", "upcoming"), or None."""
+        if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
+            return "per_day"
+        upcoming = "(date > ? OR (date = ? AND slot_id > ?))"
+        if limits.upcoming and self._count(srn, upcoming, limits.today, limits.today, limits.now_hour) >= (
+            limits.upcoming
+        ):
+            return "upcoming"
+        return None
 
     async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str) -> Change:
         """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"."""
@@ -337,42 +384,114 @@ class SlotStore:
             current = self._current(date, slot_id)
             if current is not None:
                 return ("closed" if current[1] else "taken"), current[0]
-            if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
-                return "per_day", None
-            upcoming = "(date > ? OR (date = ? AND slot_id > ?))"
-            if limits.upcoming and self._count(srn, upcoming, limits.today, limits.today, limits.now_hour) >= (
-                limits.upcoming
-            ):
-                return "upcoming", None
-            self.conn.execute(
-                "INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
-                (date, slot_id, srn, at),
-            )
+            refusal = self._over_limits(srn, date, limits)
+            if refusal:
+                return refusal, None
+            self._insert(date, slot_id, srn, at)
             self._log(at, srn, "book", date, slot_id, via)
             return "ok", srn
 
         return await self._run(self._write, book, date)
+
+    def _insert(self, date: str, slot_id: int, srn: str, at: str) -> None:
+        self.conn.execute(
+            "INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)", (date, slot_id, srn, at)
+        )
+
+    async def join_waitlist(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, line: Line,
+                            via: str) -> Change:
+        """Put srn in line for a booked slot; a free one is booked for them at once (outcome "booked").
+        Otherwise "ok" with their ``position``, or why not: "own", "closed", "already", "full", "member_full",
+        "per_day", "upcoming"."""
+
+        def join() -> tuple[str, str | None, str | None, int]:
+            current = self._current(date, slot_id)
+            if current is None:  # freed meanwhile: the joiner gets it, never neither
+                outcome, booked_by = book_free()
+                return outcome, booked_by, None, 0
+            booked_by, closed = current
+            if closed:
+                return "closed", None, None, 0
+            if booked_by == srn:
+                return "own", None, None, 0
+            waiting = self.conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(srn = ?), 0) FROM waitlist WHERE date = ? AND slot_id = ?",
+                (srn, date, slot_id),
+            ).fetchone()
+            if waiting[1]:
+                return "already", None, None, 0
+            if line.per_slot and waiting[0] >= line.per_slot:
+                return "full", None, None, 0
+            mine = self.conn.execute("SELECT COUNT(*) FROM waitlist WHERE srn = ? AND date >= ?",
+                                     (srn, limits.today)).fetchone()[0]
+            if line.per_member and mine >= line.per_member:
+                return "member_full", None, None, 0
+            self.conn.execute("INSERT INTO waitlist (date, slot_id, srn, joined_at) VALUES (?, ?, ?, ?)",
+                              (date, slot_id, srn, at))
+            self._log(at, srn, "join", date, slot_id, via)
+            return "ok", booked_by, None, waiting[0] + 1
+
+        def book_free() -> tuple[str, str | None]:
+            refusal = self._over_limits(srn, date, limits)
+            if refusal:
+                return refusal, None
+            self._insert(date, slot_id, srn, at)
+            self._log(at, srn, "book", date, slot_id, via, "from a waitlist join: the slot was free")
+            return "booked", srn
+
+        return await self._run(self._write, join, date)
+
+    async def leave_waitlist(self, date: str, slot_id: int, srn: str, at: str, via: str) -> Change:
+        """Take srn out of a slot's line: outcome "ok" or "absent"."""
+
+        def leave() -> tuple[str, str | None]:
+            gone = self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ? AND srn = ?",
+                                     (date, slot_id, srn)).rowcount
+            if not gone:
+                return "absent", None
+            self._log(at, srn, "leave", date, slot_id, via)
+            return "ok", None
+
+        return await self._run(self._write, leave, date)
+
+    def _promote(self, date: str, slot_id: int, at: str, limits: Limits | None) -> str | None:
+        """A booking just went: hand the slot to the first in line who may take it (within their limits),
+        in the same transaction. With ``limits`` None (the slot can no longer be booked) or nobody able to
+        take it, the line is cleared."""
+        line = self.conn.execute("SELECT id, srn FROM waitlist WHERE date = ? AND slot_id = ? ORDER BY id",
+                                 (date, slot_id)).fetchall()
+        for id_, srn in line if limits is not None else ():
+            if self._over_limits(srn, date, limits) is None:
+                self.conn.execute("DELETE FROM waitlist WHERE id = ?", (id_,))
+                self._insert(date, slot_id, srn, at)
+                self._log(at, srn, "promote", date, slot_id, "system", "from the waitlist")
+                return srn
+        if line:
+            self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ?", (date, slot_id))
+        return None
 
     def _count(self, srn: str, condition: str, *params: Any) -> int:
         return self.conn.execute(
             f"SELECT COUNT(*) FROM bookings WHERE booked_by = ? AND NOT closed AND {condition}", (srn, *params)
         ).fetchone()[0]
 
-    async def cancel(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool) -> Change:
-        """Cancel srn's booking (anyone's, for an admin): outcome "ok", "free", "closed" or "other"."""
+    async def cancel(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool,
+                     limits: Limits | None = None) -> Change:
+        """Cancel srn's booking (anyone's, for an admin): outcome "ok", "free", "closed" or "other". The
+        slot goes to the first in its waitlist who may take it (``limits``: None if it cannot be booked)."""
 
-        def cancel() -> tuple[str, str | None]:
+        def cancel() -> tuple[str, str | None, str | None, int]:
             current = self._current(date, slot_id)
             if current is None:
-                return "free", None
+                return "free", None, None, 0
             booked_by, closed = current
             if closed:
-                return "closed", None
+                return "closed", None, None, 0
             if booked_by != srn and not anyones:
-                return "other", booked_by
+                return "other", booked_by, None, 0
             self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
             self._log(at, srn, "cancel", date, slot_id, via, None if booked_by == srn else f"booked by {booked_by}")
-            return "ok", booked_by
+            return "ok", booked_by, self._promote(date, slot_id, at, limits), 0
 
         return await self._run(self._write, cancel, date)
 

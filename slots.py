@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import Change, Changes, DayRow, Limits, SlotStore
+from db import Change, Changes, DayRow, Limits, Line, SlotStore
 
 
 class SlotError(Exception):
@@ -42,6 +42,8 @@ class Rules:
     max_per_day: int = 0
     max_upcoming: int = 0
     admins: frozenset[str] = frozenset()
+    waitlist_per_slot: int = 5
+    waitlist_per_member: int = 3
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,10 @@ class Board:
         day = Date.fromisoformat(date)
         opens = datetime.combine(day - timedelta(days=self.rules.days_ahead), time())  # the window reaches it
         grace = timedelta(minutes=self.rules.grace_minutes)
-        taken = {slot_id: (booked_by, booked_at, closed) for slot_id, booked_by, booked_at, closed in rows}
+        taken = {slot_id: rest for slot_id, *rest in rows}
         slots, changes = [], []
         for hour in self.rules.hours:
-            booked_by, booked_at, closed = taken.get(hour, (None, None, 0))
+            booked_by, booked_at, closed, waiting = taken.get(hour, (None, None, 0, 0))
             deadline = datetime(day.year, day.month, day.day, hour) + grace
             if closed:
                 status = "closed"
@@ -211,6 +213,7 @@ class Board:
                 "booked_at": booked_at if status == "booked" else None,
                 "closed": bool(closed),
                 "status": status,
+                "waiting": waiting,  # how many wait for it, never who
                 "date": date,
             })
         available = [s["id"] for s in slots if s["status"] == "available"]
@@ -264,11 +267,16 @@ class Board:
         now = self.now()
         return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour)
 
-    async def book(self, date: str, slot_id: int, srn: str, via: str) -> None:
-        """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
+    def _bookable(self, date: str, slot_id: int) -> None:
+        """SlotError unless (date, slot_id) may be booked now: it exists, its day is in the window, and it
+        began no more than the grace ago."""
         start = self._check(date, slot_id, for_booking=True)
         if self.now() >= start + timedelta(minutes=self.rules.grace_minutes):
             raise SlotError(f"Slot {slot_id} on {date} has already started")
+
+    async def book(self, date: str, slot_id: int, srn: str, via: str) -> None:
+        """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
+        self._bookable(date, slot_id)
         change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
         self._settle(date, change, {
             "taken": f"Slot {slot_id} is not available",
@@ -277,18 +285,47 @@ class Board:
             "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
         })
 
-    async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> None:
-        """Cancel srn's own booking (an admin: anyone's, even after it started)."""
+    async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> str | None:
+        """Cancel srn's own booking (an admin: anyone's, even after it started); the slot goes to the first
+        member in its waitlist who may take it, whose SRN is returned."""
         admin = self.is_admin(srn)
         start = self._check(date, slot_id, for_booking=False)
         if self.now() >= start and not admin:
             raise SlotError(f"Slot {slot_id} on {date} has already started and can no longer be cancelled")
-        change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin)
+        bookable = self.now() < start + timedelta(minutes=self.rules.grace_minutes)
+        change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin,
+                                         limits=self._limits() if bookable else None)
         self._settle(date, change, {
             "free": f"Slot {slot_id} is not booked",
             "closed": f"Slot {slot_id} on {date} is closed, not booked",
             "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
         })
+        return change.promoted
+
+    async def join_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> str:
+        """Queue srn for a booked slot (a free one is booked for them at once); the sentence to answer."""
+        self._bookable(date, slot_id)
+        line = Line(self.rules.waitlist_per_slot, self.rules.waitlist_per_member)
+        change = await self.store.join_waitlist(date, slot_id, srn, self.stamp(), self._limits(), line, via)
+        if change.outcome == "booked":
+            self._remember(date, change.version, change.rows)
+            return f"Slot {slot_id} was free, and is now booked for you"
+        self._settle(date, change, {
+            "own": f"You already hold slot {slot_id} on {date}",
+            "closed": f"Slot {slot_id} on {date} is closed",
+            "already": f"You are already in line for slot {slot_id} on {date}",
+            "full": f"The waitlist for slot {slot_id} on {date} is full ({self.rules.waitlist_per_slot} waiting)",
+            "member_full": f"You can wait for at most {self.rules.waitlist_per_member} slots at once",
+            "per_day": f"Daily limit reached: at most {self.rules.max_per_day} booking(s) per day",
+            "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
+        })
+        return f"You are number {change.position} in line for slot {slot_id} on {date}"
+
+    async def leave_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> None:
+        """Take srn out of a slot's waitlist."""
+        self._check(date, slot_id, for_booking=False)
+        change = await self.store.leave_waitlist(date, slot_id, srn, self.stamp(), via)
+        self._settle(date, change, {"absent": f"You are not in line for slot {slot_id} on {date}"})
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
         """An admin closes a free slot (nobody can book it) or reopens a closed one."""
@@ -314,14 +351,20 @@ class Board:
         if key[0] is not None and cached is not None and cached[0] == key:
             return cached[1]
         today, hour = key[1], key[2]
-        rows = await self.store.upcoming_of(srn, today, hour)
+        rows, places = await self.store.upcoming_of(srn, today, hour)
         bookings = [
             {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00",
              "booked_at": booked_at, "date": date}
             for date, slot_id, booked_at in rows
             if slot_id in self.rules.hours
         ]
-        body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings)})
+        waitlist = [
+            {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00", "date": date,
+             "position": position}
+            for date, slot_id, position in places
+        ]
+        body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings),
+                             "waitlist": waitlist})
         if key[0] is not None:
             self.bookings[srn] = (key, body)  # the version read before the rows: never newer than they are
         return body

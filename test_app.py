@@ -250,7 +250,7 @@ def test_root_health_stats_and_slots_show_twelve_free_slots(service: Service) ->
     assert [s["id"] for s in slots["slots"]] == list(range(3, 15))
     assert slots["slots"][0] == {"id": 3, "start_time": "03:00", "end_time": "04:00", "is_booked": False,
                                  "booked_by": None, "booked_at": None, "closed": False, "status": "available",
-                                 "date": TODAY}
+                                 "waiting": 0, "date": TODAY}
     assert slots["slots"][-1]["start_time"] == "14:00" and slots["slots"][-1]["end_time"] == "15:00"
     assert slots["available_slots"] == list(range(3, 15)) and slots["booked_slots"] == []
     health = service.http.get("/health").json()
@@ -1148,6 +1148,110 @@ def test_admins_close_and_reopen_slots_and_cancel_anyones_booking(settings: Sett
         assert booked(receive(watcher)) == [11]
         assert service.cancel(11, BOB).status_code == 200
         assert service.slots()["booked_slots"] == []
+
+
+CAROL = "PES1UG20CS003"
+
+
+def waitlist(service: Service, action: str, slot_id: int, username: str, **fields: Any) -> httpx.Response:
+    return service.http.post(f"/waitlist/{action}", json=body(slot_id, username, **fields))
+
+
+def test_a_member_in_line_gets_the_slot_when_its_booking_is_cancelled(settings: Settings) -> None:
+    with running(replace(settings, admin_srns=frozenset({"PES1UG20CS010"}))) as service:
+        watcher = service.socket()
+        assert service.book(9).status_code == 200
+        receive(watcher)
+        joined = waitlist(service, "join", 9, BOB)
+        assert joined.json() == {"success": True, "message": "You are number 1 in line for slot 9 on 2026-11-24",
+                                 "slot_id": 9}
+        assert waitlist(service, "join", 9, CAROL).json()["message"].startswith("You are number 2 in line")
+        nine = receive_until(watcher, "slots_update")
+        while nine["data"]["slots"][6]["waiting"] != 2:
+            nine = receive_until(watcher, "slots_update")
+        assert nine["data"]["slots"][6]["booked_by"] == ALICE and BOB not in orjson.dumps(nine).decode()
+        places = service.http.post("/my-bookings", json=body(username=CAROL)).json()["waitlist"]
+        assert places == [{"id": 9, "start_time": "09:00", "end_time": "10:00", "date": TODAY, "position": 2}]
+
+        assert service.cancel(9).status_code == 200  # Alice lets it go: Bob, first in line, has it at once
+        slot = service.slots()["slots"][6]
+        assert (slot["booked_by"], slot["waiting"]) == (BOB, 1)
+        assert service.http.post("/my-bookings", json=body(username=CAROL)).json()["waitlist"][0]["position"] == 1
+        mine = service.http.post("/my-bookings", json=body(username=BOB)).json()
+        assert [b["id"] for b in mine["bookings"]] == [9] and mine["waitlist"] == []
+        admin = "PES1UG20CS010"
+        history = service.http.post("/admin/history", json=body(username=admin)).json()["events"]
+        assert [(e["action"], e["srn"]) for e in history[:2]] == [("promote", BOB), ("cancel", ALICE)]
+
+        assert waitlist(service, "leave", 9, CAROL).status_code == 200
+        assert service.cancel(9, username=BOB).status_code == 200
+        assert service.slots()["slots"][6]["status"] == "available"  # nobody left in line
+
+
+def test_waitlist_limits_and_refusals(settings: Settings) -> None:
+    with running(replace(settings, waitlist_per_slot=2, waitlist_per_member=1)) as service:
+        assert service.book(9).status_code == 200 and service.book(10).status_code == 200
+        assert waitlist(service, "join", 9, ALICE).json() == {"detail": "You already hold slot 9 on 2026-11-24"}
+        assert waitlist(service, "join", 9, BOB).status_code == 200
+        assert waitlist(service, "join", 9, BOB).json() == {"detail": "You are already in line for slot 9 on 2026-11-24"}
+        assert waitlist(service, "join", 10, BOB).json() == {"detail": "You can wait for at most 1 slots at once"}
+        assert waitlist(service, "join", 9, CAROL).status_code == 200
+        full = waitlist(service, "join", 9, "PES1UG20CS004")
+        assert full.status_code == 400 and full.json() == {"detail": "The waitlist for slot 9 on 2026-11-24 is full (2 waiting)"}
+        assert waitlist(service, "leave", 10, BOB).json() == {"detail": "You are not in line for slot 10 on 2026-11-24"}
+        free = waitlist(service, "join", 11, BOB)  # a free slot is simply booked
+        assert free.json()["message"] == "Slot 11 was free, and is now booked for you"
+        assert service.slots()["slots"][8]["booked_by"] == BOB
+        ws = service.socket()
+        reply = send(ws, {"type": "leave_waitlist", "slot_id": 9, "username": BOB, "password": PASSWORD})
+        assert reply == {"type": "waitlist_response", "success": True, "message": "Left the waitlist for slot 9",
+                         "slot_id": 9}
+
+
+def test_the_first_in_line_over_their_limits_is_passed_over(settings: Settings) -> None:
+    with running(replace(settings, max_bookings_per_day=1)) as service:
+        assert service.book(9).status_code == 200
+        assert service.book(12, username=BOB).status_code == 200  # Bob holds his one booking of the day
+        assert waitlist(service, "join", 9, BOB).status_code == 200
+        assert waitlist(service, "join", 9, CAROL).status_code == 200
+        assert service.cancel(9).status_code == 200
+        slot = service.slots()["slots"][6]
+        assert (slot["booked_by"], slot["waiting"]) == (CAROL, 1)  # Bob keeps his place, over his limit
+
+
+def test_a_cancellation_racing_a_join_never_leaves_the_joiner_with_neither(settings: Settings) -> None:
+    day = tomorrow()
+    with process(settings) as (_, first), process(settings) as (_, second):
+        def post(url: str, path: str, member: str, slot: int) -> int:
+            return httpx.post(f"{url}{path}", json={"slot_id": slot, "date": day, "username": member,
+                                                    "password": PASSWORD}).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            for slot in range(3, 15):
+                assert post(first, "/book-slot", ALICE, slot) == 200
+                codes = list(pool.map(post, (first, second), ("/cancel-slot", "/waitlist/join"), (ALICE, BOB),
+                                      (slot, slot)))
+                assert codes == [200, 200]
+                answer = httpx.post(f"{second}/my-bookings", json={"username": BOB, "password": PASSWORD}).json()
+                held = [b["id"] for b in answer["bookings"] if b["date"] == day]
+                waiting = [p["id"] for p in answer["waitlist"] if p["date"] == day]
+                assert slot in held and slot not in waiting  # it was his, by the line or by a free slot
+
+
+def test_two_members_joining_for_the_last_place_in_line_across_two_processes(settings: Settings) -> None:
+    day = tomorrow()
+    line = {"WAITLIST_PER_SLOT": "1", "WAITLIST_PER_MEMBER": "0"}
+    with process(settings, **line) as (_, first), process(settings, **line) as (_, second):
+        def post(url: str, path: str, member: str, slot: int) -> httpx.Response:
+            return httpx.post(f"{url}{path}", json={"slot_id": slot, "date": day, "username": member,
+                                                    "password": PASSWORD})
+
+        with ThreadPoolExecutor(2) as pool:
+            for slot in range(3, 15):
+                assert post(first, "/book-slot", ALICE, slot).status_code == 200
+                answers = list(pool.map(post, (first, second), ("/waitlist/join",) * 2, (BOB, CAROL), (slot, slot)))
+                assert sorted(a.status_code for a in answers) == [200, 400]
+                assert "is full (1 waiting)" in next(a for a in answers if a.status_code == 400).json()["detail"]
 
 
 def test_my_bookings_lists_upcoming_bookings_across_days(service: Service, clock: Clock) -> None:
