@@ -92,6 +92,9 @@ class Settings:
     max_upcoming_bookings: int = 0  # 0 = no limit
     waitlist_per_slot: int = 5  # members waiting for one slot; 0 = no limit
     waitlist_per_member: int = 3  # slots one member may wait for at once; 0 = no limit
+    checkin_opens_minutes: int = 10  # check-in opens this long before a slot starts
+    checkin_minutes: int = 15  # ... and closes this long after
+    checkin_required: bool = False  # release bookings not checked in by then (no-shows)
     admin_srns: frozenset[str] = frozenset()
     send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
     request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
@@ -170,6 +173,9 @@ class Settings:
             max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings, 0, 100_000),
             waitlist_per_slot=get("WAITLIST_PER_SLOT", int, cls.waitlist_per_slot, 0, 1000),
             waitlist_per_member=get("WAITLIST_PER_MEMBER", int, cls.waitlist_per_member, 0, 1000),
+            checkin_opens_minutes=get("CHECKIN_OPENS_MINUTES", int, cls.checkin_opens_minutes, 0, 120),
+            checkin_minutes=get("CHECKIN_MINUTES", int, cls.checkin_minutes, 1, 59),
+            checkin_required=get("CHECKIN_REQUIRED", flag, cls.checkin_required),
             admin_srns=get("ADMIN_SRNS", lambda v: frozenset(s.upper() for s in words(v)), cls.admin_srns),
             session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
             session_minutes=get("SESSION_MINUTES", float, cls.session_minutes, 1, 366 * 24 * 60),
@@ -213,6 +219,9 @@ class Settings:
             admins=self.admin_srns,
             waitlist_per_slot=self.waitlist_per_slot,
             waitlist_per_member=self.waitlist_per_member,
+            checkin_opens_minutes=self.checkin_opens_minutes,
+            checkin_minutes=self.checkin_minutes,
+            checkin_required=self.checkin_required,
         )
 
     @property
@@ -1106,6 +1115,7 @@ MESSAGES = {
     "cancel": "Slot {} booking cancelled successfully",
     "close": "Slot {} closed",
     "open": "Slot {} reopened",
+    "check_in": "Slot {} checked in",
     "join": "In line for slot {}",  # the board says where
     "leave": "Left the waitlist for slot {}",
 }
@@ -1122,6 +1132,27 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
 
     endpoint.__name__ = f"{action}_slot"
     return endpoint
+
+
+async def now(request: Request[State]) -> Response:
+    """Who holds the lab now, and next: for the lab's device gateway and livestream (cheap: from memory)."""
+    return JSONResponse(await request.state["board"].current())
+
+
+async def me(request: Request[State]) -> Response:
+    """The member a Bearer token belongs to: whether they hold the slot under way, and their next booking.
+    A device gateway admits exactly the current holder with the member's own token."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPException(401, "A Bearer token is required")
+    srn = claims_of(state, token)["srn"]
+    board = state["board"]
+    current = (await board.current())["current"]
+    upcoming = orjson.loads(await board.bookings_body(srn))["bookings"]
+    return JSONResponse({"srn": srn, "holds_current_slot": bool(current and current["holder"] == srn),
+                         "current": current if current and current["holder"] == srn else None,
+                         "next_booking": upcoming[0] if upcoming else None})
 
 
 async def my_bookings(request: Request[State]) -> Response:
@@ -1178,6 +1209,8 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
             message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
         elif action == "leave":
             await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
+        elif action == "check_in":
+            await board.check_in(ask.date, ask.slot_id, srn, via)
         else:
             await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
     except Forbidden as exc:
@@ -1272,6 +1305,7 @@ SOCKET_ACTIONS = {
     "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
     "join_waitlist": ("join", "waitlist_response", "waitlist"),
     "leave_waitlist": ("leave", "waitlist_response", "waitlist"),
+    "check_in": ("check_in", "check_in_response", "check-in"),
 }
 
 
@@ -1394,11 +1428,14 @@ SCHEMAS: dict[str, Any] = {
                            srn=STRING, page={"type": "integer", "minimum": 1},
                            page_size={"type": "integer", "minimum": 1, "maximum": 500}),
     "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "status",
-                  "waiting", "date"],
+                  "waiting", "checked_in", "date"],
                  id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
                  booked_at=NULLABLE_STRING, closed=BOOLEAN,
                  status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
-                 date=STRING),
+                 checked_in=BOOLEAN, date=STRING),
+    "NowSlot": {"type": ["object", "null"], "required": ["date", "id", "start_time", "end_time", "holder", "checked_in"],
+                "properties": {"date": STRING, "id": INTEGER, "start_time": STRING, "end_time": STRING,
+                               "holder": NULLABLE_STRING, "checked_in": BOOLEAN}},
     "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
                   available_slots={"type": "array", "items": INTEGER}, booked_slots={"type": "array", "items": INTEGER}),
     "Root": _obj(["message", "websocket_endpoint", "active_connections", "booked_slots"], message=STRING,
@@ -1417,6 +1454,9 @@ SCHEMAS: dict[str, Any] = {
                             branch=NULLABLE_STRING, campus=NULLABLE_STRING),
                   token=STRING, expires_in=INTEGER),
     "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
+    "Now": _obj(["now", "current", "next"], now=STRING, current=_ref("NowSlot"), next=_ref("NowSlot")),
+    "Me": _obj(["srn", "holds_current_slot", "current", "next_booking"], srn=STRING, holds_current_slot=BOOLEAN,
+               current=_ref("NowSlot"), next_booking={"type": ["object", "null"]}),
     "TokenBody": _obj([], token=STRING),
     "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
     "MyBookings": _obj(["success", "bookings", "total_bookings", "waitlist"], success=BOOLEAN,
@@ -1497,6 +1537,11 @@ def openapi_document() -> dict[str, Any]:
         "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
         "/cancel-slot": {"post": operation("Cancel your booking (the slot goes to the first in its waitlist who "
                                            "may take it)", "SlotDone", member, "SlotRequest", secured=True)},
+        "/now": {"get": operation("Who holds the lab now, and next (poll it every second)", "Now")},
+        "/me": {"get": {**operation("Whose token this is; whether they hold the slot under way; their next booking",
+                                    "Me", ("401",)), "security": [{"bearer": []}]}},
+        "/check-in": {"post": operation("Check in to your slot (from 10 min before to 15 min after its start)",
+                                        "SlotDone", member, "SlotRequest", secured=True)},
         "/waitlist/join": {"post": operation("Wait in line for a booked slot (a free one is booked at once)",
                                              "SlotDone", member, "SlotRequest", secured=True)},
         "/waitlist/leave": {"post": operation("Leave a slot's waitlist", "SlotDone", member, "SlotRequest",
@@ -1569,6 +1614,11 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                 hub.roll_over(await board.day(today))
                 current = today  # only once the new day's state is in hand: a failed read is tried again
             board.expire()
+            if await board.releases_due():
+                for date, slot_id, holder, promoted in await board.release_no_shows():
+                    logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
+                                f"; {promoted} had it from the waitlist" if promoted else "",
+                                extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
             changes = await board.store.changes_since(board.seen, revoked)
             if changes is not None:
                 revoked = changes.revoked
@@ -1752,6 +1802,9 @@ def create_app(
         Route("/book-slot", slot_route("book"), methods=["POST"]),
         Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
         Route("/auth/login", login, methods=["POST"]),
+        Route("/now", now, methods=["GET"]),
+        Route("/me", me, methods=["GET"]),
+        Route("/check-in", slot_route("check_in"), methods=["POST"]),
         Route("/waitlist/join", slot_route("join"), methods=["POST"]),
         Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
         Route("/health", health),

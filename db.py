@@ -96,8 +96,8 @@ CREATE TABLE IF NOT EXISTS guard (
 CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires)
 """
 
-# (slot_id, booked_by, booked_at, closed, waiting) for the slots of one day that are booked or closed
-DayRow = tuple[int, str | None, str, int, int]
+# (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
+DayRow = tuple[int, str | None, str, int, int, int]
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
 
@@ -192,6 +192,8 @@ class SlotStore:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
             if "booked_by" not in columns:  # a database from before the original tracked users
                 conn.execute("ALTER TABLE slots ADD COLUMN booked_by TEXT DEFAULT NULL")
+            if "checked_in" not in {row[1] for row in conn.execute("PRAGMA table_info(bookings)")}:
+                conn.execute("ALTER TABLE bookings ADD COLUMN checked_in INTEGER NOT NULL DEFAULT 0")
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
                 [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
@@ -240,7 +242,7 @@ class SlotStore:
     def _day(self, date: str) -> list[DayRow]:
         return self.conn.execute(
             "SELECT slot_id, booked_by, booked_at, closed,"
-            " (SELECT COUNT(*) FROM waitlist w WHERE w.date = b.date AND w.slot_id = b.slot_id)"
+            " (SELECT COUNT(*) FROM waitlist w WHERE w.date = b.date AND w.slot_id = b.slot_id), checked_in"
             " FROM bookings b WHERE date = ? ORDER BY slot_id", (date,)
         ).fetchall()
 
@@ -494,6 +496,57 @@ class SlotStore:
             return "ok", booked_by, self._promote(date, slot_id, at, limits), 0
 
         return await self._run(self._write, cancel, date)
+
+    async def check_in(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool) -> Change:
+        """Mark srn's booking (anyone's, for an admin) checked in: outcome "ok", "free", "closed", "other" or
+        "already". Racing a no-show release, exactly one of the two wins: the release deletes only what is
+        not checked in, and this updates only what is still booked."""
+
+        def check_in() -> tuple[str, str | None]:
+            current = self.conn.execute(
+                "SELECT booked_by, closed, checked_in FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id)
+            ).fetchone()
+            if current is None:
+                return "free", None
+            booked_by, closed, checked_in = current
+            if closed:
+                return "closed", None
+            if booked_by != srn and not anyones:
+                return "other", booked_by
+            if checked_in:
+                return "already", booked_by
+            self.conn.execute("UPDATE bookings SET checked_in = 1 WHERE date = ? AND slot_id = ?", (date, slot_id))
+            self._log(at, srn, "check_in", date, slot_id, via, None if booked_by == srn else f"booked by {booked_by}")
+            return "ok", booked_by
+
+        return await self._run(self._write, check_in, date)
+
+    async def release_no_shows(self, today: str, minute: int, checkin_minutes: int, at: str,
+                               limits: Limits | None) -> list[tuple[str, int, str, str | None]]:
+        """Release today's bookings not checked in by their start + ``checkin_minutes`` (``minute`` is the
+        club's minute of the day now): each a ``no_show`` event, the slot handed on to its waitlist as a
+        cancellation would. Returns (date, slot_id, holder, promoted) for each; the database decides, so any
+        number of workers may call this and each booking is released once."""
+
+        def release() -> list[tuple[str, int, str, str | None]]:
+            before = self.conn.total_changes
+            with self._transaction():
+                due = self.conn.execute(
+                    "SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
+                    " AND booked_by IS NOT NULL AND slot_id * 60 + ? <= ? ORDER BY slot_id",
+                    (today, checkin_minutes, minute),
+                ).fetchall()
+                released = []
+                for slot_id, holder in due:
+                    self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
+                    self._log(at, holder, "no_show", today, slot_id, "system",
+                              f"not checked in by {checkin_minutes} minutes after the start")
+                    released.append((today, slot_id, holder, self._promote(today, slot_id, at, limits)))
+            if self.generation is not None and self.conn.total_changes != before:
+                self.generation.bump()
+            return released
+
+        return await self._run(release)
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str) -> Change:
         """Close a free slot or reopen a closed one: outcome "ok", "taken", "closed" or "open"."""

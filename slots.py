@@ -44,6 +44,9 @@ class Rules:
     admins: frozenset[str] = frozenset()
     waitlist_per_slot: int = 5
     waitlist_per_member: int = 3
+    checkin_opens_minutes: int = 10
+    checkin_minutes: int = 15
+    checkin_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ class Day:
 
     def newer_than(self, other: Day) -> bool:
         return (self.version, self.serial) > (other.version, other.serial)
+
+
+def describe_slot(day: Day, slot_id: int) -> dict[str, Any]:
+    """One slot as GET /now and GET /me tell it: when, who holds it, whether they checked in."""
+    slot = next(s for s in day.slots if s["id"] == slot_id)
+    return {"date": day.date, "id": slot_id, "start_time": slot["start_time"], "end_time": slot["end_time"],
+            "holder": slot["booked_by"], "checked_in": slot["checked_in"]}
 
 
 DATE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -188,7 +198,7 @@ class Board:
         taken = {slot_id: rest for slot_id, *rest in rows}
         slots, changes = [], []
         for hour in self.rules.hours:
-            booked_by, booked_at, closed, waiting = taken.get(hour, (None, None, 0, 0))
+            booked_by, booked_at, closed, waiting, checked_in = taken.get(hour, (None, None, 0, 0, 0))
             deadline = datetime(day.year, day.month, day.day, hour) + grace
             if closed:
                 status = "closed"
@@ -214,6 +224,7 @@ class Board:
                 "closed": bool(closed),
                 "status": status,
                 "waiting": waiting,  # how many wait for it, never who
+                "checked_in": bool(checked_in) and status == "booked",
                 "date": date,
             })
         available = [s["id"] for s in slots if s["status"] == "available"]
@@ -320,6 +331,64 @@ class Board:
             "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
         })
         return f"You are number {change.position} in line for slot {slot_id} on {date}"
+
+    async def check_in(self, date: str, slot_id: int, srn: str, via: str) -> None:
+        """The holder checks in, from CHECKIN_OPENS_MINUTES before the start to CHECKIN_MINUTES after it (an
+        admin may check anyone in, any time that day)."""
+        admin = self.is_admin(srn)
+        start = self._check(date, slot_id, for_booking=False)
+        opens = start - timedelta(minutes=self.rules.checkin_opens_minutes)
+        closes = start + timedelta(minutes=self.rules.checkin_minutes)
+        now = self.now()
+        if not admin and now < opens:
+            raise SlotError(f"Check-in for slot {slot_id} on {date} opens at {opens:%H:%M}")
+        if not admin and now >= closes:
+            raise SlotError(f"Check-in for slot {slot_id} on {date} closed at {closes:%H:%M}")
+        change = await self.store.check_in(date, slot_id, srn, self.stamp(), via, anyones=admin)
+        self._settle(date, change, {
+            "free": f"Slot {slot_id} on {date} is not booked",
+            "closed": f"Slot {slot_id} on {date} is closed",
+            "other": f"Slot {slot_id} on {date} is booked by someone else",
+            "already": f"Slot {slot_id} on {date} is already checked in",
+        })
+
+    async def releases_due(self) -> bool:
+        """Whether a booking of today has passed its check-in deadline unchecked (from memory, once today
+        has been read: after a restart, that read finds what the restart missed)."""
+        if not self.rules.checkin_required:
+            return False
+        day = await self.day(self.today())
+        now = self.now()
+        minute = now.hour * 60 + now.minute
+        return any(slot["status"] == "booked" and not slot["checked_in"]
+                   and slot["id"] * 60 + self.rules.checkin_minutes <= minute for slot in day.slots)
+
+    async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
+        """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
+        each day changed is taken in and broadcast."""
+        now = self.now()
+        today = now.date().isoformat()
+        bookable = self.rules.checkin_minutes < self.rules.grace_minutes
+        released = await self.store.release_no_shows(today, now.hour * 60 + now.minute, self.rules.checkin_minutes,
+                                                     self.stamp(), self._limits() if bookable else None)
+        if released:
+            version, rows = await self.store.day(today)
+            self._remember(today, version, rows)
+        return released
+
+    async def current(self) -> dict[str, Any]:
+        """GET /now: the slot under way (None between slots) and the next one, each with its holder and
+        whether they checked in; from memory (each day's state is kept ready)."""
+        now = self.now()
+        today = await self.day(self.today())
+        later = [hour for hour in self.rules.hours if hour > now.hour]
+        if later:
+            upcoming, following = today, later[0]
+        else:  # the day's slots are over: tomorrow's first
+            upcoming, following = await self.day((now.date() + timedelta(days=1)).isoformat()), self.rules.hours[0]
+        return {"now": now.isoformat(timespec="seconds"),
+                "current": describe_slot(today, now.hour) if now.hour in self.rules.hours else None,
+                "next": describe_slot(upcoming, following)}
 
     async def leave_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> None:
         """Take srn out of a slot's waitlist."""

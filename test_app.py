@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -250,7 +250,7 @@ def test_root_health_stats_and_slots_show_twelve_free_slots(service: Service) ->
     assert [s["id"] for s in slots["slots"]] == list(range(3, 15))
     assert slots["slots"][0] == {"id": 3, "start_time": "03:00", "end_time": "04:00", "is_booked": False,
                                  "booked_by": None, "booked_at": None, "closed": False, "status": "available",
-                                 "waiting": 0, "date": TODAY}
+                                 "waiting": 0, "checked_in": False, "date": TODAY}
     assert slots["slots"][-1]["start_time"] == "14:00" and slots["slots"][-1]["end_time"] == "15:00"
     assert slots["available_slots"] == list(range(3, 15)) and slots["booked_slots"] == []
     health = service.http.get("/health").json()
@@ -1252,6 +1252,102 @@ def test_two_members_joining_for_the_last_place_in_line_across_two_processes(set
                 answers = list(pool.map(post, (first, second), ("/waitlist/join",) * 2, (BOB, CAROL), (slot, slot)))
                 assert sorted(a.status_code for a in answers) == [200, 400]
                 assert "is full (1 waiting)" in next(a for a in answers if a.status_code == 400).json()["detail"]
+
+
+def test_the_holder_checks_in_and_the_lab_knows_who_holds_it_now(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({"PES1UG20CS010"})), clock) as service:
+        assert service.book(9).status_code == 200 and service.book(10, username=BOB).status_code == 200
+        early = service.http.post("/check-in", json=body(9))
+        assert early.status_code == 400 and early.json() == {"detail": "Check-in for slot 9 on 2026-11-24 opens at 08:50"}
+        clock.set("2026-11-24 08:50")
+        assert service.http.post("/check-in", json=body(9, BOB)).json() == {
+            "detail": "Slot 9 on 2026-11-24 is booked by someone else"}
+        assert service.http.post("/check-in", json=body(9)).json() == {
+            "success": True, "message": "Slot 9 checked in", "slot_id": 9}
+        assert service.http.post("/check-in", json=body(9)).json() == {"detail": "Slot 9 on 2026-11-24 is already checked in"}
+        assert service.slots()["slots"][6]["checked_in"] is True
+
+        clock.set("2026-11-24 09:20")
+        now = service.http.get("/now").json()
+        assert now["current"] == {"date": TODAY, "id": 9, "start_time": "09:00", "end_time": "10:00", "holder": ALICE,
+                                  "checked_in": True}
+        assert now["next"]["id"] == 10 and now["next"]["holder"] == BOB and now["next"]["checked_in"] is False
+        alice, bob = login(service), login(service, BOB)
+        assert service.http.get("/me", headers=bearer(alice)).json() == {
+            "srn": ALICE, "holds_current_slot": True, "current": now["current"], "next_booking": {
+                "id": 9, "start_time": "09:00", "end_time": "10:00", "booked_at": "2026-11-24 01:00:00", "date": TODAY}}
+        mine = service.http.get("/me", headers=bearer(bob)).json()
+        assert mine["holds_current_slot"] is False and mine["next_booking"]["id"] == 10
+        assert service.http.get("/me").status_code == 401
+
+        clock.set("2026-11-24 10:16")  # Bob never came, but check-in is not required: he keeps the slot
+        assert service.http.post("/check-in", json=body(10, BOB)).json() == {
+            "detail": "Check-in for slot 10 on 2026-11-24 closed at 10:15"}
+        assert service.http.post("/check-in", json=body(10, "PES1UG20CS010")).status_code == 200  # an admin may
+        clock.set("2026-11-24 14:30")
+        assert service.http.get("/now").json()["next"] == {"date": TOMORROW, "id": 3, "start_time": "03:00",
+                                                          "end_time": "04:00", "holder": None, "checked_in": False}
+
+
+def test_a_no_show_is_released_and_the_next_in_line_gets_the_slot(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, checkin_required=True, admin_srns=frozenset({"PES1UG20CS010"})), clock) as service:
+        watcher = service.socket()
+        assert service.book(9).status_code == 200 and waitlist(service, "join", 9, BOB).status_code == 200
+        assert service.book(11, username=CAROL).status_code == 200
+        clock.set("2026-11-24 11:05")
+        assert service.http.post("/check-in", json=body(11, CAROL)).status_code == 200
+        clock.set("2026-11-24 09:14")
+        time.sleep(0.3)
+        assert service.slots()["slots"][6]["booked_by"] == ALICE  # not yet
+        clock.set("2026-11-24 09:15")  # the deadline: released within a watch or two
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][6]["booked_by"] != BOB:
+            assert time.monotonic() < deadline, "the no-show was not released"
+            time.sleep(0.05)
+        update = receive_until(watcher, "slots_update")
+        while update["data"]["slots"][6]["booked_by"] != BOB:
+            update = receive_until(watcher, "slots_update")
+        clock.set("2026-11-24 11:30")
+        time.sleep(0.3)
+        assert service.slots()["slots"][8]["booked_by"] == CAROL  # checked in: kept
+        history = service.http.post("/admin/history", json=body(username="PES1UG20CS010")).json()["events"]
+        actions = [(e["action"], e["srn"], e["slot_id"]) for e in history]
+        assert actions.count(("no_show", ALICE, 9)) == 1 and ("promote", BOB, 9) in actions
+
+
+def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
+                                                                                   clock: Clock) -> None:
+    with running(settings, clock) as service:
+        assert service.book(9).status_code == 200
+    clock.set("2026-11-24 09:40")  # it was down from before 09:15 until now
+    with running(replace(settings, checkin_required=True), clock) as service:
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][6]["booked_by"] is not None:
+            assert time.monotonic() < deadline, "the missed no-show was not released"
+            time.sleep(0.05)
+
+
+def test_a_no_show_is_released_exactly_once_by_two_processes(settings: Settings) -> None:
+    """Real processes run on the real clock: pick a time zone in which it is now between 7 and 53 minutes
+    past the hour, so the hour's slot can still be booked (grace 55) but its check-in has closed (5)."""
+    minute = datetime.now(timezone.utc).minute
+    zone, local = min(((z, (minute + o) % 60) for z, o in (("UTC", 0), ("Asia/Kolkata", 30), ("Asia/Kathmandu", 45))),
+                      key=lambda zl: abs(zl[1] - 30))
+    assert 7 <= local <= 53  # one of the three offsets always lands there
+    env = {"TIMEZONE": zone, "SLOT_START_HOUR": "0", "SLOT_END_HOUR": "24", "BOOKING_GRACE_MINUTES": "55",
+           "CHECKIN_MINUTES": "5", "CHECKIN_REQUIRED": "1", "ADMIN_SRNS": "PES1UG20CS010"}
+    with process(settings, **env) as (_, first), process(settings, **env) as (_, second):
+        hour = datetime.now(ZoneInfo(zone)).hour
+        for member in (ALICE, BOB, CAROL):  # each takes the hour in turn and is released as a no-show
+            answer = httpx.post(f"{first}/book-slot", json={"slot_id": hour, "username": member, "password": PASSWORD})
+            assert answer.status_code == 200, answer.text
+            deadline = time.monotonic() + 5
+            while httpx.get(f"{first}/slots").json()["slots"][hour]["booked_by"] is not None:  # it saw the booking
+                assert time.monotonic() < deadline, "the no-show was not released"
+                time.sleep(0.05)
+        events = httpx.post(f"{first}/admin/history", json={"username": "PES1UG20CS010", "password": PASSWORD}).json()
+    released = [(e["srn"], e["slot_id"]) for e in events["events"] if e["action"] == "no_show"]
+    assert sorted(released) == [(ALICE, hour), (BOB, hour), (CAROL, hour)]
 
 
 def test_my_bookings_lists_upcoming_bookings_across_days(service: Service, clock: Clock) -> None:
