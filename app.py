@@ -95,6 +95,8 @@ class Settings:
     checkin_opens_minutes: int = 10  # check-in opens this long before a slot starts
     checkin_minutes: int = 15  # ... and closes this long after
     checkin_required: bool = False  # release bookings not checked in by then (no-shows)
+    no_show_limit: int = 0  # no-shows in the window that bar new bookings; 0 = off
+    no_show_window_days: int = 30
     admin_srns: frozenset[str] = frozenset()
     send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
     request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
@@ -176,6 +178,8 @@ class Settings:
             checkin_opens_minutes=get("CHECKIN_OPENS_MINUTES", int, cls.checkin_opens_minutes, 0, 120),
             checkin_minutes=get("CHECKIN_MINUTES", int, cls.checkin_minutes, 1, 59),
             checkin_required=get("CHECKIN_REQUIRED", flag, cls.checkin_required),
+            no_show_limit=get("NO_SHOW_LIMIT", int, cls.no_show_limit, 0, 1000),
+            no_show_window_days=get("NO_SHOW_WINDOW_DAYS", int, cls.no_show_window_days, 1, 3650),
             admin_srns=get("ADMIN_SRNS", lambda v: frozenset(s.upper() for s in words(v)), cls.admin_srns),
             session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
             session_minutes=get("SESSION_MINUTES", float, cls.session_minutes, 1, 366 * 24 * 60),
@@ -222,6 +226,8 @@ class Settings:
             checkin_opens_minutes=self.checkin_opens_minutes,
             checkin_minutes=self.checkin_minutes,
             checkin_required=self.checkin_required,
+            no_show_limit=self.no_show_limit,
+            no_show_window_days=self.no_show_window_days,
         )
 
     @property
@@ -1169,6 +1175,27 @@ def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:
     return value
 
 
+async def forgive_no_show(request: Request[State]) -> Response:
+    """An admin forgives a member's no-show ({"srn", "date", "slot_id"} beside the admin's credentials)."""
+    state = request.state
+    ask = await parse(request, slot=True)
+    who = ask.data.get("srn")
+    if not isinstance(who, str) or not who.strip():
+        raise HTTPException(422, "srn is required")
+    admin = await identify(state, ask)
+    member = who.strip().upper()
+    try:
+        await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
+    logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
+                extra={"srn": admin, "slot": ask.slot_id, "date": ask.date, "action": "forgive"})
+    return JSONResponse({"success": True, "message": f"No-show of {member} on slot {ask.slot_id} forgiven",
+                         "slot_id": ask.slot_id})
+
+
 async def admin_history(request: Request[State]) -> Response:
     """The change log, newest first, for admins: filter by date range (from, to) and srn; paged."""
     ask = await parse(request, slot=False)
@@ -1552,6 +1579,8 @@ def openapi_document() -> dict[str, Any]:
                                                 secured=True)},
         "/admin/open-slot": {"post": operation("Reopen a closed slot (admins)", "SlotDone", slot, "SlotRequest",
                                                secured=True)},
+        "/admin/forgive-no-show": {"post": operation("Forgive a member's no-show (admins); body: srn, date, slot_id",
+                                                     "SlotDone", slot, "SlotRequest", secured=True)},
         "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
                                              "HistoryRequest", secured=True)},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
@@ -1814,6 +1843,7 @@ def create_app(
         Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
         Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
         Route("/admin/history", admin_history, methods=["POST"]),
+        Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
         Route("/events", EventStream(), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),

@@ -110,6 +110,8 @@ class Limits:
     upcoming: int
     today: str
     now_hour: int
+    no_shows: int = 0  # no-shows (not forgiven) that bar new bookings
+    no_shows_since: str = ""  # counted from this date on
 
 
 @dataclass(frozen=True)
@@ -369,7 +371,9 @@ class SlotStore:
         return change
 
     def _over_limits(self, srn: str, date: str, limits: Limits) -> str | None:
-        """Why srn may not take another booking on date ("per_day", "upcoming"), or None."""
+        """Why srn may not take another booking on date ("per_day", "upcoming", "no_shows"), or None."""
+        if limits.no_shows and len(self._no_shows(srn, limits.no_shows_since)) >= limits.no_shows:
+            return "no_shows"
         if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
             return "per_day"
         upcoming = "(date > ? OR (date = ? AND slot_id > ?))"
@@ -394,6 +398,34 @@ class SlotStore:
             return "ok", srn
 
         return await self._run(self._write, book, date)
+
+    def _no_shows(self, srn: str, since: str) -> list[str]:
+        """The dates of srn's no-shows from ``since`` on that an admin has not forgiven, oldest first."""
+        return [date for (date,) in self.conn.execute(
+            "SELECT date FROM events e WHERE srn = ? AND action = 'no_show' AND date >= ? AND NOT EXISTS"
+            " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id) ORDER BY date",
+            (srn, since),
+        )]
+
+    async def no_shows(self, srn: str, since: str) -> list[str]:
+        return await self._run(self._no_shows, srn, since)
+
+    async def forgive(self, srn: str, date: str, slot_id: int, admin: str, at: str, via: str) -> Change:
+        """An admin forgives srn's no-show of (date, slot_id): outcome "ok" or "none" (no such no-show that is
+        not forgiven yet)."""
+
+        def forgive() -> tuple[str, str | None]:
+            row = self.conn.execute(
+                "SELECT id FROM events e WHERE srn = ? AND action = 'no_show' AND date = ? AND slot_id = ? AND NOT"
+                " EXISTS (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)"
+                " ORDER BY id LIMIT 1", (srn, date, slot_id),
+            ).fetchone()
+            if row is None:
+                return "none", None
+            self._log(at, admin, "forgive", date, slot_id, via, f"no-show {row[0]}")
+            return "ok", srn
+
+        return await self._run(self._write, forgive, date)
 
     def _insert(self, date: str, slot_id: int, srn: str, at: str) -> None:
         self.conn.execute(

@@ -41,6 +41,8 @@ class Rules:
     grace_minutes: int = 30
     max_per_day: int = 0
     max_upcoming: int = 0
+    no_show_limit: int = 0
+    no_show_window_days: int = 30
     admins: frozenset[str] = frozenset()
     waitlist_per_slot: int = 5
     waitlist_per_member: int = 3
@@ -276,7 +278,26 @@ class Board:
 
     def _limits(self) -> Limits:
         now = self.now()
-        return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour)
+        since = (now.date() - timedelta(days=self.rules.no_show_window_days - 1)).isoformat()
+        return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour,
+                      self.rules.no_show_limit, since)
+
+    async def _no_show_refusal(self, srn: str) -> str:
+        """The sentence for a member barred by no-shows: how many, and until when."""
+        limits = self._limits()
+        dates = await self.store.no_shows(srn, limits.no_shows_since)
+        # bookable again once all but limit - 1 of them have left the window
+        until = Date.fromisoformat(dates[len(dates) - self.rules.no_show_limit]) + timedelta(
+            days=self.rules.no_show_window_days)
+        return (f"{len(dates)} no-show(s) in the last {self.rules.no_show_window_days} days: no new bookings "
+                f"until {until.isoformat()} (an admin can forgive one)")
+
+    async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
+        """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
+        if not self.is_admin(admin):
+            raise Forbidden("Admins only")
+        change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
+        self._settle(date, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
 
     def _bookable(self, date: str, slot_id: int) -> None:
         """SlotError unless (date, slot_id) may be booked now: it exists, its day is in the window, and it
@@ -289,6 +310,8 @@ class Board:
         """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
         self._bookable(date, slot_id)
         change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
+        if change.outcome == "no_shows":
+            raise SlotError(await self._no_show_refusal(srn))
         self._settle(date, change, {
             "taken": f"Slot {slot_id} is not available",
             "closed": f"Slot {slot_id} on {date} is closed",
@@ -318,6 +341,8 @@ class Board:
         self._bookable(date, slot_id)
         line = Line(self.rules.waitlist_per_slot, self.rules.waitlist_per_member)
         change = await self.store.join_waitlist(date, slot_id, srn, self.stamp(), self._limits(), line, via)
+        if change.outcome == "no_shows":
+            raise SlotError(await self._no_show_refusal(srn))
         if change.outcome == "booked":
             self._remember(date, change.version, change.rows)
             return f"Slot {slot_id} was free, and is now booked for you"

@@ -1315,6 +1315,34 @@ def test_a_no_show_is_released_and_the_next_in_line_gets_the_slot(settings: Sett
         assert actions.count(("no_show", ALICE, 9)) == 1 and ("promote", BOB, 9) in actions
 
 
+def test_members_with_too_many_no_shows_cannot_book_until_they_age_or_are_forgiven(settings: Settings,
+                                                                                   clock: Clock) -> None:
+    admin = "PES1UG20CS010"
+    rules = replace(settings, checkin_required=True, no_show_limit=2, no_show_window_days=30,
+                    admin_srns=frozenset({admin}))
+    with running(rules, clock) as service:
+        for slot, late in ((5, "2026-11-24 05:16"), (6, "2026-11-24 06:16")):
+            assert service.book(slot).status_code == 200
+            clock.set(late)
+            deadline = time.monotonic() + 3
+            while service.slots()["slots"][slot - 3]["booked_by"] is not None:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        refused = service.book(9)
+        assert refused.status_code == 400
+        assert refused.json()["detail"] == ("2 no-show(s) in the last 30 days: no new bookings until 2026-12-24 "
+                                            "(an admin can forgive one)")
+        assert waitlist(service, "join", 9, ALICE).status_code == 400
+        history = service.http.post("/admin/history", json=body(username=admin, srn=ALICE)).json()["events"]
+        assert [e["action"] for e in history if e["action"] == "no_show"] == ["no_show", "no_show"]
+        forgive = {"srn": ALICE, "date": TODAY, "slot_id": 5}
+        assert service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=BOB)}).status_code == 403
+        assert service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin)}).status_code == 200
+        again = service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin)})
+        assert again.status_code == 400 and "no no-show on slot 5" in again.json()["detail"]
+        assert service.book(9).status_code == 200  # one no-show left: under the limit
+
+
 def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
                                                                                    clock: Clock) -> None:
     with running(settings, clock) as service:
