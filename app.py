@@ -31,7 +31,7 @@ import urllib.parse
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -78,7 +78,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line
     workers: int = 1
-    pesu_auth_url: str = pesu.DEFAULT_URL
+    # repr=False: uvicorn's trace log prints every request's scope, app state (these settings) included
+    pesu_auth_url: str = field(default=pesu.DEFAULT_URL, repr=False)  # it may carry user:password@
     cache_minutes: float = 30
     pesu_timeout: float = pesu.TIMEOUT_SECONDS
     database_path: str = "data/rero.db"
@@ -105,7 +106,7 @@ class Settings:
     ws_ping_seconds: float = 20.0  # keep-alive pings; a peer that does not answer within as long is dropped
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
-    session_secret: str = ""  # empty: a random one per start-up (tokens then die with the process)
+    session_secret: str = field(default="", repr=False)  # empty: a random one per start-up (tokens die with it)
     session_minutes: float = 60
     login_fails_per_username: int = 5  # failed checks per (username, address) before delays begin; 0 = off
     login_fail_window_minutes: float = 15
@@ -365,6 +366,7 @@ class Peer:
 
     def __init__(self, address: str) -> None:
         self.address = address  # the client's, for the per-address connection cap
+        self.srn: str | None = None  # the member this socket said it is (identify), for personal messages
         self.replies: deque[str] = deque()
         self.latest: Day | None = None  # the state waiting to be sent
         self.held: Day | None = None  # the newest state handed to this peer, sent or waiting
@@ -460,6 +462,7 @@ class Hub:
     def __init__(self, send_timeout: float, max_backlog: int, max_peers: int = 0, max_per_address: int = 0) -> None:
         self.peers: set[Peer] = set()  # the listeners a broadcast goes to
         self.open = 0  # listeners joined whose endpoints have not left yet
+        self.members: dict[str, set[Peer]] = {}  # srn -> the sockets that said they are that member
         self.per_address: collections.Counter[str] = collections.Counter()  # of those, by client address
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
@@ -549,8 +552,25 @@ class Hub:
         """Stop sending to a listener (its pump sends nothing more); safe to call more than once."""
         self.peers.discard(peer)
 
+    def identify(self, peer: Peer, srn: str) -> None:
+        """From now on, this listener also gets the messages meant for srn alone."""
+        if peer.srn is not None:
+            self.members[peer.srn].discard(peer)
+        peer.srn = srn
+        self.members.setdefault(srn, set()).add(peer)
+
+    def tell(self, srn: str, message: dict[str, Any]) -> None:
+        """A message for one member, on every socket of theirs that said who it is (on this process)."""
+        for peer in list(self.members.get(srn, ())):
+            self.reply(peer, message)
+
     async def leave(self, peer: Peer) -> None:
         """The listener's endpoint is done with it: stop its pump and stop counting it."""
+        if peer.srn is not None:
+            mine = self.members.get(peer.srn, set())
+            mine.discard(peer)
+            if not mine:
+                self.members.pop(peer.srn, None)
         self._drop(peer)
         if peer.task is not None:
             peer.task.cancel()
@@ -784,6 +804,19 @@ class Counted:
             door.flowing(self)  # type: ignore[arg-type]
 
 
+LISTENER_SEND_BUFFER = 64 * 1024  # bytes of kernel send buffer for a connection that listens for long
+STREAM_PATHS = ("/events",)  # HTTP responses that last as long as the reader listens
+
+
+def keep_send_buffer_small(transport: asyncio.BaseTransport) -> None:
+    """A long-lived listener gets a small kernel send buffer: otherwise the kernel grows it to megabytes
+    (tcp_wmem) for a reader that stopped reading, and our send timeout starts only once that is full."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SEND_BUFFER)
+
+
 class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door."""
 
@@ -791,6 +824,8 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().data_received(data)
         door = door_of(self)
         if door is not None and has_request(self):
+            if door.waiting.get(self) is not None and self.cycle.scope.get("path") in STREAM_PATHS:
+                keep_send_buffer_small(self.transport)
             door.requested(self)
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
@@ -815,6 +850,10 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
 
     requested = True  # it was an HTTP request first
     held_back = False  # reading paused by us, for our writes to drain
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        keep_send_buffer_small(transport)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -1398,6 +1437,18 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
             return error(str(exc))
         peer.date = date  # watch that day from now on; without a date, watch today
         return hub.reply_state(peer, await board.day(date or board.today()))
+    if kind == "identify":
+        token = data.get("token")
+        try:
+            ask = ask_of(board, data, None if token is None else str(token), peer.address, slot=False)
+            srn = await identify(state, ask)
+        except BadInput as exc:
+            return error(str(exc))
+        except HTTPException as exc:
+            return hub.reply(peer, {"type": "identify_response", "success": False, "message": str(exc.detail)})
+        hub.identify(peer, srn)
+        return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
+                                "message": f"Messages for {srn} will come here too"})
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
         shown = kind if isinstance(kind, str) else orjson.dumps(kind).decode()
         return error(f"Unknown message type: {shown[:64]}")
@@ -1635,6 +1686,7 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
     and the club's midnight."""
     current = board.today()
     revoked = 0
+    told = (await board.store.notices_since(-1))[0][0]  # the newest event id: tell nobody of the past
     while True:
         await asyncio.sleep(interval)
         try:
@@ -1654,8 +1706,21 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                 for jti, expires in changes.tokens:
                     sessions.revoke(jti, expires)
                 await board.refresh(changes)  # the board broadcasts each new state
+            if changes is not None or board.notices_pending:  # promotions and releases, by any process
+                board.notices_pending = False
+                for told, action, srn, date, slot_id in await board.store.notices_since(told):
+                    hub.tell(srn, notice(action, date, slot_id))
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
+
+
+def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:
+    """The personal message for an event: a promotion from a waitlist, or a release as a no-show."""
+    if action == "promote":
+        return {"type": "booking_promoted", "date": date, "slot_id": slot_id,
+                "message": f"Slot {slot_id} on {date} is yours: it came free and you were first in line"}
+    return {"type": "booking_released", "date": date, "slot_id": slot_id,
+            "message": f"Your booking of slot {slot_id} on {date} was released: you did not check in in time"}
 
 
 LOG_FIELDS = ("srn", "username", "address", "slot", "date", "action", "via", "route", "status", "duration")

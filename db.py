@@ -252,6 +252,21 @@ class SlotStore:
         """The version and the booked or closed slots of one day."""
         return await self._run(lambda: (self._version(), self._day(date)))
 
+    async def notices_since(self, after: int) -> list[tuple[int, str, str, str, int]]:
+        """(id, action, srn, date, slot_id) of the events after id ``after`` that a member is to be told of
+        personally: a promotion from a waitlist, a release as a no-show. ``after`` -1: none, only the newest
+        id (a process starting up tells nobody of the past)."""
+
+        def notices() -> list[tuple[int, str, str, str, int]]:
+            if after < 0:
+                return [(self._version(), "", "", "", 0)]
+            return self.conn.execute(
+                "SELECT id, action, srn, date, slot_id FROM events WHERE id > ? AND action IN ('promote', 'no_show')"
+                " ORDER BY id", (after,),
+            ).fetchall()
+
+        return await self._run(notices)
+
     async def changes_since(self, version: int, revoked: int) -> Changes | None:
         """What other processes (other workers on this file) committed since we last looked: changes after
         event ``version`` and tokens revoked after id ``revoked``; None if nothing was committed."""

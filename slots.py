@@ -106,6 +106,7 @@ class Board:
         self.seen = 0  # the newest event id whose change this process has taken in
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
         self.serial = 0  # states built so far
+        self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
@@ -334,6 +335,7 @@ class Board:
             "closed": f"Slot {slot_id} on {date} is closed, not booked",
             "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
         })
+        self.notices_pending |= change.promoted is not None
         return change.promoted
 
     async def join_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> str:
@@ -397,6 +399,7 @@ class Board:
         released = await self.store.release_no_shows(today, now.hour * 60 + now.minute, self.rules.checkin_minutes,
                                                      self.stamp(), self._limits() if bookable else None)
         if released:
+            self.notices_pending = True
             version, rows = await self.store.day(today)
             self._remember(today, version, rows)
         return released

@@ -1188,6 +1188,44 @@ def test_a_member_in_line_gets_the_slot_when_its_booking_is_cancelled(settings: 
         assert service.slots()["slots"][6]["status"] == "available"  # nobody left in line
 
 
+def test_personal_messages_reach_every_tab_of_that_member_and_nobody_else(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, checkin_required=True), clock) as service:
+        bob_token = login(service, BOB)
+        bob_tabs, alice_tab = service.sockets(2), service.socket()
+        assert send(bob_tabs[0], {"type": "identify", "token": bob_token})["srn"] == BOB
+        assert send(bob_tabs[1], {"type": "identify", "username": BOB, "password": PASSWORD})["success"] is True
+        assert send(alice_tab, {"type": "identify", "username": ALICE, "password": PASSWORD})["srn"] == ALICE
+        refused = send(service.socket(), {"type": "identify", "username": ALICE, "password": "wrong"})
+        assert refused == {"type": "identify_response", "success": False, "message": "Invalid credentials"}
+
+        assert service.book(12).status_code == 200 and waitlist(service, "join", 12, BOB).status_code == 200
+        assert service.cancel(12).status_code == 200
+        for tab in bob_tabs:
+            promoted = receive_until(tab, "booking_promoted")
+            assert promoted == {"type": "booking_promoted", "date": TODAY, "slot_id": 12,
+                                "message": "Slot 12 on 2026-11-24 is yours: it came free and you were first in line"}
+        assert service.book(10).status_code == 200
+        clock.set("2026-11-24 10:16")  # Alice does not come to slot 10
+        released = receive_until(alice_tab, "booking_released")
+        assert (released["slot_id"], released["date"]) == (10, TODAY)
+        for tab in bob_tabs:  # nothing of Alice's reaches Bob
+            with pytest.raises(TimeoutError):
+                receive_until(tab, "booking_released", timeout=0.3)
+
+
+def test_a_promotion_on_one_process_is_told_on_the_other(settings: Settings) -> None:
+    day = tomorrow()
+    with process(settings) as (_, first), process(settings) as (_, second):
+        with ws_connect(second.replace("http", "ws") + "/slot-booking", open_timeout=5) as tab:
+            receive(tab)
+            assert send(tab, {"type": "identify", "username": BOB, "password": PASSWORD})["success"] is True
+            seat = {"slot_id": 9, "date": day, "password": PASSWORD}
+            assert httpx.post(f"{first}/book-slot", json={**seat, "username": ALICE}).status_code == 200
+            assert httpx.post(f"{second}/waitlist/join", json={**seat, "username": BOB}).status_code == 200
+            assert httpx.post(f"{first}/cancel-slot", json={**seat, "username": ALICE}).status_code == 200
+            assert receive_until(tab, "booking_promoted", timeout=3)["slot_id"] == 9
+
+
 def test_waitlist_limits_and_refusals(settings: Settings) -> None:
     with running(replace(settings, waitlist_per_slot=2, waitlist_per_member=1)) as service:
         assert service.book(9).status_code == 200 and service.book(10).status_code == 200
@@ -2079,14 +2117,14 @@ def test_a_socket_that_sends_pings_and_never_reads_costs_little_and_is_dropped(s
 
 
 def test_an_events_reader_that_stops_reading_is_closed_and_counted_until_then(settings: Settings) -> None:
-    with running(replace(settings, max_connections=1), send_buffer=4096) as service:
+    with running(replace(settings, max_connections=1)) as service:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
         stuck.connect(("127.0.0.1", service.server.port))
         stuck.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         client = service.http
         client.headers.update(bearer(login(service)))
-        for _ in range(60):  # change after change, each a few KiB to every listener
+        for _ in range(100):  # change after change, each a few KiB to every listener: 600 KiB in all
             assert client.post("/book-slot", json={"slot_id": 5}).status_code == 200
             assert client.post("/cancel-slot", json={"slot_id": 5}).status_code == 200
             if client.get("/events").status_code != 503:  # it still counts: no room for another
@@ -2195,7 +2233,8 @@ def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Sett
 @pytest.mark.parametrize("level", ["debug", "trace"])
 def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str) -> None:
     day = tomorrow()
-    with process(settings, LOG_LEVEL=level) as (proc, url):
+    secret = "the-session-secret-of-this-test"
+    with process(settings, LOG_LEVEL=level, SESSION_SECRET=secret) as (proc, url):
         login = httpx.post(f"{url}/auth/login", json={"username": ALICE, "password": PASSWORD}).json()
         signature = login["token"].split(".")[1]
         with ws_connect(url.replace("http", "ws") + "/slot-booking", open_timeout=5) as ws:
@@ -2208,7 +2247,7 @@ def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str
         proc.send_signal(signal.SIGTERM)
         output = proc.stdout.read().decode() if proc.stdout else ""
     assert "booking" in output.lower() or "book slot" in output  # the levels did log
-    assert PASSWORD not in output and signature not in output
+    assert PASSWORD not in output and signature not in output and secret not in output
 
 
 def test_a_username_cannot_forge_a_log_line(settings: Settings) -> None:
