@@ -1955,7 +1955,7 @@ def maintain(argv: list[str]) -> int:
     except OSError as exc:
         print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 1
     print(USAGE, file=sys.stderr)

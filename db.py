@@ -739,11 +739,25 @@ def backup(source: str, target: str) -> int:
     server writes: a plain file copy could miss what still sits in the WAL). Returns the bookings copied."""
     if not Path(source).exists():
         raise FileNotFoundError(source)
+    if Path(target).exists() and Path(target).resolve() == Path(source).resolve():
+        raise ValueError("the copy would overwrite the database itself")
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
-        live.execute("PRAGMA busy_timeout = 10000")
-        live.backup(copy)
-        return _counts(copy)["bookings"]
+    existed = Path(target).exists()
+    try:
+        with contextlib.closing(sqlite3.connect(source)) as live:
+            live.execute("PRAGMA busy_timeout = 10000")
+            live.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # not a database: fail before the copy
+            try:
+                copy = sqlite3.connect(target)
+            except sqlite3.Error as exc:
+                raise sqlite3.OperationalError(f"cannot write the copy at {target}: {exc}") from None
+            with contextlib.closing(copy):
+                live.backup(copy)
+                return _counts(copy)["bookings"]
+    except BaseException:
+        if not existed:  # leave no empty or partial copy behind
+            Path(target).unlink(missing_ok=True)
+        raise
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, Any]:

@@ -2190,6 +2190,9 @@ def test_check_and_backup_open_exactly_the_path_given(tmp_path: Path) -> None:
     corrupt.write_bytes(b"this is not a database" * 100)
     assert run_app("check", database=str(corrupt)).returncode == 1
     assert run_app("backup", str(tmp_path / "copy.db"), database=str(corrupt)).returncode == 1
+    assert not (tmp_path / "copy.db").exists()  # no empty copy left behind
+    itself = run_app("backup", str(tmp_path / "rero"), database=str(tmp_path / "rero"))
+    assert itself.returncode == 1 and "would overwrite the database itself" in itself.stderr
     odd = tmp_path / "club?term=2.db"
     make_database(odd, bookings=2)
     checked = run_app("check", database=str(odd))
