@@ -1563,10 +1563,13 @@ ERRORS = {
 }
 SOCKET_PROTOCOL = """Live updates: WebSocket `/slot-booking`. On connect the server sends the day's state:
 `{"type": "slots_update", "data": {Slots, "date", "version"}, "timestamp"}`. Client messages (JSON text):
-`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot", "slot_id", "date"?,
-"username", "password"}` or with `"token"` instead of username and password. Answers:
-`{"type": "booking_response" | "cancellation_response", "success", "message", "slot_id"}`, or
-`{"type": "error", "message"}` for a bad message (the socket stays open). Close codes: 1009 message over
+`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot" | "join_waitlist" |
+"leave_waitlist" | "check_in", "slot_id", "date"?, "username", "password"}` or with `"token"` instead of
+username and password, and `{"type": "identify", "token"}` (or username and password). Answers:
+`{"type": "booking_response" | "cancellation_response" | "waitlist_response" | "check_in_response", "success",
+"message", "slot_id"}`, `{"type": "identify_response", "success", "srn"?, "message"}`, or
+`{"type": "error", "message"}` for a bad message (the socket stays open). An identified socket also gets
+`{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member. Close codes: 1009 message over
 16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
 The same slots_update messages stream as Server-Sent Events from `GET /events`."""
 

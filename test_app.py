@@ -1278,6 +1278,22 @@ def test_a_cancellation_racing_a_join_never_leaves_the_joiner_with_neither(setti
                 assert slot in held and slot not in waiting  # it was his, by the line or by a free slot
 
 
+def test_a_promotion_on_one_process_respects_limits_met_on_the_other(settings: Settings) -> None:
+    day = tomorrow()
+    rules = {"MAX_BOOKINGS_PER_DAY": "1"}
+    with process(settings, **rules) as (_, first), process(settings, **rules) as (_, second):
+        def post(url: str, path: str, member: str, slot: int) -> int:
+            return httpx.post(f"{url}{path}", json={"slot_id": slot, "date": day, "username": member,
+                                                    "password": PASSWORD}).status_code
+
+        assert post(first, "/book-slot", ALICE, 9) == 200
+        assert post(second, "/waitlist/join", BOB, 9) == 200 and post(second, "/waitlist/join", CAROL, 9) == 200
+        assert post(second, "/book-slot", BOB, 12) == 200  # Bob's one booking of the day, on the other process
+        assert post(first, "/cancel-slot", ALICE, 9) == 200
+        slot = httpx.get(f"{second}/slots", params={"date": day}).json()["slots"][6]
+        assert (slot["booked_by"], slot["waiting"]) == (CAROL, 1)
+
+
 def test_two_members_joining_for_the_last_place_in_line_across_two_processes(settings: Settings) -> None:
     day = tomorrow()
     line = {"WAITLIST_PER_SLOT": "1", "WAITLIST_PER_MEMBER": "0"}
@@ -1381,6 +1397,30 @@ def test_members_with_too_many_no_shows_cannot_book_until_they_age_or_are_forgiv
         again = service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin)})
         assert again.status_code == 400 and "no no-show on slot 5" in again.json()["detail"]
         assert service.book(9).status_code == 200  # one no-show left: under the limit
+
+
+def test_a_late_check_in_racing_the_release_exactly_one_wins_and_the_holder_is_told(settings: Settings,
+                                                                                     clock: Clock) -> None:
+    with running(replace(settings, checkin_required=True), clock) as service:
+        tab = service.socket()
+        assert send(tab, {"type": "identify", "username": ALICE, "password": PASSWORD})["success"] is True
+        for slot in range(3, 15):
+            assert service.book(slot).status_code == 200
+            clock.set(f"2026-11-24 {slot:02d}:14:59.990")
+            with ThreadPoolExecutor(1) as pool:
+                checking = pool.submit(service.http.post, "/check-in", json=body(slot))
+                time.sleep(0.01 * (slot % 3))  # the deadline passes just before, during or after
+                clock.set(f"2026-11-24 {slot:02d}:15:00")
+                answer = checking.result()
+            time.sleep(0.3)  # a watch or two
+            held = service.slots()["slots"][slot - 3]
+            if answer.status_code == 200:  # the check-in won: the booking stays, nobody was released
+                assert held["booked_by"] == ALICE and held["checked_in"] is True
+            else:  # the release won: the check-in was refused, and the holder heard why
+                assert held["booked_by"] is None
+                assert answer.json()["detail"] in (f"Slot {slot} on {TODAY} is not booked",
+                                                   f"Check-in for slot {slot} on {TODAY} closed at {slot:02d}:15")
+                assert receive_until(tab, "booking_released")["slot_id"] == slot
 
 
 def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
