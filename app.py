@@ -1689,7 +1689,7 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
     and the club's midnight."""
     current = board.today()
     revoked = 0
-    told = (await board.store.notices_since(-1))[0][0]  # the newest event id: tell nobody of the past
+    told, _ = await board.store.notices_since(-1)  # the newest event id: tell nobody of the past
     while True:
         await asyncio.sleep(interval)
         try:
@@ -1711,7 +1711,8 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                 await board.refresh(changes)  # the board broadcasts each new state
             if changes is not None or board.notices_pending:  # promotions and releases, by any process
                 board.notices_pending = False
-                for told, action, srn, date, slot_id in await board.store.notices_since(told):
+                told, notices = await board.store.notices_since(told)  # each event looked at once
+                for action, srn, date, slot_id in notices:
                     hub.tell(srn, notice(action, date, slot_id))
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")

@@ -252,17 +252,18 @@ class SlotStore:
         """The version and the booked or closed slots of one day."""
         return await self._run(lambda: (self._version(), self._day(date)))
 
-    async def notices_since(self, after: int) -> list[tuple[int, str, str, str, int]]:
-        """(id, action, srn, date, slot_id) of the events after id ``after`` that a member is to be told of
-        personally: a promotion from a waitlist, a release as a no-show. ``after`` -1: none, only the newest
-        id (a process starting up tells nobody of the past)."""
+    async def notices_since(self, after: int) -> tuple[int, list[tuple[str, str, str, int]]]:
+        """The newest event id, and (action, srn, date, slot_id) of the events after id ``after`` that a member
+        is to be told of personally: a promotion from a waitlist, a release as a no-show. ``after`` -1: only
+        the newest id (a process starting up tells nobody of the past)."""
 
-        def notices() -> list[tuple[int, str, str, str, int]]:
+        def notices() -> tuple[int, list[tuple[str, str, str, int]]]:
+            newest = self._version()
             if after < 0:
-                return [(self._version(), "", "", "", 0)]
-            return self.conn.execute(
-                "SELECT id, action, srn, date, slot_id FROM events WHERE id > ? AND action IN ('promote', 'no_show')"
-                " ORDER BY id", (after,),
+                return newest, []
+            return newest, self.conn.execute(
+                "SELECT action, srn, date, slot_id FROM events WHERE id > ? AND id <= ?"
+                " AND action IN ('promote', 'no_show') ORDER BY id", (after, newest),
             ).fetchall()
 
         return await self._run(notices)
