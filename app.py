@@ -898,6 +898,11 @@ class Metrics:
             f"rero_open_sockets {hub.sockets}",
             "# HELP rero_open_listeners Open WebSockets and /events streams.", "# TYPE rero_open_listeners gauge",
             f"rero_open_listeners {len(hub.peers)}",
+            "# HELP rero_open_connections TCP connections of this process.", "# TYPE rero_open_connections gauge",
+            f"rero_open_connections {len(state['door'].open)}",
+            "# HELP rero_connections_refused_total Connections closed at once or evicted for want of room.",
+            "# TYPE rero_connections_refused_total counter",
+            f"rero_connections_refused_total {state['door'].refused}",
         ]
         helps = {"rero_slot_changes_total": "Bookings, cancellations, closings and reopenings, by route kind.",
                  "rero_logins_total": "Password checks by result."}

@@ -2321,6 +2321,7 @@ def test_metrics_are_off_unless_asked_for_and_never_name_a_member(settings: Sett
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     assert values["rero_open_sockets"] == "1"
+    assert int(values["rero_open_connections"]) >= 2 and values["rero_connections_refused_total"] == "0"
     assert values['rero_slot_changes_total{action="book",via="http"}'] == "1"
     assert values['rero_slot_changes_total{action="book",via="websocket"}'] == "1"
     assert values['rero_slot_changes_total{action="cancel",via="http"}'] == "1"
