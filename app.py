@@ -463,6 +463,7 @@ class Hub:
         self.peers: set[Peer] = set()  # the listeners a broadcast goes to
         self.open = 0  # listeners joined whose endpoints have not left yet
         self.members: dict[str, set[Peer]] = {}  # srn -> the sockets that said they are that member
+        self.watching: collections.Counter[str] = collections.Counter()  # days peers watch by name
         self.per_address: collections.Counter[str] = collections.Counter()  # of those, by client address
         self.send_timeout = send_timeout
         self.max_backlog = max_backlog
@@ -566,6 +567,7 @@ class Hub:
 
     async def leave(self, peer: Peer) -> None:
         """The listener's endpoint is done with it: stop its pump and stop counting it."""
+        self._unwatch(peer)
         if peer.srn is not None:
             mine = self.members.get(peer.srn, set())
             mine.discard(peer)
@@ -586,9 +588,27 @@ class Hub:
         """Open WebSockets (what /stats calls active connections)."""
         return sum(isinstance(peer, SocketPeer) for peer in self.peers)
 
+    def watch(self, peer: Peer, date: str | None) -> None:
+        """The peer watches that day from now on (None: today, whichever day that is)."""
+        self._unwatch(peer)
+        peer.date = date
+        if date is not None:
+            self.watching[date] += 1
+
+    def _unwatch(self, peer: Peer) -> None:
+        if peer.date is not None:
+            self.watching[peer.date] -= 1
+            if not self.watching[peer.date]:
+                del self.watching[peer.date]
+                if peer.date != self.today:
+                    self.newest.pop(peer.date, None)  # nobody watches it: keep nothing of it
+
     def broadcast(self, day: Day, today: str) -> None:
-        """Send a day's new state to the listeners watching that day (the fan-out sends it)."""
+        """Send a day's new state to the listeners watching that day (the fan-out sends it). A day nobody
+        watches is not kept: so reading many days cannot grow the hub's memory."""
         self.today = today
+        if day.date != today and day.date not in self.watching:
+            return
         known = self.newest.get(day.date)
         if known is None or day.newer_than(known):
             self.newest[day.date] = day
@@ -1199,9 +1219,10 @@ async def me(request: Request[State]) -> Response:
     srn = claims_of(state, token)["srn"]
     board = state["board"]
     current = (await board.current())["current"]
-    upcoming = orjson.loads(await board.bookings_body(srn))["bookings"]
-    return JSONResponse({"srn": srn, "holds_current_slot": bool(current and current["holder"] == srn),
-                         "current": current if current and current["holder"] == srn else None,
+    held = current is not None and current["holder"] == srn
+    upcoming = [b for b in orjson.loads(await board.bookings_body(srn))["bookings"]
+                if not (held and (b["date"], b["id"]) == (current["date"], current["id"]))]  # type: ignore[index]
+    return JSONResponse({"srn": srn, "holds_current_slot": held, "current": current if held else None,
                          "next_booking": upcoming[0] if upcoming else None})
 
 
@@ -1320,8 +1341,8 @@ class EventStream:
         headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         peer = StreamPeer(send, address)
-        peer.date = date
         hub.join(peer)
+        hub.watch(peer, date)
         peer.send_state(await board.day(date or board.today()))
         assert peer.task is not None
         disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
@@ -1440,7 +1461,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
             date = watched_date(data.get("date"))
         except SlotError as exc:
             return error(str(exc))
-        peer.date = date  # watch that day from now on; without a date, watch today
+        hub.watch(peer, date)  # watch that day from now on; without a date, watch today
         return hub.reply_state(peer, await board.day(date or board.today()))
     if kind == "identify":
         token = data.get("token")

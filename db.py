@@ -98,6 +98,10 @@ CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires)
 
 # (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
 DayRow = tuple[int, str | None, str, int, int, int]
+# A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
+# "YYYY-MM-DD HH:MM:SS" in the club's time): in minutes of the day, for SQL on the bookings table.
+DEADLINE = ("MAX(slot_id * 60, CASE WHEN substr(booked_at, 1, 10) = date THEN"
+            " CAST(substr(booked_at, 12, 2) AS INTEGER) * 60 + CAST(substr(booked_at, 15, 2) AS INTEGER) ELSE 0 END)")
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
 
@@ -472,10 +476,14 @@ class SlotStore:
                 return "already", None, None, 0
             if line.per_slot and waiting[0] >= line.per_slot:
                 return "full", None, None, 0
-            mine = self.conn.execute("SELECT COUNT(*) FROM waitlist WHERE srn = ? AND date >= ?",
-                                     (srn, limits.today)).fetchone()[0]
+            mine = self.conn.execute(
+                "SELECT COUNT(*) FROM waitlist WHERE srn = ? AND (date > ? OR (date = ? AND slot_id >= ?))",
+                (srn, limits.today, limits.today, limits.now_hour),
+            ).fetchone()[0]  # lines for slots that have not ended
             if line.per_member and mine >= line.per_member:
                 return "member_full", None, None, 0
+            if limits.no_shows and len(self._no_shows(srn, limits.no_shows_since)) >= limits.no_shows:
+                return "no_shows", None, None, 0
             self.conn.execute("INSERT INTO waitlist (date, slot_id, srn, joined_at) VALUES (?, ?, ?, ?)",
                               (date, slot_id, srn, at))
             self._log(at, srn, "join", date, slot_id, via)
@@ -569,27 +577,32 @@ class SlotStore:
 
         return await self._run(self._write, check_in, date)
 
-    async def release_no_shows(self, today: str, minute: int, checkin_minutes: int, at: str,
-                               limits: Limits | None) -> list[tuple[str, int, str, str | None]]:
-        """Release today's bookings not checked in by their start + ``checkin_minutes`` (``minute`` is the
-        club's minute of the day now): each a ``no_show`` event, the slot handed on to its waitlist as a
-        cancellation would. Returns (date, slot_id, holder, promoted) for each; the database decides, so any
-        number of workers may call this and each booking is released once."""
+    async def release_no_shows(self, today: str, minute: int, checkin_minutes: int, grace_minutes: int, at: str,
+                               limits: Limits) -> list[tuple[str, int, str, str | None]]:
+        """Release today's bookings not checked in by their deadline (``minute`` is the club's minute of the
+        day now): each a ``no_show`` event, the slot handed on to its waitlist as a cancellation would, while
+        it is still bookable (before start + ``grace_minutes``). Returns (date, slot_id, holder, promoted) for
+        each; the database decides, so any number of workers may call this and each booking is released once.
+
+        A booking's deadline is ``checkin_minutes`` after the later of its start and the moment it was made:
+        one made, or handed on from the waitlist, after the start gets a check-in window of its own."""
 
         def release() -> list[tuple[str, int, str, str | None]]:
             before = self.conn.total_changes
             with self._transaction():
                 due = self.conn.execute(
-                    "SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
-                    " AND booked_by IS NOT NULL AND slot_id * 60 + ? <= ? ORDER BY slot_id",
+                    f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
+                    f" AND booked_by IS NOT NULL AND {DEADLINE} + ? <= ? ORDER BY slot_id",
                     (today, checkin_minutes, minute),
                 ).fetchall()
                 released = []
                 for slot_id, holder in due:
                     self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
                     self._log(at, holder, "no_show", today, slot_id, "system",
-                              f"not checked in by {checkin_minutes} minutes after the start")
-                    released.append((today, slot_id, holder, self._promote(today, slot_id, at, limits)))
+                              f"not checked in within {checkin_minutes} minutes")
+                    bookable = minute < slot_id * 60 + grace_minutes
+                    released.append((today, slot_id, holder,
+                                     self._promote(today, slot_id, at, limits if bookable else None)))
             if self.generation is not None and self.conn.total_changes != before:
                 self.generation.bump()
             return released

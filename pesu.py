@@ -125,22 +125,12 @@ class PesuChecker:
         self.cache_misses += 1
         task = self._inflight.get(key)
         if task is None:
-            # Concurrent checks of the same credentials share this one upstream call (and one attempt).
-            self._refuse_if_busy()
-            attempt = await self.guard.admit(username, address) if self.guard else None
-            task = self._inflight.get(key)  # another check of these credentials may have begun meanwhile
-            if task is None:
-                try:
-                    self._refuse_if_busy()
-                except AuthBusy:
-                    await self._settle(attempt, "unavailable")
-                    raise
-                self.pending += 1
-                task = asyncio.create_task(self._ask(username, password, key, attempt))
-                self._inflight[key] = task
-                task.add_done_callback(lambda _: self._inflight.pop(key, None))
-            else:
-                await self._settle(attempt, "unavailable")
+            # Concurrent checks of the same credentials share this one task: one admission by the guard, one
+            # upstream call (registered before anything is awaited, so none can slip in beside it).
+            self._refuse_if_busy()  # at once, before the guard's database is asked
+            task = asyncio.create_task(self._ask(username, password, key, address))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # shield: one caller going away must not cancel the call the others are waiting on.
         return await asyncio.shield(task)
 
@@ -152,18 +142,22 @@ class PesuChecker:
         if self.guard is not None and attempt is not None:
             await self.guard.settle(attempt, outcome, srn)
 
-    async def _ask(self, username: str, password: str, key: bytes, attempt: Attempt | None) -> dict[str, Any]:
+    async def _ask(self, username: str, password: str, key: bytes, address: str) -> dict[str, Any]:
+        attempt = await self.guard.admit(username, address) if self.guard else None  # or Throttled
         try:
-            async with self._places:
-                profile = await self._call(username, password)
+            self._refuse_if_busy()
+            self.pending += 1  # in flight, or waiting for a place
+            try:
+                async with self._places:
+                    profile = await self._call(username, password)
+            finally:
+                self.pending -= 1
         except InvalidCredentials:
             await self._settle(attempt, "invalid")
             raise
         except Exception:
             await self._settle(attempt, "unavailable")
             raise
-        finally:
-            self.pending -= 1
         self._remember(key, password, profile)
         await self._settle(attempt, "ok", profile["srn"])
         return profile

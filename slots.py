@@ -84,8 +84,8 @@ DATE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 def parse_date(value: Any) -> str:
     """A YYYY-MM-DD string, checked to be a real date; SlotError if it is not."""
-    if isinstance(value, str) and DATE_FORMAT.fullmatch(value):
-        try:
+    if isinstance(value, str) and DATE_FORMAT.fullmatch(value) and "1970" <= value[:4] <= "2999":
+        try:  # (years outside that range only make date arithmetic overflow)
             return Date.fromisoformat(value).isoformat()
         except ValueError:
             pass
@@ -287,6 +287,8 @@ class Board:
         """The sentence for a member barred by no-shows: how many, and until when."""
         limits = self._limits()
         dates = await self.store.no_shows(srn, limits.no_shows_since)
+        if len(dates) < self.rules.no_show_limit:  # forgiven since the refusal: say so, and let them try again
+            return "Too many no-shows a moment ago; one was just forgiven, so try again"
         # bookable again once all but limit - 1 of them have left the window
         until = Date.fromisoformat(dates[len(dates) - self.rules.no_show_limit]) + timedelta(
             days=self.rules.no_show_window_days)
@@ -297,6 +299,8 @@ class Board:
         """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
         if not self.is_admin(admin):
             raise Forbidden("Admins only")
+        if slot_id not in self.rules.hours:
+            raise SlotError(f"Slot {slot_id} does not exist")
         change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
         self._settle(date, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
 
@@ -365,8 +369,11 @@ class Board:
         admin = self.is_admin(srn)
         start = self._check(date, slot_id, for_booking=False)
         opens = start - timedelta(minutes=self.rules.checkin_opens_minutes)
-        closes = start + timedelta(minutes=self.rules.checkin_minutes)
+        slot = next(s for s in (await self.day(date)).slots if s["id"] == slot_id)
+        closes = self._checkin_closes(slot) if slot["booked_at"] else start + timedelta(minutes=self.rules.checkin_minutes)
         now = self.now()
+        if admin and date != now.date().isoformat():
+            raise SlotError(f"Check-in is for the slot's own day ({date})")
         if not admin and now < opens:
             raise SlotError(f"Check-in for slot {slot_id} on {date} opens at {opens:%H:%M}")
         if not admin and now >= closes:
@@ -386,18 +393,24 @@ class Board:
             return False
         day = await self.day(self.today())
         now = self.now()
-        minute = now.hour * 60 + now.minute
-        return any(slot["status"] == "booked" and not slot["checked_in"]
-                   and slot["id"] * 60 + self.rules.checkin_minutes <= minute for slot in day.slots)
+        return any(slot["status"] == "booked" and not slot["checked_in"] and now >= self._checkin_closes(slot)
+                   for slot in day.slots)
+
+    def _checkin_closes(self, slot: dict[str, Any]) -> datetime:
+        """When a booking's check-in closes: CHECKIN_MINUTES after the later of its start and the moment it was
+        made (a booking made, or handed on from the waitlist, after the start has a window of its own).
+        db.DEADLINE says the same in SQL."""
+        start = datetime.fromisoformat(f"{slot['date']} {slot['start_time']}")
+        made = datetime.fromisoformat(slot["booked_at"]) if slot["booked_at"] else start
+        return max(start, made.replace(second=0)) + timedelta(minutes=self.rules.checkin_minutes)
 
     async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
         """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
         each day changed is taken in and broadcast."""
         now = self.now()
         today = now.date().isoformat()
-        bookable = self.rules.checkin_minutes < self.rules.grace_minutes
         released = await self.store.release_no_shows(today, now.hour * 60 + now.minute, self.rules.checkin_minutes,
-                                                     self.stamp(), self._limits() if bookable else None)
+                                                     self.rules.grace_minutes, self.stamp(), self._limits())
         if released:
             self.notices_pending = True
             version, rows = await self.store.day(today)

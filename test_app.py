@@ -1228,6 +1228,36 @@ def test_a_promotion_on_one_process_is_told_on_the_other(settings: Settings) -> 
             assert receive_until(tab, "booking_promoted", timeout=3)["slot_id"] == 9
 
 
+def test_lines_for_slots_that_have_ended_no_longer_count_against_a_member(settings: Settings, clock: Clock) -> None:
+    with running(settings, clock) as service:
+        for slot in (4, 5, 6, 12):
+            assert service.book(slot, username=BOB).status_code == 200
+        for slot in (4, 5, 6):
+            assert waitlist(service, "join", slot, ALICE).status_code == 200
+        assert waitlist(service, "join", 12, ALICE).status_code == 400  # three lines already
+        clock.set("2026-11-24 07:00")  # those three slots are over
+        assert waitlist(service, "join", 12, ALICE).status_code == 200
+
+
+def test_reading_many_days_does_not_grow_the_hub(service: Service) -> None:
+    hub = service.server.server.lifespan.state["hub"]
+    watcher = service.socket()
+    send(watcher, {"type": "get_slots", "date": TOMORROW})
+    for offset in range(300):
+        day = (datetime(2026, 11, 24) + timedelta(days=offset)).date().isoformat()
+        assert service.http.get("/slots", params={"date": day}).status_code == 200
+    assert set(hub.newest) <= {TODAY, TOMORROW}  # what someone watches, and nothing more
+    for bad in ("0001-01-01", "9999-12-31"):
+        assert service.http.get("/slots", params={"date": bad}).status_code == 400
+
+
+def test_two_hundred_tabs_signing_in_with_the_same_right_password_at_once(settings: Settings,
+                                                                          slow_pesu: FakePesu) -> None:
+    with running(replace(settings, pesu_timeout=5)) as service:
+        answers = logins_at_once(service.server.url, [{"username": BOB, "password": PASSWORD}] * 200)
+    assert [a.status_code for a in answers] == [200] * 200
+
+
 def test_waitlist_limits_and_refusals(settings: Settings) -> None:
     with running(replace(settings, waitlist_per_slot=2, waitlist_per_member=1)) as service:
         assert service.book(9).status_code == 200 and service.book(10).status_code == 200
@@ -1329,9 +1359,11 @@ def test_the_holder_checks_in_and_the_lab_knows_who_holds_it_now(settings: Setti
                                   "checked_in": True}
         assert now["next"]["id"] == 10 and now["next"]["holder"] == BOB and now["next"]["checked_in"] is False
         alice, bob = login(service), login(service, BOB)
+        assert service.book(13).status_code == 200
         assert service.http.get("/me", headers=bearer(alice)).json() == {
             "srn": ALICE, "holds_current_slot": True, "current": now["current"], "next_booking": {
-                "id": 9, "start_time": "09:00", "end_time": "10:00", "booked_at": "2026-11-24 01:00:00", "date": TODAY}}
+                "id": 13, "start_time": "13:00", "end_time": "14:00", "booked_at": "2026-11-24 09:20:00",
+                "date": TODAY}}  # the next one, not the one under way
         mine = service.http.get("/me", headers=bearer(bob)).json()
         assert mine["holds_current_slot"] is False and mine["next_booking"]["id"] == 10
         assert service.http.get("/me").status_code == 401
@@ -1389,6 +1421,9 @@ def test_members_with_too_many_no_shows_cannot_book_until_they_age_or_are_forgiv
         assert refused.json()["detail"] == ("2 no-show(s) in the last 30 days: no new bookings until 2026-12-24 "
                                             "(an admin can forgive one)")
         assert waitlist(service, "join", 9, ALICE).status_code == 400
+        assert service.book(10, username=BOB).status_code == 200
+        barred = waitlist(service, "join", 10, ALICE)  # nor queue for a booked one
+        assert barred.status_code == 400 and "no new bookings until 2026-12-24" in barred.json()["detail"]
         history = service.http.post("/admin/history", json=body(username=admin, srn=ALICE)).json()["events"]
         assert [e["action"] for e in history if e["action"] == "no_show"] == ["no_show", "no_show"]
         forgive = {"srn": ALICE, "date": TODAY, "slot_id": 5}
@@ -1396,6 +1431,9 @@ def test_members_with_too_many_no_shows_cannot_book_until_they_age_or_are_forgiv
         assert service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin)}).status_code == 200
         again = service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin)})
         assert again.status_code == 400 and "no no-show on slot 5" in again.json()["detail"]
+        for odd in ({"date": "0001-01-01"}, {"slot_id": 9223372036854775808}, {"slot_id": 99}):
+            answer = service.http.post("/admin/forgive-no-show", json={**forgive, **body(username=admin), **odd})
+            assert answer.status_code in (400, 422) and "detail" in answer.json()
         assert service.book(9).status_code == 200  # one no-show left: under the limit
 
 
@@ -1423,6 +1461,40 @@ def test_a_late_check_in_racing_the_release_exactly_one_wins_and_the_holder_is_t
                 assert receive_until(tab, "booking_released")["slot_id"] == slot
 
 
+def test_a_booking_handed_on_or_made_after_the_start_gets_its_own_check_in_window(settings: Settings,
+                                                                                  clock: Clock) -> None:
+    with running(replace(settings, checkin_required=True, admin_srns=frozenset({"PES1UG20CS010"})), clock) as service:
+        assert service.book(9).status_code == 200
+        assert waitlist(service, "join", 9, BOB).status_code == 200
+        assert waitlist(service, "join", 9, CAROL).status_code == 200
+        clock.set("2026-11-24 09:15")  # Alice did not come: Bob has it, with 15 minutes to check in
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][6]["booked_by"] != BOB:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        clock.set("2026-11-24 09:16")
+        time.sleep(0.3)
+        slot = service.slots()["slots"][6]
+        assert (slot["booked_by"], slot["waiting"]) == (BOB, 1)  # no cascade down the line
+        clock.set("2026-11-24 09:25")
+        assert service.http.post("/check-in", json=body(9, BOB)).status_code == 200
+        clock.set("2026-11-24 10:20")  # a booking made 20 minutes after the start (within the grace)
+        assert service.book(10, username=CAROL).status_code == 200
+        clock.set("2026-11-24 10:21")
+        time.sleep(0.3)
+        assert service.slots()["slots"][7]["booked_by"] == CAROL  # not released at once
+        clock.set("2026-11-24 10:35")
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][7]["booked_by"] is not None:
+            assert time.monotonic() < deadline, "its own window ran out, and it was kept"
+            time.sleep(0.05)
+        history = service.http.post("/admin/history", json=body(username="PES1UG20CS010")).json()["events"]
+        assert [(e["action"], e["srn"]) for e in history if e["action"] == "no_show"] == [("no_show", CAROL),
+                                                                                         ("no_show", ALICE)]
+        other_day = service.http.post("/check-in", json=body(5, "PES1UG20CS010", date=TOMORROW))
+        assert other_day.status_code == 400  # not even an admin checks in a booking days ahead
+
+
 def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
                                                                                    clock: Clock) -> None:
     with running(settings, clock) as service:
@@ -1437,7 +1509,8 @@ def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_resta
 
 def test_a_no_show_is_released_exactly_once_by_two_processes(settings: Settings) -> None:
     """Real processes run on the real clock: pick a time zone in which it is now between 7 and 53 minutes
-    past the hour, so the hour's slot can still be booked (grace 55) but its check-in has closed (5)."""
+    past the hour, and put in bookings of that hour made before it began (as a member would have booked
+    them), so their check-in (5 minutes) has closed. Both processes watch; the database decides."""
     minute = datetime.now(timezone.utc).minute
     zone, local = min(((z, (minute + o) % 60) for z, o in (("UTC", 0), ("Asia/Kolkata", 30), ("Asia/Kathmandu", 45))),
                       key=lambda zl: abs(zl[1] - 30))
@@ -1445,18 +1518,26 @@ def test_a_no_show_is_released_exactly_once_by_two_processes(settings: Settings)
     env = {"TIMEZONE": zone, "SLOT_START_HOUR": "0", "SLOT_END_HOUR": "24", "BOOKING_GRACE_MINUTES": "55",
            "CHECKIN_MINUTES": "5", "CHECKIN_REQUIRED": "1", "ADMIN_SRNS": "PES1UG20CS010"}
     with process(settings, **env) as (_, first), process(settings, **env) as (_, second):
-        hour = datetime.now(ZoneInfo(zone)).hour
-        for member in (ALICE, BOB, CAROL):  # each takes the hour in turn and is released as a no-show
-            answer = httpx.post(f"{first}/book-slot", json={"slot_id": hour, "username": member, "password": PASSWORD})
-            assert answer.status_code == 200, answer.text
+        now = datetime.now(ZoneInfo(zone))
+        today, hour = now.date().isoformat(), now.hour
+        for member in (ALICE, BOB, CAROL):  # each holds the hour in turn and is released as a no-show
+            with contextlib.closing(sqlite3.connect(settings.database_path, timeout=10)) as conn:
+                conn.execute("INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+                             (today, hour, member, f"{today} 00:00:00"))
+                conn.execute("INSERT INTO events (at, srn, action, date, slot_id, via) VALUES (?, ?, 'book', ?, ?,"
+                             " 'http')", (f"{today} 00:00:00", member, today, hour))
+                conn.commit()
             deadline = time.monotonic() + 5
-            while httpx.get(f"{first}/slots").json()["slots"][hour]["booked_by"] is not None:  # it saw the booking
+            while True:
+                with contextlib.closing(sqlite3.connect(settings.database_path, timeout=10)) as conn:
+                    if conn.execute("SELECT COUNT(*) FROM bookings WHERE date = ? AND slot_id = ?",
+                                    (today, hour)).fetchone()[0] == 0:
+                        break
                 assert time.monotonic() < deadline, "the no-show was not released"
                 time.sleep(0.05)
         events = httpx.post(f"{first}/admin/history", json={"username": "PES1UG20CS010", "password": PASSWORD}).json()
     released = [(e["srn"], e["slot_id"]) for e in events["events"] if e["action"] == "no_show"]
     assert sorted(released) == [(ALICE, hour), (BOB, hour), (CAROL, hour)]
-
 
 def test_my_bookings_lists_upcoming_bookings_across_days(service: Service, clock: Clock) -> None:
     service.http.post("/book-slot", json=body(4, date="2026-11-26"))
