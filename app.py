@@ -367,6 +367,7 @@ class Peer:
     def __init__(self, address: str) -> None:
         self.address = address  # the client's, for the per-address connection cap
         self.srn: str | None = None  # the member this socket said it is (identify), for personal messages
+        self.jti: str | None = None  # the id of the token it said so with (signing out ends the messages)
         self.replies: deque[str] = deque()
         self.latest: Day | None = None  # the state waiting to be sent
         self.held: Day | None = None  # the newest state handed to this peer, sent or waiting
@@ -560,10 +561,15 @@ class Hub:
         peer.srn = srn
         self.members.setdefault(srn, set()).add(peer)
 
-    def tell(self, srn: str, message: dict[str, Any]) -> None:
-        """A message for one member, on every socket of theirs that said who it is (on this process)."""
+    def tell(self, srn: str, message: dict[str, Any], revoked: Mapping[str, float]) -> None:
+        """A message for one member, on every socket of theirs that said who it is (on this process) with
+        credentials still good: a socket identified with a token signed out since hears no more."""
         for peer in list(self.members.get(srn, ())):
-            self.reply(peer, message)
+            if peer.jti is not None and peer.jti in revoked:
+                self.members[srn].discard(peer)
+                peer.srn = peer.jti = None
+            else:
+                self.reply(peer, message)
 
     async def leave(self, peer: Peer) -> None:
         """The listener's endpoint is done with it: stop its pump and stop counting it."""
@@ -1473,6 +1479,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         except HTTPException as exc:
             return hub.reply(peer, {"type": "identify_response", "success": False, "message": str(exc.detail)})
         hub.identify(peer, srn)
+        peer.jti = None if ask.token is None else state["sessions"].claims(ask.token)["jti"]
         return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
                                 "message": f"Messages for {srn} will come here too"})
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
@@ -1739,7 +1746,7 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                 board.notices_pending = False
                 told, notices = await board.store.notices_since(told)  # each event looked at once
                 for action, srn, date, slot_id in notices:
-                    hub.tell(srn, notice(action, date, slot_id))
+                    hub.tell(srn, notice(action, date, slot_id), sessions.revoked)
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
 

@@ -1213,6 +1213,14 @@ def test_personal_messages_reach_every_tab_of_that_member_and_nobody_else(settin
         for tab in bob_tabs:  # nothing of Alice's reaches Bob
             with pytest.raises(TimeoutError):
                 receive_until(tab, "booking_released", timeout=0.3)
+        fresh = login(service, BOB)  # (the first token has expired by now)
+        assert send(bob_tabs[0], {"type": "identify", "token": fresh})["success"] is True
+        assert service.http.post("/auth/logout", headers=bearer(fresh)).status_code == 200
+        assert service.book(11).status_code == 200 and waitlist(service, "join", 11, BOB).status_code == 200
+        assert service.cancel(11).status_code == 200
+        assert receive_until(bob_tabs[1], "booking_promoted")["slot_id"] == 11  # signed in by password: still
+        with pytest.raises(TimeoutError):  # identified with the token he signed out: no more
+            receive_until(bob_tabs[0], "booking_promoted", timeout=0.5)
 
 
 def test_a_promotion_on_one_process_is_told_on_the_other(settings: Settings) -> None:
