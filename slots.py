@@ -401,8 +401,11 @@ class Board:
         made (a booking made, or handed on from the waitlist, after the start has a window of its own).
         db.DEADLINE says the same in SQL."""
         start = datetime.fromisoformat(f"{slot['date']} {slot['start_time']}")
-        made = datetime.fromisoformat(slot["booked_at"]) if slot["booked_at"] else start
-        return max(start, made.replace(second=0)) + timedelta(minutes=self.rules.checkin_minutes)
+        try:
+            made = datetime.fromisoformat(slot["booked_at"]).replace(second=0, microsecond=0, tzinfo=None)
+        except (TypeError, ValueError):  # none, or an original database's own format
+            made = start
+        return max(start, made) + timedelta(minutes=self.rules.checkin_minutes)
 
     async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
         """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
