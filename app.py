@@ -999,7 +999,8 @@ async def profile_of(state: State, username: str, password: str, address: str) -
         state["metrics"].count("rero_logins_total", 'result="throttled"')
         logger.debug("login throttled for %s from %s", username, address, extra={**fields, "status": 429})
         wait = exc.retry_after
-        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds", {"Retry-After": str(wait)})
+        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds",
+                            {"Retry-After": str(wait)}) from None
     except InvalidCredentials:
         state["metrics"].count("rero_logins_total", 'result="invalid"')
         logger.info("login refused for %s from %s", username, address, extra={**fields, "status": 401})
@@ -1544,7 +1545,8 @@ SCHEMAS: dict[str, Any] = {
                  booked_at=NULLABLE_STRING, closed=BOOLEAN,
                  status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
                  checked_in=BOOLEAN, date=STRING),
-    "NowSlot": {"type": ["object", "null"], "required": ["date", "id", "start_time", "end_time", "holder", "checked_in"],
+    "NowSlot": {"type": ["object", "null"],
+                "required": ["date", "id", "start_time", "end_time", "holder", "checked_in"],
                 "properties": {"date": STRING, "id": INTEGER, "start_time": STRING, "end_time": STRING,
                                "holder": NULLABLE_STRING, "checked_in": BOOLEAN}},
     "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
@@ -1602,7 +1604,8 @@ username and password, and `{"type": "identify", "token"}` (or username and pass
 `{"type": "booking_response" | "cancellation_response" | "waitlist_response" | "check_in_response", "success",
 "message", "slot_id"}`, `{"type": "identify_response", "success", "srn"?, "message"}`, or
 `{"type": "error", "message"}` for a bad message (the socket stays open). An identified socket also gets
-`{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member. Close codes: 1009 message over
+`{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member.
+Close codes: 1009 message over
 16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
 The same slots_update messages stream as Server-Sent Events from `GET /events`."""
 

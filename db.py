@@ -313,7 +313,9 @@ class SlotStore:
 
         await self._run(revoke)
 
-    async def upcoming_of(self, srn: str, today: str, after_hour: int) -> tuple[list[tuple[str, int, str]], list[Place]]:
+    async def upcoming_of(
+        self, srn: str, today: str, after_hour: int
+    ) -> tuple[list[tuple[str, int, str]], list[Place]]:
         """(date, slot_id, booked_at) of srn's bookings that have not ended yet, oldest first, and their
         places in waitlists."""
         return await self._run(self._upcoming_of, srn, today, after_hour)

@@ -370,7 +370,7 @@ class Board:
         start = self._check(date, slot_id, for_booking=False)
         opens = start - timedelta(minutes=self.rules.checkin_opens_minutes)
         slot = next(s for s in (await self.day(date)).slots if s["id"] == slot_id)
-        closes = self._checkin_closes(slot) if slot["booked_at"] else start + timedelta(minutes=self.rules.checkin_minutes)
+        closes = self._checkin_closes(slot)
         now = self.now()
         if admin and date != now.date().isoformat():
             raise SlotError(f"Check-in is for the slot's own day ({date})")
