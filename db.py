@@ -102,6 +102,9 @@ DayRow = tuple[int, str | None, str, int, int, int]
 # "YYYY-MM-DD HH:MM:SS" in the club's time): in minutes of the day, for SQL on the bookings table.
 DEADLINE = ("MAX(slot_id * 60, CASE WHEN substr(booked_at, 1, 10) = date THEN"
             " CAST(substr(booked_at, 12, 2) AS INTEGER) * 60 + CAST(substr(booked_at, 15, 2) AS INTEGER) ELSE 0 END)")
+# A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
+UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
+              " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
 
@@ -412,21 +415,15 @@ class SlotStore:
             current = self._current(date, slot_id)
             if current is not None:
                 return ("closed" if current[1] else "taken"), current[0]
-            refusal = self._over_limits(srn, date, limits)
-            if refusal:
-                return refusal, None
-            self._insert(date, slot_id, srn, at)
-            self._log(at, srn, "book", date, slot_id, via)
-            return "ok", srn
+            refusal = self._take(date, slot_id, srn, at, limits, "book", via)
+            return (refusal, None) if refusal else ("ok", srn)
 
         return await self._run(self._write, book, date)
 
     def _no_shows(self, srn: str, since: str) -> list[str]:
         """The dates of srn's no-shows from ``since`` on that an admin has not forgiven, oldest first."""
         return [date for (date,) in self.conn.execute(
-            "SELECT date FROM events e WHERE srn = ? AND action = 'no_show' AND date >= ? AND NOT EXISTS"
-            " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id) ORDER BY date",
-            (srn, since),
+            f"SELECT date FROM events e WHERE srn = ? AND {UNFORGIVEN} AND date >= ? ORDER BY date", (srn, since)
         )]
 
     async def no_shows(self, srn: str, since: str) -> list[str]:
@@ -438,8 +435,7 @@ class SlotStore:
 
         def forgive() -> tuple[str, str | None]:
             row = self.conn.execute(
-                "SELECT id FROM events e WHERE srn = ? AND action = 'no_show' AND date = ? AND slot_id = ? AND NOT"
-                " EXISTS (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)"
+                f"SELECT id FROM events e WHERE srn = ? AND {UNFORGIVEN} AND date = ? AND slot_id = ?"
                 " ORDER BY id LIMIT 1", (srn, date, slot_id),
             ).fetchone()
             if row is None:
@@ -449,10 +445,16 @@ class SlotStore:
 
         return await self._run(self._write, forgive, date)
 
-    def _insert(self, date: str, slot_id: int, srn: str, at: str) -> None:
-        self.conn.execute(
-            "INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)", (date, slot_id, srn, at)
-        )
+    def _take(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, action: str, via: str,
+              note: str | None = None) -> str | None:
+        """Give srn the free slot if their limits allow (and log ``action``); else why not (see _over_limits).
+        Booking, a waitlist join on a free slot and a promotion from the waitlist all take a slot this way."""
+        refusal = self._over_limits(srn, date, limits)
+        if refusal is None:
+            self.conn.execute("INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+                              (date, slot_id, srn, at))
+            self._log(at, srn, action, date, slot_id, via, note)
+        return refusal
 
     async def join_waitlist(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, line: Line,
                             via: str) -> Change:
@@ -492,12 +494,8 @@ class SlotStore:
             return "ok", booked_by, None, waiting[0] + 1
 
         def book_free() -> tuple[str, str | None]:
-            refusal = self._over_limits(srn, date, limits)
-            if refusal:
-                return refusal, None
-            self._insert(date, slot_id, srn, at)
-            self._log(at, srn, "book", date, slot_id, via, "from a waitlist join: the slot was free")
-            return "booked", srn
+            refusal = self._take(date, slot_id, srn, at, limits, "book", via, "from a waitlist join: the slot was free")
+            return (refusal, None) if refusal else ("booked", srn)
 
         return await self._run(self._write, join, date)
 
@@ -521,10 +519,8 @@ class SlotStore:
         line = self.conn.execute("SELECT id, srn FROM waitlist WHERE date = ? AND slot_id = ? ORDER BY id",
                                  (date, slot_id)).fetchall()
         for id_, srn in line if limits is not None else ():
-            if self._over_limits(srn, date, limits) is None:
+            if self._take(date, slot_id, srn, at, limits, "promote", "system", "from the waitlist") is None:
                 self.conn.execute("DELETE FROM waitlist WHERE id = ?", (id_,))
-                self._insert(date, slot_id, srn, at)
-                self._log(at, srn, "promote", date, slot_id, "system", "from the waitlist")
                 return srn
         if line:
             self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ?", (date, slot_id))

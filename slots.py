@@ -110,9 +110,8 @@ class Board:
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
-        # the club's day last seen: its start and end in UTC, and its date (an empty span until first asked)
-        self._span = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "")
-        self._hour = (*self._span[:2], "", 0)  # likewise for the hour
+        # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
+        self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
 
     # -- time -----------------------------------------------------------------------------------------
 
@@ -121,22 +120,12 @@ class Board:
         return self.clock().astimezone(self.rules.timezone).replace(tzinfo=None)
 
     def today(self) -> str:
-        """The club's date. GET /slots asks on every request, so it is worked out again only when the
-        clock leaves the day (in UTC bounds) it was last in: a comparison instead of a time-zone lookup."""
-        now = self.clock()
-        start, end, today = self._span
-        if not start <= now < end:
-            zone = self.rules.timezone
-            day = now.astimezone(zone).date()
-            start = datetime.combine(day, time(), zone).astimezone(timezone.utc)
-            end = datetime.combine(day + timedelta(days=1), time(), zone).astimezone(timezone.utc)
-            today = day.isoformat()
-            self._span = (start, end, today)
-        return today
+        """The club's date (GET /slots asks on every request: see hour())."""
+        return self.hour()[0]
 
     def hour(self) -> tuple[str, int]:
         """The club's date and hour, worked out again only when the clock leaves the hour (in UTC bounds)
-        it was last in: POST /my-bookings asks on every request."""
+        it was last in: a comparison instead of a time-zone lookup, on every GET /slots and /my-bookings."""
         now = self.clock()
         start, end, date, hour = self._hour
         if not start <= now < end:
