@@ -55,7 +55,7 @@ import db
 import pesu
 from db import SlotStore
 from pesu import AuthBusy, AuthUnavailable, Guard, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttled
-from slots import Board, Day, Forbidden, Rules, SlotError, parse_date
+from slots import WEEKDAYS, Board, Day, Forbidden, Rules, SlotError, parse_date
 
 __version__ = "0.6.0"
 logger = logging.getLogger("rero")
@@ -119,6 +119,9 @@ class Settings:
     max_connections: int = 5000  # open sockets and event streams in all; 0 = off
     max_connections_per_address: int = 0  # 0 = off
     metrics: bool = False  # GET /metrics
+    club_name: str = "ReRo lab"  # in calendar feeds
+    calendar_reminder_minutes: int = 15  # a reminder this long before a booked slot, in members' calendars
+    public_url: str = ""  # how members reach the server, for feed links; empty: as the request came in
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -148,6 +151,11 @@ class Settings:
         def url(value: str) -> str:
             parts = urllib.parse.urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(value)
+            return value
+
+        def name(value: str) -> str:
+            if len(value) > 64 or CONTROL_CHARACTERS.search(value):
                 raise ValueError(value)
             return value
 
@@ -199,6 +207,9 @@ class Settings:
             metrics=get("METRICS", flag, cls.metrics),
             ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
             ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds, 0, 3600),
+            club_name=get("CLUB_NAME", name, cls.club_name),
+            calendar_reminder_minutes=get("CALENDAR_REMINDER_MINUTES", int, cls.calendar_reminder_minutes, 0, 7 * 24 * 60),
+            public_url=get("PUBLIC_URL", url, cls.public_url).rstrip("/"),
         )
         if settings.slot_start_hour >= settings.slot_end_hour:
             raise SystemExit("SLOT_START_HOUR must be before SLOT_END_HOUR")
@@ -229,6 +240,8 @@ class Settings:
             checkin_required=self.checkin_required,
             no_show_limit=self.no_show_limit,
             no_show_window_days=self.no_show_window_days,
+            club_name=self.club_name,
+            reminder_minutes=self.calendar_reminder_minutes,
         )
 
     @property
@@ -313,6 +326,9 @@ def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
     return username.strip(), password
 
 
+NO_STORE = (b"cache-control", b"no-store")
+
+
 class Edge:
     """What every HTTP response carries, and CORS for browsers: one cheap layer around the routes.
 
@@ -331,9 +347,9 @@ class Edge:
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-        # no-store: answers carry members' bookings, or states that a booking makes stale at once
-        self.headers = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                        (b"cache-control", b"no-store")]
+        # no-store: answers carry members' bookings, or states that a booking makes stale at once (unless a
+        # route says otherwise: a calendar feed is "private, no-cache", so that its ETag is asked about)
+        self.headers = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
         # CORS answers depend on the origin; say so to caches on the answers CORSMiddleware does not mark
         self.plain_headers = self.headers if wildcard else [*self.headers, (b"vary", b"Origin")]
 
@@ -346,7 +362,10 @@ class Edge:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
+                headers = [*message.get("headers", ()), *extra]
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append(NO_STORE)
+                message["headers"] = headers
             await send(message)
 
         await (self.cors if from_browser else self.app)(scope, receive, send_with_headers)
@@ -1291,6 +1310,185 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
+def admin_only(error: Exception) -> HTTPException:
+    """The HTTP answer to a refusal by the rules: 403 if only admins may, else 400 with the rule's sentence."""
+    return HTTPException(403 if isinstance(error, Forbidden) else 400, str(error))
+
+
+# -- series: an admin's recurring closures and reservations ---------------------------------------------------
+
+SRN = re.compile(r"[A-Z0-9]{1,32}")
+WEEKDAY_NAMES = {name: short for short in WEEKDAYS for name in (short, {
+    "mon": "monday", "tue": "tuesday", "wed": "wednesday", "thu": "thursday", "fri": "friday",
+    "sat": "saturday", "sun": "sunday"}[short])}
+
+
+def series_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of POST /admin/series, checked for kind (BadInput: 422) and as dates (SlotError: 400)."""
+    action = data.get("action")
+    if action not in ("close", "reserve"):
+        raise BadInput('action must be "close" or "reserve"')
+    slots = data.get("slots")
+    if not isinstance(slots, list) or not slots or len(slots) > 24 or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in slots):
+        raise BadInput("slots must be a list of slot ids, e.g. [14, 15]")
+    weekdays = data.get("weekdays")
+    if not isinstance(weekdays, list) or not weekdays or not all(
+            isinstance(w, str) and w.strip().lower() in WEEKDAY_NAMES for w in weekdays):
+        raise BadInput('weekdays must be a list of "mon", "tue", "wed", "thu", "fri", "sat", "sun"')
+    if data.get("from") is None or data.get("until") is None:
+        raise BadInput("from and until are required (YYYY-MM-DD)")
+    srn = data.get("srn")
+    if action == "reserve":
+        if not isinstance(srn, str) or not SRN.fullmatch(srn.strip().upper()):
+            raise BadInput("srn is required for reserve: the member's SRN")
+        srn = srn.strip().upper()
+    elif srn is not None:
+        raise BadInput("srn is only for reserve")
+    title = data.get("title")
+    if title is not None and (not isinstance(title, str) or len(title) > 100 or CONTROL_CHARACTERS.search(title)):
+        raise BadInput("title must be a line of text of at most 100 characters")
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadInput("dry_run must be true or false")
+    chosen = {WEEKDAY_NAMES[w.strip().lower()] for w in weekdays}
+    return {"action": action, "srn": srn, "slots": sorted(set(slots)), "title": (title or "").strip() or None,
+            "weekdays": [w for w in WEEKDAYS if w in chosen], "first": parse_date(data["from"]),
+            "last": parse_date(data["until"]), "dry_run": dry_run}
+
+
+async def admin_series(request: Request[State]) -> Response:
+    """Close (or reserve for a member) the same slots on chosen weekdays between two dates; with
+    ``dry_run``, what would happen, changing nothing."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    try:
+        spec = series_of(ask.data)
+    except BadInput as exc:
+        raise HTTPException(422, str(exc)) from None
+    except SlotError as exc:
+        raise HTTPException(400, str(exc)) from None
+    admin = await identify(state, ask)
+    try:
+        result = await state["board"].add_series(admin, via="http", **spec)
+    except SlotError as exc:
+        raise admin_only(exc) from None
+    done = [step for step in result.steps if step[2] in ("closed", "reserved")]
+    conflicts = [step for step in result.steps if step[2] == "conflict"]
+    verb = "closed" if spec["action"] == "close" else f"reserved for {spec['srn']}"
+    summary = (f"{len(done)} slot(s) {verb} over {len({s[0] for s in done})} date(s); {len(conflicts)} conflict(s)"
+               f" left with their members; {len(result.steps) - len(done) - len(conflicts)} skipped")
+    dates: dict[str, list[dict[str, Any]]] = {}
+    for date, slot_id, outcome, member in result.steps:
+        step: dict[str, Any] = {"slot_id": slot_id, "result": outcome}
+        if outcome in ("conflict", "already_theirs"):
+            step["booked_by"] = member
+        dates.setdefault(date, []).append(step)
+    if not spec["dry_run"]:
+        logger.info("series %d by %s: %s", result.series, admin, summary,
+                    extra={"srn": admin, "action": "series", "via": "http"})
+    return JSONResponse({
+        "success": True, "dry_run": spec["dry_run"], "series_id": None if spec["dry_run"] else result.series,
+        "message": ("Dry run, nothing changed: " if spec["dry_run"] else f"Series {result.series}: ") + summary,
+        "done": len(done), "conflicts": len(conflicts), "skipped": len(result.steps) - len(done) - len(conflicts),
+        "dates": [{"date": date, "slots": steps} for date, steps in dates.items()],
+    })
+
+
+async def admin_series_cancel(request: Request[State]) -> Response:
+    """Cancel what is left of a series: its slots that have not started are freed (``{"series_id": 3}``)."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    series = ask.data.get("series_id")
+    if not isinstance(series, int) or isinstance(series, bool) or not 1 <= series < 2**63:
+        raise HTTPException(422, "series_id must be a series' id (see GET /admin/series)")
+    admin = await identify(state, ask)
+    try:
+        result = await state["board"].cancel_series(admin, series, "http")
+    except SlotError as exc:
+        raise admin_only(exc) from None
+    logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
+                extra={"srn": admin, "action": "series_cancel", "via": "http"})
+    return JSONResponse({
+        "success": True, "message": f"Series {series} cancelled: {len(result.freed)} slot(s) freed",
+        "series_id": series, "freed": [{"date": date, "slot_id": slot_id} for date, slot_id in result.freed],
+        "promoted": [{"date": date, "slot_id": slot_id, "srn": srn} for date, slot_id, srn in result.promoted],
+    })
+
+
+async def admin_series_list(request: Request[State]) -> Response:
+    """Every series, newest first (admins, with a Bearer token)."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPException(401, "A Bearer token is required (POST /auth/login gives one)")
+    try:
+        series = await state["board"].series_list(claims_of(state, token)["srn"])
+    except SlotError as exc:
+        raise admin_only(exc) from None
+    return JSONResponse({"success": True, "series": series})
+
+
+# -- calendar feeds ----------------------------------------------------------------------------------------
+
+
+def feed_kind(data: dict[str, Any]) -> str:
+    kind = data.get("feed", "member")
+    if kind not in ("member", "lab"):
+        raise HTTPException(422, 'feed must be "member" (your bookings) or "lab" (every slot, for admins)')
+    return kind
+
+
+async def calendar_link(request: Request[State]) -> Response:
+    """A private calendar feed URL: the member's bookings (``{"feed": "lab"}``: every slot, for admins).
+    Asking again gives a new secret, and the old URL stops working."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    kind = feed_kind(ask.data)
+    srn = await identify(state, ask)
+    try:
+        secret = await state["board"].link_calendar(srn, kind)
+    except SlotError as exc:
+        raise admin_only(exc) from None
+    path = f"/calendar/{secret}.ics"
+    url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
+    logger.info("calendar link (%s) made for %s", kind, srn, extra={"srn": srn, "action": "calendar_link"})
+    return JSONResponse({"success": True, "message": "Subscribe to this URL in your calendar app; keep it private",
+                         "feed": kind, "url": url, "webcal": "webcal://" + url.partition("://")[2], "path": path})
+
+
+async def calendar_unlink(request: Request[State]) -> Response:
+    """Remove the member's calendar feed URL (``{"feed": "lab"}``: their lab feed): it answers 404 from now."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    kind = feed_kind(ask.data)
+    srn = await identify(state, ask)
+    removed = await state["board"].unlink_calendar(srn, kind)
+    logger.info("calendar link (%s) removed for %s", kind, srn, extra={"srn": srn, "action": "calendar_unlink"})
+    return JSONResponse({"success": True, "feed": kind,
+                         "message": "Calendar link removed" if removed else "There was no calendar link to remove"})
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """Whether If-None-Match names this ETag (weak comparison, RFC 9110 13.1.2), or is ``*``."""
+    if header is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+async def calendar_feed(request: Request[State]) -> Response:
+    """GET /calendar/<secret>.ics: the iCalendar feed (304 while the ETag asked about is current)."""
+    feed = await request.state["board"].feed(request.path_params["secret"])
+    if feed is None:
+        raise HTTPException(404, "No such calendar (the link was replaced or removed)")
+    # private: the URL is a secret, so no shared cache keeps it; no-cache: ask (with the ETag) every time
+    headers = {"etag": feed.etag, "cache-control": "private, no-cache"}
+    if etag_matches(request.headers.get("if-none-match"), feed.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(feed.body, media_type="text/calendar", headers=headers)
+
+
 async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> str:
     """Book, cancel, close, reopen, join or leave a waitlist; the sentence that answers it (the board hands
     the new state to the hub, which broadcasts it).
@@ -1582,10 +1780,43 @@ SCHEMAS: dict[str, Any] = {
                                                                 date=STRING, position=INTEGER)}),
     "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
                     page=INTEGER, page_size=INTEGER,
-                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via", "note"],
+                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via", "note",
+                                                            "series"],
                                                            id=INTEGER, at=STRING, srn=NULLABLE_STRING, action=STRING,
                                                            date=NULLABLE_STRING, slot_id={"type": ["integer", "null"]},
-                                                           via=STRING, note=NULLABLE_STRING)}),
+                                                           via=STRING, note=NULLABLE_STRING,
+                                                           series={"type": ["integer", "null"]})}),
+    "SeriesRequest": _obj(["action", "slots", "weekdays", "from", "until"], username=USERNAME, password=PASSWORD,
+                          action={"enum": ["close", "reserve"]},
+                          slots={"type": "array", "items": INTEGER, "minItems": 1, "examples": [[14, 15]]},
+                          weekdays={"type": "array", "minItems": 1,
+                                    "items": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
+                          **{"from": DATE, "until": DATE}, srn={**STRING, "description": "for reserve: the member"},
+                          title={"type": "string", "maxLength": 100}, dry_run=BOOLEAN),
+    "SeriesDone": _obj(["success", "dry_run", "series_id", "message", "done", "conflicts", "skipped", "dates"],
+                       success=BOOLEAN, dry_run=BOOLEAN, series_id={"type": ["integer", "null"]}, message=STRING,
+                       done=INTEGER, conflicts=INTEGER, skipped=INTEGER,
+                       dates={"type": "array", "items": _obj(["date", "slots"], date=STRING, slots={
+                           "type": "array", "items": _obj(["slot_id", "result"], slot_id=INTEGER, result={"enum": [
+                               "closed", "reserved", "conflict", "already_closed", "already_theirs", "started"]},
+                               booked_by=NULLABLE_STRING)})}),
+    "SeriesCancelRequest": _obj(["series_id"], username=USERNAME, password=PASSWORD, series_id=INTEGER),
+    "SeriesCancelled": _obj(["success", "message", "series_id", "freed", "promoted"], success=BOOLEAN, message=STRING,
+                            series_id=INTEGER,
+                            freed={"type": "array", "items": _obj(["date", "slot_id"], date=STRING, slot_id=INTEGER)},
+                            promoted={"type": "array", "items": _obj(["date", "slot_id", "srn"], date=STRING,
+                                                                     slot_id=INTEGER, srn=STRING)}),
+    "SeriesList": _obj(["success", "series"], success=BOOLEAN, series={"type": "array", "items": _obj(
+        ["id", "action", "srn", "slots", "weekdays", "from", "until", "title", "created_by", "created_at",
+         "cancelled_by", "cancelled_at", "upcoming"],
+        id=INTEGER, action=STRING, srn=NULLABLE_STRING, slots={"type": "array", "items": INTEGER},
+        weekdays={"type": "array", "items": STRING}, **{"from": STRING}, until=STRING, title=NULLABLE_STRING,
+        created_by=STRING, created_at=STRING, cancelled_by=NULLABLE_STRING, cancelled_at=NULLABLE_STRING,
+        upcoming={**INTEGER, "description": "its slots still held that have not started"})}),
+    "CalendarRequest": _obj([], username=USERNAME, password=PASSWORD, feed={"enum": ["member", "lab"]}),
+    "CalendarLink": _obj(["success", "message", "feed", "url", "webcal", "path"], success=BOOLEAN, message=STRING,
+                         feed=STRING, url=STRING, webcal=STRING, path=STRING),
+    "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING, feed=STRING),
 }
 ERRORS = {
     "400": "Not JSON, or the rules refuse (the detail says which rule)",
@@ -1673,6 +1904,27 @@ def openapi_document() -> dict[str, Any]:
                                                      "SlotDone", slot, "SlotRequest", secured=True)},
         "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
                                              "HistoryRequest", secured=True)},
+        "/admin/series": {
+            "post": operation("Close, or reserve for a member, the same slots on chosen weekdays between two dates "
+                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest", secured=True),
+            "get": {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
+                    "security": [{"bearer": []}]}},
+        "/admin/series/cancel": {"post": operation("Cancel what is left of a series: its slots that have not started "
+                                                   "are freed (admins)", "SeriesCancelled", slot, "SeriesCancelRequest",
+                                                   secured=True)},
+        "/calendar/link": {"post": operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
+                                             "admins); asking again replaces it", "CalendarLink", slot,
+                                             "CalendarRequest", secured=True)},
+        "/calendar/unlink": {"post": operation("Remove your calendar feed URL", "CalendarUnlinked", member,
+                                               "CalendarRequest", secured=True)},
+        "/calendar/{secret}.ics": {"get": {
+            "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
+            "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},
+                           {"name": "If-None-Match", "in": "header", "required": False, "schema": STRING}],
+            "responses": {"200": {"description": "The feed", "headers": {"ETag": {"schema": STRING}},
+                                  "content": {"text/calendar": {"schema": STRING}}},
+                          "304": {"description": "Not modified since the ETag given"},
+                          "404": json_answer("Error", "No such feed (never made, replaced or removed)")}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         "/docs": {"get": {"summary": "Interactive API documentation", "responses": {"200": {
@@ -1811,12 +2063,37 @@ class NoFrames(logging.Filter):
         return record.msg not in ("< %s", "> %s")
 
 
+FEED_PATH = re.compile(r"/calendar/([^/\s'\"?]+)")  # whatever follows, mistyped or not, may be a secret
+
+
+def hide_feed_secret(text: str) -> str:
+    return FEED_PATH.sub(lambda m: m.group() if m.group(1) in ("link", "unlink") else "/calendar/<secret>.ics", text)
+
+
+class HideFeedSecrets(logging.Filter):
+    """A calendar feed's URL is its secret: uvicorn's access lines and its trace of each request's scope
+    show ``/calendar/<secret>.ics`` instead (an access line keeps its fields, for LOG_FORMAT=json)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            record.args = tuple(hide_feed_secret(arg) if isinstance(arg, str) else arg for arg in record.args)
+        else:
+            message = record.getMessage()
+            if "/calendar/" in message:
+                record.msg, record.args = hide_feed_secret(message), ()
+        return True
+
+
 def configure_logging(level: str, form: str = "text") -> None:
     """Our own log lines at LOG_LEVEL, beside uvicorn's; with LOG_FORMAT=json, uvicorn's lines as well."""
     logger.setLevel(5 if level == "trace" else level.upper())  # uvicorn's TRACE is 5
     frames = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, NoFrames) for f in frames.filters):
         frames.addFilter(NoFrames())
+    for name in ("uvicorn.access", "uvicorn.asgi", "uvicorn.error"):
+        paths = logging.getLogger(name)
+        if not any(isinstance(f, HideFeedSecrets) for f in paths.filters):
+            paths.addFilter(HideFeedSecrets())
     formatter = JsonFormatter() if form == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not logger.handlers and not logging.getLogger().handlers:  # leave a host's own logging set-up alone
         handler = logging.StreamHandler()
@@ -1949,6 +2226,12 @@ def create_app(
         Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
         Route("/admin/history", admin_history, methods=["POST"]),
         Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
+        Route("/admin/series", admin_series, methods=["POST"]),
+        Route("/admin/series", admin_series_list, methods=["GET"]),
+        Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
+        Route("/calendar/link", calendar_link, methods=["POST"]),
+        Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
+        Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
         Route("/events", EventStream(), methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),

@@ -93,8 +93,40 @@ CREATE TABLE IF NOT EXISTS guard (
     value TEXT NOT NULL,
     expires REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires)
+CREATE INDEX IF NOT EXISTS guard_by_expiry ON guard (expires);
+-- Admins' recurring closures and reservations (POST /admin/series): the same slots on chosen weekdays
+-- between two dates. Their rows in bookings carry the series id, so cancelling it removes exactly those.
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    action TEXT NOT NULL,  -- close | reserve
+    srn TEXT,  -- whom a reserve holds the slots for
+    slots TEXT NOT NULL,  -- JSON, e.g. [14, 15]
+    weekdays TEXT NOT NULL,  -- JSON, e.g. ["tue"]
+    first TEXT NOT NULL,
+    last TEXT NOT NULL,
+    title TEXT,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    cancelled_by TEXT,
+    cancelled_at TEXT
+);
+-- Private calendar feeds: a member's own (kind 'member') or an admin's view of the lab ('lab'). Only the
+-- SHA-256 of a feed's secret is kept, so the database alone opens no feed.
+CREATE TABLE IF NOT EXISTS calendar_links (
+    secret_hash TEXT PRIMARY KEY,
+    srn TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (srn, kind)
+) WITHOUT ROWID
 """
+# Columns added since a table was first created: added to older databases when they are opened.
+ADDED_COLUMNS = (
+    ("slots", "booked_by", "TEXT DEFAULT NULL"),  # a database from before the original tracked users
+    ("bookings", "checked_in", "INTEGER NOT NULL DEFAULT 0"),
+    ("bookings", "series", "INTEGER"),  # the series that closed or reserved the slot
+    ("events", "series", "INTEGER"),
+)
 
 # (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
 DayRow = tuple[int, str | None, str, int, int, int]
@@ -154,6 +186,62 @@ class Changes:
     tokens: list[tuple[str, float]]
 
 
+# (date, slot_id, result, member) of one step of a series: "closed", "reserved", "conflict" (the member's
+# booking stays), "already_closed", "already_theirs" (the member had booked it) or "started"
+SeriesStep = tuple[str, int, str, str | None]
+
+
+@dataclass(frozen=True)
+class SeriesPlan:
+    """What an admin asks of a series: ``pairs`` are its (date, slot_id) in order; those at or before
+    ``started`` (today's date and hour now) have begun and are left alone."""
+
+    action: str  # close | reserve
+    srn: str | None
+    slots: list[int]
+    weekdays: list[str]
+    first: str
+    last: str
+    title: str | None
+    pairs: list[tuple[str, int]]
+    started: tuple[str, int]
+
+    def describe(self) -> str:
+        what = "close" if self.action == "close" else f"reserve for {self.srn}"
+        title = f" ({self.title})" if self.title else ""
+        return (f"{what} slots {', '.join(map(str, self.slots))} on {', '.join(self.weekdays)}"
+                f" from {self.first} until {self.last}{title}")
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    series: int
+    steps: list[SeriesStep]
+    version: int
+    days: dict[str, list[DayRow]]  # the days it changed, after
+
+
+@dataclass(frozen=True)
+class SeriesCancel:
+    outcome: str  # ok | none | cancelled
+    version: int
+    days: dict[str, list[DayRow]]
+    freed: list[tuple[str, int]]
+    promoted: list[tuple[str, int, str]]  # (date, slot_id, srn) handed on from a waitlist
+
+
+@dataclass(frozen=True)
+class FeedRows:
+    """A calendar feed's rows (see SlotStore.feed): ``held`` (date, slot_id, booked_by, booked_at, closed,
+    series, series title), ``places`` (date, slot_id, position, joined_at), ``removed`` (date, slot_id, when)."""
+
+    srn: str
+    kind: str  # member | lab
+    held: list[tuple[str, int, str | None, str, int, int | None, str | None]]
+    places: list[tuple[str, int, int, str]]  # ... and joined_at
+    removed: list[tuple[str, int, str]]
+
+
 class SlotStore:
     """Bookings of hourly slots by date, in one SQLite file."""
 
@@ -198,11 +286,10 @@ class SlotStore:
         with self._transaction():
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
-            if "booked_by" not in columns:  # a database from before the original tracked users
-                conn.execute("ALTER TABLE slots ADD COLUMN booked_by TEXT DEFAULT NULL")
-            if "checked_in" not in {row[1] for row in conn.execute("PRAGMA table_info(bookings)")}:
-                conn.execute("ALTER TABLE bookings ADD COLUMN checked_in INTEGER NOT NULL DEFAULT 0")
+            for table, column, declaration in ADDED_COLUMNS:
+                if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            conn.execute("CREATE INDEX IF NOT EXISTS bookings_by_series ON bookings (series) WHERE series IS NOT NULL")
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
                 [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
@@ -359,7 +446,7 @@ class SlotStore:
         clause = " AND ".join(where)
         total = self.conn.execute(f"SELECT COUNT(*) FROM events WHERE {clause}", params).fetchone()[0]
         cursor = self.conn.execute(
-            f"SELECT id, at, srn, action, date, slot_id, via, note FROM events WHERE {clause}"
+            f"SELECT id, at, srn, action, date, slot_id, via, note, series FROM events WHERE {clause}"
             " ORDER BY id DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
@@ -373,11 +460,11 @@ class SlotStore:
 
     def _log(
         self, at: str, srn: str | None, action: str, date: str | None, slot_id: int | None, via: str,
-        note: str | None = None,
+        note: str | None = None, series: int | None = None,
     ) -> None:
         self.conn.execute(
-            "INSERT INTO events (at, srn, action, date, slot_id, via, note) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (at, srn, action, date, slot_id, via, note),
+            "INSERT INTO events (at, srn, action, date, slot_id, via, note, series) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, srn, action, date, slot_id, via, note, series),
         )
 
     def _current(self, date: str, slot_id: int) -> tuple[str | None, int] | None:
@@ -527,8 +614,10 @@ class SlotStore:
         return None
 
     def _count(self, srn: str, condition: str, *params: Any) -> int:
+        """srn's own bookings under condition (a slot an admin's series reserved for them does not count)."""
         return self.conn.execute(
-            f"SELECT COUNT(*) FROM bookings WHERE booked_by = ? AND NOT closed AND {condition}", (srn, *params)
+            f"SELECT COUNT(*) FROM bookings WHERE booked_by = ? AND NOT closed AND series IS NULL AND {condition}",
+            (srn, *params),
         ).fetchone()[0]
 
     async def cancel(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool,
@@ -627,6 +716,177 @@ class SlotStore:
             return "ok", None
 
         return await self._run(self._write, set_closed, date)
+
+
+    # -- series: an admin's recurring closures and reservations ------------------------------------------
+
+    async def add_series(self, plan: SeriesPlan, admin: str, at: str, via: str, *, dry_run: bool) -> SeriesResult:
+        """Close (or reserve for plan.srn) every free (date, slot) of the plan, in one transaction: a slot
+        held by a member is a "conflict" and stays theirs. With ``dry_run`` the same work is done and then
+        rolled back, so the answer is exactly what a real run would have done at that moment."""
+
+        def add() -> SeriesResult:
+            cursor = self.conn.execute(
+                "INSERT INTO series (action, srn, slots, weekdays, first, last, title, created_by, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (plan.action, plan.srn, orjson.dumps(plan.slots).decode(), orjson.dumps(plan.weekdays).decode(),
+                 plan.first, plan.last, plan.title, admin, at),
+            )
+            series = cursor.lastrowid
+            assert series is not None
+            self._log(at, admin, "series", None, None, via, plan.describe(), series)
+            results: list[SeriesStep] = []
+            changed: list[str] = []
+            for date, slot_id in plan.pairs:
+                if (date, slot_id) <= plan.started:
+                    results.append((date, slot_id, "started", None))
+                    continue
+                current = self._current(date, slot_id)
+                if current is None:
+                    self.conn.execute(
+                        "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed, series)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (date, slot_id, plan.srn, at, int(plan.action == "close"), series),
+                    )
+                    action = "close" if plan.action == "close" else "reserve"
+                    self._log(at, admin, action, date, slot_id, via, plan.srn and f"for {plan.srn}", series)
+                    results.append((date, slot_id, "closed" if action == "close" else "reserved", plan.srn))
+                    if not changed or changed[-1] != date:
+                        changed.append(date)
+                elif current[1]:
+                    results.append((date, slot_id, "already_closed", None))
+                elif plan.srn is not None and current[0] == plan.srn:
+                    results.append((date, slot_id, "already_theirs", current[0]))
+                else:  # a member's booking is never taken
+                    self._log(at, admin, "series_skip", date, slot_id, via, f"booked by {current[0]}", series)
+                    results.append((date, slot_id, "conflict", current[0]))
+            return SeriesResult(series, results, self._version(), {date: self._day(date) for date in changed})
+
+        def run() -> SeriesResult:
+            before = self.conn.total_changes
+            with _Transaction(self.conn, keep=not dry_run):
+                result = add()
+            if not dry_run and self.generation is not None and self.conn.total_changes != before:
+                self.generation.bump()
+            return result
+
+        return await self._run(run)
+
+    async def cancel_series(self, series: int, admin: str, at: str, via: str, limits: Limits) -> SeriesCancel:
+        """Free what is left of a series (its slots that have not started: ``limits`` says when now is): a
+        closed slot reopens, a reserved one goes to the first in its waitlist who may take it, or is free.
+        Outcome "ok", "none" (no such series) or "cancelled" (already)."""
+
+        def cancel() -> SeriesCancel:
+            row = self.conn.execute("SELECT cancelled_at FROM series WHERE id = ?", (series,)).fetchone()
+            if row is None or row[0] is not None:
+                return SeriesCancel("none" if row is None else "cancelled", self._version(), {}, [], [])
+            held = self.conn.execute(
+                "SELECT date, slot_id, booked_by, closed FROM bookings WHERE series = ?"
+                " AND (date > ? OR (date = ? AND slot_id > ?)) ORDER BY date, slot_id",
+                (series, limits.today, limits.today, limits.now_hour),
+            ).fetchall()
+            promoted = []
+            for date, slot_id, holder, closed in held:
+                self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
+                if closed:
+                    self._log(at, admin, "open", date, slot_id, via, None, series)
+                else:
+                    self._log(at, admin, "cancel", date, slot_id, via, f"booked by {holder}", series)
+                    taker = self._promote(date, slot_id, at, limits)
+                    if taker is not None:
+                        promoted.append((date, slot_id, taker))
+            self.conn.execute("UPDATE series SET cancelled_by = ?, cancelled_at = ? WHERE id = ?", (admin, at, series))
+            self._log(at, admin, "series_cancel", None, None, via, f"{len(held)} slot(s) freed", series)
+            days = {date: self._day(date) for date in dict.fromkeys(date for date, *_ in held)}
+            return SeriesCancel("ok", self._version(), days, [(date, slot_id) for date, slot_id, *_ in held], promoted)
+
+        def run() -> SeriesCancel:
+            before = self.conn.total_changes
+            with self._transaction():
+                result = cancel()
+            if self.generation is not None and self.conn.total_changes != before:
+                self.generation.bump()
+            return result
+
+        return await self._run(run)
+
+    async def series_list(self, today: str, now_hour: int, limit: int = 500) -> list[dict[str, Any]]:
+        """The newest series first, each with how many of its slots are still held and have not started."""
+
+        def series_list() -> list[dict[str, Any]]:
+            cursor = self.conn.execute(
+                "SELECT id, action, srn, slots, weekdays, first, last, title, created_by, created_at, cancelled_by,"
+                " cancelled_at, (SELECT COUNT(*) FROM bookings b WHERE b.series = s.id"
+                " AND (b.date > ? OR (b.date = ? AND b.slot_id > ?))) AS upcoming"
+                " FROM series s ORDER BY id DESC LIMIT ?", (today, today, now_hour, limit),
+            )
+            names = [d[0] for d in cursor.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor]
+            for row in rows:
+                row["slots"], row["weekdays"] = orjson.loads(row["slots"]), orjson.loads(row["weekdays"])
+                row["from"], row["until"] = row.pop("first"), row.pop("last")
+            return rows
+
+        return await self._run(series_list)
+
+    # -- calendar feeds -------------------------------------------------------------------------------------
+
+    async def link_calendar(self, srn: str, kind: str, secret_hash: str | None, at: str) -> bool:
+        """Give srn's feed of this kind a new secret (its old one stops working), or with ``secret_hash``
+        None remove it; whether there was one before."""
+
+        def link() -> bool:
+            with self._transaction():
+                gone = self.conn.execute("DELETE FROM calendar_links WHERE srn = ? AND kind = ?", (srn, kind)).rowcount
+                if secret_hash is not None:
+                    self.conn.execute("INSERT INTO calendar_links (secret_hash, srn, kind, created_at) VALUES (?, ?, ?, ?)",
+                                      (secret_hash, srn, kind, at))
+            if self.generation is not None:
+                self.generation.bump()  # feeds cached under the old secret go, in every process
+            return gone > 0
+
+        return await self._run(link)
+
+    async def feed(self, secret_hash: str, since: str, today: str, until: str, removed_since: str) -> FeedRows | None:
+        """What the feed with this secret shows, or None if no feed has it: for a member, their bookings
+        dated ``since`` or later, their waitlist places from ``today`` on, and their bookings removed
+        (cancelled, released, left) at ``removed_since`` or later; for the lab, every booking and closed slot from ``since`` to
+        ``until``, and those removed. One read, so a rotated secret is refused at once in every process."""
+
+        def feed() -> FeedRows | None:
+            link = self.conn.execute("SELECT srn, kind FROM calendar_links WHERE secret_hash = ?",
+                                     (secret_hash,)).fetchone()
+            if link is None:
+                return None
+            srn, kind = link
+            held = ("SELECT b.date, b.slot_id, b.booked_by, b.booked_at, b.closed, b.series, s.title FROM bookings b"
+                    " LEFT JOIN series s ON s.id = b.series WHERE b.date >= ?")
+            if kind == "member":
+                rows = self.conn.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
+                                         (since, srn)).fetchall()
+                places = self.conn.execute(
+                    "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date"
+                    " AND x.slot_id = w.slot_id AND x.id <= w.id), joined_at FROM waitlist w WHERE srn = ?"
+                    " AND date >= ? ORDER BY date, slot_id", (srn, today),
+                ).fetchall()
+                removed = self.conn.execute(
+                    "SELECT date, slot_id, MAX(at) FROM events WHERE date >= ? AND at >= ? AND ("
+                    " (action = 'cancel' AND ((srn = ? AND note IS NULL) OR note = 'booked by ' || ?))"
+                    " OR (action IN ('no_show', 'leave') AND srn = ?)) GROUP BY date, slot_id",
+                    (since, removed_since, srn, srn, srn),
+                ).fetchall()
+            else:
+                rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id", (since, until)).fetchall()
+                places = []
+                removed = self.conn.execute(
+                    "SELECT date, slot_id, MAX(at) FROM events WHERE date >= ? AND date <= ? AND at >= ?"
+                    " AND action IN ('cancel', 'no_show', 'open') GROUP BY date, slot_id",
+                    (since, until, removed_since),
+                ).fetchall()
+            return FeedRows(srn, kind, rows, places, removed)
+
+        return await self._run(feed)
 
 
 class GuardStore:
@@ -730,17 +990,19 @@ class Generation:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error: takes the write lock up front, so no other
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (or always, with ``keep`` false: a dry run sees
+    exactly what its writes would do, then undoes them): takes the write lock up front, so no other
     process can slip a write between our reads and our write."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, keep: bool = True) -> None:
         self.conn = conn
+        self.keep = keep
 
     def __enter__(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        self.conn.execute("ROLLBACK" if exc_type or not self.keep else "COMMIT")
 
 
 # -- maintenance: python app.py backup PATH / python app.py check ------------------------------------------

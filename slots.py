@@ -9,7 +9,11 @@ means today, so the original API keeps working day by day.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date as Date
@@ -20,7 +24,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import Change, Changes, DayRow, Limits, Line, SlotStore
+from db import Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore
 
 
 class SlotError(Exception):
@@ -49,6 +53,8 @@ class Rules:
     checkin_opens_minutes: int = 10
     checkin_minutes: int = 15
     checkin_required: bool = False
+    club_name: str = "ReRo lab"
+    reminder_minutes: int = 15  # before a booked slot, in members' calendars; 0: no reminder
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class Board:
         self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
+        self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed | None]] = LRUCache(maxsize=1000)
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
         self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
@@ -477,3 +484,257 @@ class Board:
         if not self.is_admin(srn):
             raise Forbidden("Admins only")
         return await self.store.history(since, until, who, page_size, (page - 1) * page_size)
+
+    # -- series -------------------------------------------------------------------------------------------
+
+    async def add_series(self, admin: str, action: str, srn: str | None, slots: list[int], weekdays: list[str],
+                         first: str, last: str, title: str | None, via: str, *, dry_run: bool) -> SeriesResult:
+        """An admin closes (or reserves for srn) the same slots on chosen weekdays from ``first`` to ``last``:
+        any date from today on, the booking window aside; a member's booking is a conflict and stays theirs.
+        Each day it changes is broadcast."""
+        if not self.is_admin(admin):
+            raise Forbidden("Admins only")
+        for slot_id in slots:
+            if slot_id not in self.rules.hours:
+                raise SlotError(f"Slot {slot_id} does not exist")
+        now = self.now()
+        start, end = Date.fromisoformat(first), Date.fromisoformat(last)
+        if start < now.date():
+            raise SlotError(f"{first} is in the past")
+        if end < start:
+            raise SlotError(f"until ({last}) is before from ({first})")
+        if end > now.date() + timedelta(days=SERIES_MAX_DAYS):
+            raise SlotError(f"A series may reach at most {SERIES_MAX_DAYS} days ahead")
+        chosen = {WEEKDAYS.index(day) for day in weekdays}
+        dates = [start + timedelta(days=n) for n in range((end - start).days + 1)]
+        pairs = [(day.isoformat(), slot_id) for day in dates if day.weekday() in chosen for slot_id in slots]
+        if not pairs:
+            raise SlotError(f"No {', '.join(weekdays)} from {first} until {last}")
+        plan = SeriesPlan(action, srn, slots, weekdays, first, last, title, pairs, (now.date().isoformat(), now.hour))
+        result = await self.store.add_series(plan, admin, self.stamp(), via, dry_run=dry_run)
+        await self._remember_all(result.version, result.days)
+        return result
+
+    async def cancel_series(self, admin: str, series: int, via: str) -> SeriesCancel:
+        """An admin cancels what is left of a series: its slots that have not started are freed (a reserved
+        one handed to the first in its waitlist who may take it), and each day broadcast."""
+        if not self.is_admin(admin):
+            raise Forbidden("Admins only")
+        result = await self.store.cancel_series(series, admin, self.stamp(), via, self._limits())
+        if result.outcome != "ok":
+            raise SlotError(f"Series {series} " + ("does not exist" if result.outcome == "none" else
+                                                   "is already cancelled"))
+        self.notices_pending |= bool(result.promoted)
+        await self._remember_all(result.version, result.days)
+        return result
+
+    async def series_list(self, admin: str) -> list[dict[str, Any]]:
+        if not self.is_admin(admin):
+            raise Forbidden("Admins only")
+        today, hour = self.hour()
+        return await self.store.series_list(today, hour)
+
+    async def _remember_all(self, version: int, days: dict[str, list[DayRow]]) -> None:
+        """Take in (and broadcast) many days a write changed, letting the loop breathe between them."""
+        for n, (date, rows) in enumerate(days.items()):
+            self._remember(date, version, rows)
+            if n % 8 == 7:
+                await asyncio.sleep(0)
+
+    # -- calendar feeds -----------------------------------------------------------------------------------
+
+    async def link_calendar(self, srn: str, kind: str) -> str:
+        """A new secret for srn's calendar feed (``kind`` "member", or "lab" for admins); any older link to
+        that feed stops working. Only its hash is stored."""
+        if kind == "lab" and not self.is_admin(srn):
+            raise Forbidden("Admins only")
+        secret = secrets.token_urlsafe(FEED_SECRET_BYTES)
+        await self.store.link_calendar(srn, kind, feed_hash(secret), self.stamp())
+        return secret
+
+    async def unlink_calendar(self, srn: str, kind: str) -> bool:
+        """Remove srn's link to that feed; whether there was one."""
+        return await self.store.link_calendar(srn, kind, None, self.stamp())
+
+    async def feed(self, secret: str) -> Feed | None:
+        """The iCalendar feed a secret opens, or None. Encoded once, and answered from memory while nothing
+        has been committed since (the store's generation: see bookings_body) and the day is the same."""
+        if not FEED_SECRET.fullmatch(secret):
+            return None
+        key = (self.store.stamp(), self.today())
+        digest = feed_hash(secret)
+        cached = self.feeds.get(digest)
+        if key[0] is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        today = Date.fromisoformat(key[1])
+        since = (today - timedelta(days=FEED_PAST_DAYS)).isoformat()
+        until = (today + timedelta(days=LAB_FEED_DAYS)).isoformat()
+        removed_since = (today - timedelta(days=FEED_CANCELLED_DAYS)).isoformat()
+        rows = await self.store.feed(digest, since, key[1], until, removed_since)
+        result = None
+        if rows is not None and (rows.kind == "member" or self.is_admin(rows.srn)):
+            body = render_feed(rows, self.rules, since)
+            result = Feed(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
+        if key[0] is not None:
+            self.feeds[digest] = (key, result)
+        return result
+
+
+# -- series and calendar feeds ------------------------------------------------------------------------------
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SERIES_MAX_DAYS = 366  # how far ahead a series may reach
+FEED_SECRET_BYTES = 32
+FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
+FEED_PAST_DAYS = 30  # bookings shown after their day
+FEED_CANCELLED_DAYS = 7  # a cancelled booking stays (STATUS:CANCELLED) this long, so calendars drop it
+LAB_FEED_DAYS = 26 * 7  # how far ahead the lab's feed looks
+
+
+def feed_hash(secret: str) -> str:
+    """What is stored of a feed's secret: a 256-bit random secret needs no slow hash."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Feed:
+    body: bytes
+    etag: str
+
+
+def ics_text(value: str) -> str:
+    """A TEXT value, escaped (RFC 5545, 3.3.11)."""
+    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+            .replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n"))
+
+
+def fold(line: str) -> bytes:
+    """One content line, folded at 75 octets (never inside a UTF-8 character), ending in CRLF."""
+    data = line.encode()
+    if len(data) <= 75:
+        return data + b"\r\n"
+    parts, start, width = [], 0, 75
+    while start < len(data):
+        end = min(start + width, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: cut before its character
+            end -= 1
+        parts.append(data[start:end])
+        start, width = end, 74  # a continued line starts with a space
+    return b"\r\n ".join(parts) + b"\r\n"
+
+
+def ics_utc(stamp: str | None, fallback: datetime, zone: ZoneInfo) -> str:
+    """A stored club-time stamp ("YYYY-MM-DD HH:MM:SS") as a UTC DATE-TIME; ``fallback`` if unreadable."""
+    try:
+        local = datetime.fromisoformat(stamp or "").replace(tzinfo=None)
+    except ValueError:
+        local = fallback
+    return local.replace(tzinfo=zone).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _offset(delta: timedelta | None) -> str:
+    seconds = int((delta or timedelta()).total_seconds())
+    sign, seconds = ("-" if seconds < 0 else "+"), abs(seconds)
+    text = f"{sign}{seconds // 3600:02d}{seconds % 3600 // 60:02d}"
+    return text + (f"{seconds % 60:02d}" if seconds % 60 else "")
+
+
+def vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> list[str]:
+    """A VTIMEZONE for the zone, exact over these years: the offset in force on 1 January of the first,
+    then every change of offset (found by day, then to the second) until the end of the last."""
+    return list(_vtimezone(zone, first_year, last_year))
+
+
+@functools.lru_cache(maxsize=16)
+def _vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> tuple[str, ...]:
+    def at(ts: int) -> datetime:
+        return datetime.fromtimestamp(ts, zone)
+
+    def observance(moment: datetime, before: timedelta | None, local_start: datetime) -> list[str]:
+        kind = "DAYLIGHT" if moment.dst() else "STANDARD"
+        return [f"BEGIN:{kind}", f"DTSTART:{local_start:%Y%m%dT%H%M%S}", f"TZOFFSETFROM:{_offset(before)}",
+                f"TZOFFSETTO:{_offset(moment.utcoffset())}", f"TZNAME:{ics_text(moment.tzname() or 'local')}",
+                f"END:{kind}"]
+
+    begin = int(datetime(first_year, 1, 1, tzinfo=zone).timestamp())
+    end = int(datetime(last_year + 1, 1, 1, tzinfo=zone).timestamp())
+    first = at(begin)
+    lines = ["BEGIN:VTIMEZONE", f"TZID:{zone.key}"]
+    lines += observance(first, first.utcoffset(), first.replace(tzinfo=None))
+    previous, offset = begin, first.utcoffset()
+    for ts in range(begin + 86400, end + 86400, 86400):
+        if at(ts).utcoffset() == offset:
+            previous = ts
+            continue
+        low, high = previous, ts  # the offset changes in (low, high]
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if at(middle).utcoffset() == offset else (low, middle)
+        moment = at(high)
+        local_start = (datetime.fromtimestamp(high, timezone.utc) + (offset or timedelta())).replace(tzinfo=None)
+        lines += observance(moment, offset, local_start)
+        previous, offset = ts, at(ts).utcoffset()
+    return (*lines, "END:VTIMEZONE")
+
+
+def render_feed(rows: FeedRows, rules: Rules, since: str) -> bytes:
+    """An iCalendar (RFC 5545) feed: one VEVENT per (date, slot), its UID stable through every change of it
+    (a waitlist place that becomes a booking, a booking cancelled), times in the club's zone."""
+    zone, club, kind = rules.timezone, rules.club_name, rows.kind
+    events: dict[tuple[str, int], list[str]] = {}
+
+    def event(date: str, slot_id: int, stamp: str, status: str, summary: str, description: str,
+              alarm: bool = False) -> None:
+        start = datetime.combine(Date.fromisoformat(date), time(slot_id))
+        lines = ["BEGIN:VEVENT", f"UID:{date}-slot{slot_id:02d}-{kind}@rero-slots", f"DTSTAMP:{stamp}",
+                 f"LAST-MODIFIED:{stamp}", f"DTSTART;TZID={zone.key}:{start:%Y%m%dT%H%M%S}",
+                 f"DTEND;TZID={zone.key}:{start + timedelta(hours=1):%Y%m%dT%H%M%S}",
+                 f"SUMMARY:{ics_text(summary)}", f"DESCRIPTION:{ics_text(description)}",
+                 f"LOCATION:{ics_text(club)}", f"STATUS:{status}",
+                 f"TRANSP:{'TRANSPARENT' if status == 'CANCELLED' else 'OPAQUE'}"]
+        if alarm and rules.reminder_minutes:
+            lines += ["BEGIN:VALARM", "ACTION:DISPLAY", f"DESCRIPTION:{ics_text(summary)}",
+                      f"TRIGGER:-PT{rules.reminder_minutes}M", "END:VALARM"]
+        events[(date, slot_id)] = [*lines, "END:VEVENT"]
+
+    def when(slot_id: int) -> str:
+        return f"slot {slot_id:02d}:00-{(slot_id + 1) % 24:02d}:00"
+
+    for date, slot_id, holder, booked_at, closed, series, title in rows.held:
+        start = datetime.combine(Date.fromisoformat(date), time(slot_id))
+        stamp = ics_utc(booked_at, start, zone)
+        named = f" ({title})" if title else ""
+        if kind == "member":
+            reserved = " reserved for you by an admin" if series else ""
+            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)}{named}",
+                  f"Your booking of {when(slot_id)} on {date}{reserved}.", alarm=True)
+        elif closed:
+            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)} closed{named}",
+                  f"{when(slot_id).capitalize()} on {date} is closed" + (f" (series {series})" if series else "") + ".")
+        else:
+            who = holder or "a member"
+            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)} booked by {who}{named}",
+                  f"{when(slot_id).capitalize()} on {date} is booked by {who}"
+                  + (f" (reserved by series {series})" if series else "") + ".")
+    for date, slot_id, position, joined_at in rows.places:
+        if (date, slot_id) not in events:
+            start = datetime.combine(Date.fromisoformat(date), time(slot_id))
+            event(date, slot_id, ics_utc(joined_at, start, zone), "TENTATIVE",
+                  f"{club}: {when(slot_id)}, waiting (number {position} in line)",
+                  f"You are number {position} in line for {when(slot_id)} on {date}; it is yours if it comes free.")
+    for date, slot_id, at in rows.removed:
+        if (date, slot_id) not in events:
+            start = datetime.combine(Date.fromisoformat(date), time(slot_id))
+            event(date, slot_id, ics_utc(at, start, zone), "CANCELLED", f"{club}: {when(slot_id)} (cancelled)",
+                  f"{when(slot_id).capitalize()} on {date} is no longer "
+                  + ("yours." if kind == "member" else "booked or closed."))
+    name = f"{club}: my slots" if kind == "member" else f"{club}: all slots"
+    years = [int(date[:4]) for date, _ in events] + [int(since[:4])]
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//rero-slots//{ics_text(club)}//EN", "CALSCALE:GREGORIAN",
+             "METHOD:PUBLISH", f"NAME:{ics_text(name)}", f"X-WR-CALNAME:{ics_text(name)}", f"X-WR-TIMEZONE:{zone.key}",
+             "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H",
+             *vtimezone(zone, min(years), max(years))]
+    for key in sorted(events):
+        lines += events[key]
+    lines.append("END:VCALENDAR")
+    return b"".join(fold(line) for line in lines)

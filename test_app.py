@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import os
 import resource
 import shutil
@@ -2486,3 +2487,315 @@ def test_the_openapi_document_covers_every_route_and_real_answers_match_it(setti
         assert page.status_code == 200 and "swagger-ui" in page.text
         assert "<code>POST /book-slot</code>" in page.text  # the plain list, for when the CDN is unreachable
         assert service.http.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+# -- calendar feeds ---------------------------------------------------------------------------------------
+
+import icalendar  # noqa: E402 (test-only: the maintained parser that judges what we emit)
+
+
+def link(service: Service, username: str = ALICE, feed: str = "member") -> str:
+    """Ask for a calendar link; the feed's path."""
+    response = service.http.post("/calendar/link", json=body(username=username, feed=feed))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["url"] == service.server.url + answer["path"] and answer["feed"] == feed
+    assert answer["webcal"] == "webcal://" + answer["url"].removeprefix("http://")
+    return answer["path"]
+
+
+def parse_feed(response: httpx.Response) -> icalendar.Calendar:
+    """A feed as a calendar app reads it, after checking it is RFC 5545 text: CRLF line ends only, and no
+    line over 75 octets (longer ones folded, never inside a UTF-8 character)."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/calendar; charset=utf-8"
+    raw = response.content
+    assert raw.endswith(b"\r\n") and b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b"")
+    for line in raw.split(b"\r\n")[:-1]:
+        assert len(line) <= 75, line
+        line.decode()  # each physical line is whole UTF-8 on its own
+    return icalendar.Calendar.from_ical(raw)
+
+
+def events_of(calendar: icalendar.Calendar) -> dict[str, icalendar.Event]:
+    return {str(event["UID"]): event for event in calendar.walk("VEVENT")}
+
+
+def test_a_member_subscribes_to_their_bookings_and_waitlist_places(settings: Settings, clock: Clock) -> None:
+    with running(settings, clock) as service:
+        assert service.http.post("/book-slot", json=body(9, date=TOMORROW)).status_code == 200
+        assert service.book(5).status_code == 200
+        assert service.book(6, BOB).status_code == 200
+        assert waitlist(service, "join", 6, ALICE).status_code == 200
+        path = link(service)
+        calendar = parse_feed(service.http.get(path))
+        assert calendar["X-WR-CALNAME"] == "ReRo lab: my slots"
+        zone = calendar.walk("VTIMEZONE")
+        assert [str(z["TZID"]) for z in zone] == ["Asia/Kolkata"]
+        events = events_of(calendar)
+        assert set(events) == {f"{TOMORROW}-slot09-member@rero-slots", f"{TODAY}-slot05-member@rero-slots",
+                               f"{TODAY}-slot06-member@rero-slots"}
+        nine = events[f"{TOMORROW}-slot09-member@rero-slots"]
+        assert nine["DTSTART"].params["TZID"] == "Asia/Kolkata"
+        assert nine.decoded("DTSTART") == datetime(2026, 11, 25, 9, tzinfo=IST)
+        assert nine.decoded("DTEND") == datetime(2026, 11, 25, 10, tzinfo=IST)
+        assert str(nine["SUMMARY"]) == "ReRo lab: slot 09:00-10:00" and str(nine["STATUS"]) == "CONFIRMED"
+        alarms = nine.walk("VALARM")
+        assert len(alarms) == 1 and alarms[0].decoded("TRIGGER") == -timedelta(minutes=15)
+        assert str(alarms[0]["ACTION"]) == "DISPLAY"
+        place = events[f"{TODAY}-slot06-member@rero-slots"]
+        assert str(place["STATUS"]) == "TENTATIVE" and "number 1 in line" in str(place["SUMMARY"])
+        assert not place.walk("VALARM")  # no reminder for a slot that is not yours (yet)
+
+        # Bob cancels: the slot Alice waited for is hers, under the same UID
+        assert service.cancel(6, BOB).status_code == 200
+        # Alice cancels 09:00 tomorrow: it stays in her feed, cancelled, so her calendar drops it
+        assert service.http.post("/cancel-slot", json=body(9, date=TOMORROW)).status_code == 200
+        events = events_of(parse_feed(service.http.get(path)))
+        six = events[f"{TODAY}-slot06-member@rero-slots"]
+        assert str(six["STATUS"]) == "CONFIRMED" and six.walk("VALARM")
+        nine = events[f"{TOMORROW}-slot09-member@rero-slots"]
+        assert str(nine["STATUS"]) == "CANCELLED" and not nine.walk("VALARM")
+        assert nine.decoded("DTSTART") == datetime(2026, 11, 25, 9, tzinfo=IST)
+
+        clock.set("2026-12-02 09:00")  # a week and a day on: the cancellation has gone, the bookings stay
+        assert set(events_of(parse_feed(service.http.get(path)))) == {
+            f"{TODAY}-slot05-member@rero-slots", f"{TODAY}-slot06-member@rero-slots"}
+        clock.set("2026-12-25 09:00")  # over 30 days on: past bookings have gone too
+        assert events_of(parse_feed(service.http.get(path))) == {}
+
+
+def test_asking_again_rotates_the_link_and_unlink_removes_it(service: Service, settings: Settings) -> None:
+    first = link(service)
+    assert service.http.get(first).status_code == 200
+    second = link(service)
+    assert second != first and len(second) == len("/calendar/.ics") + 43
+    response = service.http.get(first)
+    assert response.status_code == 404 and response.json() == {
+        "detail": "No such calendar (the link was replaced or removed)"}
+    assert service.http.get(second).status_code == 200
+    bob = link(service, BOB)  # each member has their own
+    assert service.http.post("/calendar/unlink", json=body()).json() == {
+        "success": True, "feed": "member", "message": "Calendar link removed"}
+    assert service.http.get(second).status_code == 404 and service.http.get(bob).status_code == 200
+    assert service.http.post("/calendar/unlink", json=body()).json()["message"] == "There was no calendar link to remove"
+    for guess in ("/calendar/" + "A" * 43 + ".ics", "/calendar/x.ics", "/calendar/" + "A" * 5000 + ".ics",
+                  "/calendar/..%2F..%2Fetc.ics", "/calendar/link.ics"):
+        response = service.http.get(guess)
+        assert response.status_code == 404 and response.json()["detail"], guess  # JSON, like every error
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as conn:
+        stored = conn.execute("SELECT secret_hash, srn, kind FROM calendar_links").fetchall()
+    secret = bob.removeprefix("/calendar/").removesuffix(".ics")
+    assert stored == [(hashlib.sha256(secret.encode()).hexdigest(), BOB, "member")]  # only a hash
+    files = list(Path(settings.database_path).parent.iterdir())
+    assert not any(secret.encode() in path.read_bytes() for path in files)
+
+
+def test_a_feed_answers_304_until_something_changes(service: Service) -> None:
+    path = link(service)
+    first = service.http.get(path)
+    etag = first.headers["etag"]
+    assert etag.startswith('"') and first.headers["cache-control"] == "private, no-cache"
+    again = service.http.get(path, headers={"If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert service.http.get(path, headers={"If-None-Match": f'"other", W/{etag}'}).status_code == 304
+    assert service.http.get(path, headers={"If-None-Match": '"other"'}).status_code == 200
+    assert service.http.head(path).headers["etag"] == etag
+    assert service.book(9, BOB).status_code == 200  # someone else's booking: Alice's feed is the same
+    assert service.http.get(path, headers={"If-None-Match": etag}).status_code == 304
+    assert service.book(9).status_code == 400 and service.book(10).status_code == 200
+    changed = service.http.get(path, headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+
+
+def test_the_lab_feed_is_for_admins(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        response = service.http.post("/calendar/link", json=body(feed="lab"))
+        assert response.status_code == 403 and response.json() == {"detail": "Admins only"}
+        assert service.http.post("/calendar/link", json=body(feed="everything")).status_code == 422
+        assert service.book(9).status_code == 200
+        assert service.http.post("/book-slot", json=body(10, BOB, date=TOMORROW)).status_code == 200
+        assert service.http.post("/admin/close-slot", json=body(14, CAROL)).status_code == 200
+        assert service.http.post("/admin/close-slot", json=body(13, CAROL)).status_code == 200
+        assert service.http.post("/admin/open-slot", json=body(13, CAROL)).status_code == 200
+        lab = link(service, CAROL, "lab")
+        mine = link(service, CAROL)
+        assert lab != mine and service.http.get(mine).status_code == 200  # an admin has both
+        calendar = parse_feed(service.http.get(lab))
+        assert calendar["X-WR-CALNAME"] == "ReRo lab: all slots"
+        events = {uid: (str(e["STATUS"]), str(e["SUMMARY"])) for uid, e in events_of(calendar).items()}
+        assert events == {
+            f"{TODAY}-slot09-lab@rero-slots": ("CONFIRMED", f"ReRo lab: slot 09:00-10:00 booked by {ALICE}"),
+            f"{TOMORROW}-slot10-lab@rero-slots": ("CONFIRMED", f"ReRo lab: slot 10:00-11:00 booked by {BOB}"),
+            f"{TODAY}-slot14-lab@rero-slots": ("CONFIRMED", "ReRo lab: slot 14:00-15:00 closed"),
+            f"{TODAY}-slot13-lab@rero-slots": ("CANCELLED", "ReRo lab: slot 13:00-14:00 (cancelled)"),
+        }
+    with running(settings, clock) as service:  # Carol is no longer an admin: her lab feed is closed
+        assert service.http.get(lab).status_code == 404
+        assert service.http.get(mine).status_code == 200
+
+
+def test_feed_times_are_right_across_a_change_to_summer_time(settings: Settings) -> None:
+    london = ZoneInfo("Europe/London")
+    clock = Clock(datetime(2027, 3, 22, 8, 0, tzinfo=london))  # Monday; the clocks go forward on the 28th
+    with running(replace(settings, timezone="Europe/London", booking_days_ahead=14), clock) as service:
+        for date in ("2027-03-26", "2027-03-29", "2027-04-01"):
+            assert service.http.post("/book-slot", json=body(9, date=date)).status_code == 200
+        calendar = parse_feed(service.http.get(link(service)))
+    zone = calendar.walk("VTIMEZONE")[0]
+    assert str(zone["TZID"]) == "Europe/London"
+    ours = zone.to_tz()  # the rules as our VTIMEZONE states them, read by the library
+    for event in calendar.walk("VEVENT"):
+        start = event.decoded("DTSTART")
+        local = start.replace(tzinfo=None)
+        assert local.hour == 9
+        assert local.replace(tzinfo=ours).utcoffset() == local.replace(tzinfo=london).utcoffset()
+    offsets = {event.decoded("DTSTART").date().isoformat(): event.decoded("DTSTART").utcoffset()
+               for event in calendar.walk("VEVENT")}
+    assert offsets == {"2027-03-26": timedelta(0), "2027-03-29": timedelta(hours=1), "2027-04-01": timedelta(hours=1)}
+    for moment in (datetime(2027, 10, 31, 0, 30), datetime(2027, 10, 31, 1, 30), datetime(2027, 12, 31, 12)):
+        assert moment.replace(tzinfo=ours).utcoffset() == moment.replace(tzinfo=london).utcoffset()
+
+
+def test_long_names_are_folded_at_75_octets_and_the_reminder_follows_the_setting(settings: Settings) -> None:
+    club = "ರೋಬೋಟಿಕ್ಸ್ ಲ್ಯಾಬ್, PES; \\ Robotics"  # Kannada: 3 octets a character; and what TEXT must escape
+    with running(replace(settings, club_name=club, calendar_reminder_minutes=0)) as service:
+        assert service.book(9).status_code == 200
+        response = service.http.get(link(service))
+    calendar = parse_feed(response)  # every physical line at most 75 octets, whole characters
+    assert b"\r\n " in response.content  # ... because long lines were folded
+    event = next(iter(events_of(calendar).values()))
+    assert str(event["SUMMARY"]) == f"{club}: slot 09:00-10:00"
+    assert not event.walk("VALARM")  # CALENDAR_REMINDER_MINUTES=0: no reminder
+
+
+# -- series --------------------------------------------------------------------------------------------------
+
+
+def series(service: Service, username: str = CAROL, **fields: Any) -> httpx.Response:
+    return service.http.post("/admin/series", json=body(username=username, **fields))
+
+
+TUESDAYS = {"action": "close", "slots": [13, 14], "weekdays": ["tue"], "from": "2026-11-24", "until": "2027-02-23",
+            "title": "Arduino workshop"}
+
+
+def test_an_admin_closes_a_term_of_tuesdays_in_one_call(settings: Settings, clock: Clock) -> None:
+    clock.set("2026-11-24 13:20")  # Tuesday, 13:00 has started
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        assert service.http.post("/book-slot", json=body(14, date="2026-12-01")).status_code == 200
+        version = service.http.post("/admin/history", json=body(username=CAROL)).json()["total"]
+
+        dry = series(service, **TUESDAYS, dry_run=True)
+        assert dry.status_code == 200, dry.text
+        plan = dry.json()
+        assert plan["dry_run"] is True and plan["series_id"] is None
+        assert plan["done"] == 2 * 14 - 2 and plan["conflicts"] == 1 and plan["skipped"] == 1
+        assert plan["message"].startswith("Dry run, nothing changed: 26 slot(s) closed over 14 date(s)")
+        assert [day["date"] for day in plan["dates"]][:3] == ["2026-11-24", "2026-12-01", "2026-12-08"]
+        assert plan["dates"][0]["slots"] == [{"slot_id": 13, "result": "started"}, {"slot_id": 14, "result": "closed"}]
+        assert plan["dates"][1]["slots"] == [{"slot_id": 13, "result": "closed"},
+                                             {"slot_id": 14, "result": "conflict", "booked_by": ALICE}]
+        assert service.http.post("/admin/history", json=body(username=CAROL)).json()["total"] == version
+        assert service.http.get("/slots", params={"date": "2026-12-08"}).json()["available_slots"] == list(range(3, 15))
+
+        watcher = service.socket()
+        assert send(watcher, {"type": "get_slots", "date": "2026-12-08"})["data"]["date"] == "2026-12-08"
+        done = series(service, **TUESDAYS)
+        answer = done.json()
+        assert done.status_code == 200 and answer["dates"] == plan["dates"] and answer["series_id"] >= 1
+        update = receive_until(watcher, "slots_update")  # the day watched is broadcast as it changes
+        assert update["data"]["date"] == "2026-12-08"
+        assert [s["status"] for s in update["data"]["slots"] if s["id"] in (13, 14)] == ["closed", "closed"]
+        far = service.http.get("/slots", params={"date": "2027-02-23"}).json()  # beyond BOOKING_DAYS_AHEAD
+        assert [s["status"] for s in far["slots"] if s["id"] in (13, 14)] == ["closed", "closed"]
+        alice = service.http.get("/slots", params={"date": "2026-12-01"}).json()["slots"]
+        assert [(s["status"], s["booked_by"]) for s in alice if s["id"] in (13, 14)] == [("closed", None),
+                                                                                         ("booked", ALICE)]
+        listed = service.http.get("/admin/series", headers=bearer(login(service, CAROL))).json()["series"]
+        assert listed == [{"id": answer["series_id"], "action": "close", "srn": None, "slots": [13, 14],
+                           "weekdays": ["tue"], "from": "2026-11-24", "until": "2027-02-23",
+                           "title": "Arduino workshop", "created_by": CAROL, "created_at": "2026-11-24 13:20:00",
+                           "cancelled_by": None, "cancelled_at": None, "upcoming": 26}]
+        steps = service.http.post("/admin/history", json=body(username=CAROL, page_size=500)).json()["events"]
+        mine = [e for e in steps if e["series"] == answer["series_id"]]
+        assert [e["action"] for e in mine].count("close") == 26 and [e["action"] for e in mine].count("series") == 1
+        assert next(e for e in mine if e["action"] == "series_skip")["note"] == f"booked by {ALICE}"
+
+        clock.set("2026-12-01 13:30")  # a week on; 13:00 on the 1st has started
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=answer["series_id"]))
+        assert cancel.status_code == 200, cancel.text
+        assert cancel.json()["message"] == f"Series {answer['series_id']} cancelled: 24 slot(s) freed"
+        assert service.http.get("/slots", params={"date": "2026-12-08"}).json()["available_slots"] == list(range(3, 15))
+        past = service.http.get("/slots", params={"date": "2026-12-01"}).json()["slots"]
+        assert past[10]["status"] == "closed"  # 13:00 on the 1st had started: what is past stays as it was
+        again = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=answer["series_id"]))
+        assert again.status_code == 400 and again.json()["detail"].endswith("is already cancelled")
+        listed = service.http.get("/admin/series", headers=bearer(login(service, CAROL))).json()["series"]
+        assert listed[0]["cancelled_by"] == CAROL and listed[0]["upcoming"] == 0
+
+
+def test_a_series_reserves_slots_for_a_member_outside_their_limits(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL}), max_upcoming_bookings=1), clock) as service:
+        reserve = {"action": "reserve", "srn": BOB.lower(), "slots": [9], "weekdays": ["wed", "thu"],
+                   "from": TOMORROW, "until": "2026-12-03"}
+        answer = series(service, **reserve).json()
+        assert answer["done"] == 4 and answer["message"].startswith(f"Series 1: 4 slot(s) reserved for {BOB}")
+        assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["booked_by"] == BOB
+        assert service.book(10, BOB).status_code == 200  # reserved slots do not count against his own limit
+        assert service.book(11, BOB).json()["detail"].startswith("Limit reached")
+        assert waitlist(service, "join", 9, ALICE, date=TOMORROW).status_code == 200
+        feed = events_of(parse_feed(service.http.get(link(service, BOB))))
+        assert str(feed[f"{TOMORROW}-slot09-member@rero-slots"]["STATUS"]) == "CONFIRMED"
+        assert len(feed) == 5
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=1)).json()
+        assert cancel["promoted"] == [{"date": TOMORROW, "slot_id": 9, "srn": ALICE}]  # the waitlist's turn
+        assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["booked_by"] == ALICE
+        assert service.http.get("/slots", params={"date": "2026-11-26"}).json()["slots"][6]["status"] == "available"
+        assert service.http.get("/slots", params={"date": "2026-12-02"}).json()["slots"][6]["status"] == "not_open"
+
+
+@pytest.mark.parametrize(("fields", "status", "detail"), [
+    ({"action": "open"}, 422, 'action must be "close" or "reserve"'),
+    ({"slots": []}, 422, "slots must be a list of slot ids, e.g. [14, 15]"),
+    ({"slots": [14, True]}, 422, "slots must be a list of slot ids, e.g. [14, 15]"),
+    ({"slots": "14"}, 422, "slots must be a list of slot ids, e.g. [14, 15]"),
+    ({"slots": [99]}, 400, "Slot 99 does not exist"),
+    ({"weekdays": ["tues"]}, 422, 'weekdays must be a list of "mon", "tue", "wed", "thu", "fri", "sat", "sun"'),
+    ({"weekdays": []}, 422, 'weekdays must be a list of "mon", "tue", "wed", "thu", "fri", "sat", "sun"'),
+    ({"from": None}, 422, "from and until are required (YYYY-MM-DD)"),
+    ({"until": "2026-02-30"}, 400, "Invalid date '2026-02-30': use YYYY-MM-DD"),
+    ({"from": "2026-11-23"}, 400, "2026-11-23 is in the past"),
+    ({"until": "2026-11-20", "from": "2026-11-25"}, 400, "until (2026-11-20) is before from (2026-11-25)"),
+    ({"until": "2028-01-01"}, 400, "A series may reach at most 366 days ahead"),
+    ({"until": "2026-11-25", "weekdays": ["fri"]}, 400, "No fri from 2026-11-24 until 2026-11-25"),
+    ({"srn": ALICE}, 422, "srn is only for reserve"),
+    ({"action": "reserve"}, 422, "srn is required for reserve: the member's SRN"),
+    ({"action": "reserve", "srn": "PES1\nUG"}, 422, "srn is required for reserve: the member's SRN"),
+    ({"title": "x" * 101}, 422, "title must be a line of text of at most 100 characters"),
+    ({"title": "a\nb"}, 422, "title must be a line of text of at most 100 characters"),
+    ({"dry_run": "yes"}, 422, "dry_run must be true or false"),
+])
+def test_a_bad_series_is_refused_and_changes_nothing(settings: Settings, clock: Clock, fields: dict[str, Any],
+                                                     status: int, detail: str) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        response = series(service, **{**TUESDAYS, **fields})
+        assert (response.status_code, response.json()) == (status, {"detail": detail})
+        assert service.http.get("/admin/series", headers=bearer(login(service, CAROL))).json()["series"] == []
+
+
+def test_series_are_for_admins(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        assert series(service, ALICE, **TUESDAYS).json() == {"detail": "Admins only"}
+        assert series(service, ALICE, **TUESDAYS, dry_run=True).status_code == 403
+        token = login(service)
+        assert service.http.get("/admin/series", headers=bearer(token)).status_code == 403
+        assert service.http.get("/admin/series").status_code == 401
+        assert series(service, **TUESDAYS).status_code == 200
+        assert service.http.post("/admin/series/cancel", json=body(series_id=1)).status_code == 403
+        response = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=2))
+        assert (response.status_code, response.json()) == (400, {"detail": "Series 2 does not exist"})
+        for bad in ("1", None, True, 0, 2**70):
+            response = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=bad))
+            assert response.status_code == 422, bad
+        assert service.http.get("/slots", params={"date": "2026-12-01"}).json()["slots"][11]["status"] == "closed"
