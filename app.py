@@ -2063,7 +2063,7 @@ class NoFrames(logging.Filter):
         return record.msg not in ("< %s", "> %s")
 
 
-FEED_PATH = re.compile(r"/calendar/([^/\s'\"?]+)")  # whatever follows, mistyped or not, may be a secret
+FEED_PATH = re.compile(r"/calendar/([^/\s'\"?]+)", re.IGNORECASE)  # whatever follows, mistyped or not, may be a secret
 
 
 def hide_feed_secret(text: str) -> str:
@@ -2079,7 +2079,7 @@ class HideFeedSecrets(logging.Filter):
             record.args = tuple(hide_feed_secret(arg) if isinstance(arg, str) else arg for arg in record.args)
         else:
             message = record.getMessage()
-            if "/calendar/" in message:
+            if "/calendar/" in message.lower():
                 record.msg, record.args = hide_feed_secret(message), ()
         return True
 

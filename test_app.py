@@ -2350,6 +2350,8 @@ def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Sett
     with process(settings, LOG_FORMAT="json", LOG_LEVEL="info") as (proc, url):
         httpx.post(f"{url}/book-slot", json={"slot_id": 7, "date": day, "username": ALICE, "password": PASSWORD})
         httpx.post(f"{url}/auth/login", json={"username": BOB, "password": "wrong-" + PASSWORD})
+        feed = httpx.post(f"{url}/calendar/link", json={"username": ALICE, "password": PASSWORD}).json()["path"]
+        assert httpx.get(f"{url}{feed}").status_code == 200
         proc.send_signal(signal.SIGTERM)
         output = proc.stdout.read().decode() if proc.stdout else ""
     lines = [orjson.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
@@ -2361,7 +2363,9 @@ def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Sett
     refused = next(line for line in lines if line.get("status") == 401)
     assert refused["username"] == BOB
     access = [line for line in lines if line["logger"] == "uvicorn.access"]
-    assert {"route": "POST /book-slot", "status": 200}.items() <= access[-2].items()
+    assert {"route": "POST /book-slot", "status": 200}.items() <= access[-4].items()
+    assert {"route": "GET /calendar/<secret>.ics", "status": 200}.items() <= access[-1].items()
+    assert feed.removeprefix("/calendar/").removesuffix(".ics") not in output
     assert PASSWORD not in output
 
 
@@ -2378,11 +2382,17 @@ def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str
                              "password": PASSWORD})["success"] is True
             assert send(ws, {"type": "cancel_slot", "slot_id": 7, "date": day, "token": login["token"]})
         httpx.post(f"{url}/my-bookings", headers=bearer(login["token"]))
+        feed = httpx.post(f"{url}/calendar/link", headers=bearer(login["token"])).json()["path"]
+        feed_secret = feed.removeprefix("/calendar/").removesuffix(".ics")
+        for path in (feed, feed + "?x=1", feed.upper(), feed.removesuffix(".ics"), feed + "/"):
+            httpx.get(f"{url}{path}")
         httpx.post(f"{url}/auth/logout", json={"token": login["token"]})
         proc.send_signal(signal.SIGTERM)
         output = proc.stdout.read().decode() if proc.stdout else ""
     assert "booking" in output.lower() or "book slot" in output  # the levels did log
+    assert "GET /calendar/<secret>.ics" in output  # the feed's requests are logged, without their secret
     assert PASSWORD not in output and signature not in output and secret not in output
+    assert feed_secret not in output and feed_secret.upper() not in output
 
 
 def test_a_username_cannot_forge_a_log_line(settings: Settings) -> None:
@@ -2470,6 +2480,15 @@ def test_the_openapi_document_covers_every_route_and_real_answers_match_it(setti
             ("post", "/admin/close-slot", {"json": body(6)}), ("post", "/admin/open-slot", {"json": body(6)}),
             ("post", "/admin/history", {"json": body()}), ("post", "/admin/history", {"json": body(username=BOB)}),
             ("post", "/auth/login", {"json": body(username="DOWN1")}),
+            ("post", "/admin/series", {"json": body(action="close", slots=[12], weekdays=["wed"],
+                                                     **{"from": TOMORROW, "until": TOMORROW})}),
+            ("post", "/admin/series", {"json": body(action="close", slots=[12], weekdays=["wed"])}),
+            ("get", "/admin/series", {"headers": bearer(token)}), ("get", "/admin/series", {}),
+            ("post", "/admin/series/cancel", {"json": body(series_id=1)}),
+            ("post", "/admin/series/cancel", {"json": body(series_id=1)}),
+            ("post", "/calendar/link", {"json": body(username=BOB, feed="lab")}),
+            ("post", "/calendar/unlink", {"json": body()}),
+            ("post", "/calendar/link", {"json": body()}),
             ("post", "/auth/logout", {"headers": bearer(token)}),
             ("post", "/auth/logout", {"headers": bearer(token)}),
         ]
@@ -2482,6 +2501,13 @@ def test_the_openapi_document_covers_every_route_and_real_answers_match_it(setti
             conforms(response.json(), schema, document, f"{method} {path} {response.status_code}")
             seen.add(response.status_code)
         assert seen >= {200, 400, 401, 403, 422, 503}
+        feed = service.http.get(service.http.post("/calendar/link", json=body()).json()["path"])
+        declared = document["paths"]["/calendar/{secret}.ics"]["get"]["responses"]
+        assert feed.headers["content-type"].split(";")[0] in declared["200"]["content"]
+        assert "304" in declared and service.http.get(feed.request.url, headers={"If-None-Match": feed.headers["etag"]}
+                                                      ).status_code == 304
+        missing = service.http.get("/calendar/" + "A" * 43 + ".ics")
+        conforms(missing.json(), declared["404"]["content"]["application/json"]["schema"], document, "feed 404")
 
         page = service.http.get("/docs")
         assert page.status_code == 200 and "swagger-ui" in page.text
@@ -2799,3 +2825,64 @@ def test_series_are_for_admins(settings: Settings, clock: Clock) -> None:
             response = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=bad))
             assert response.status_code == 422, bad
         assert service.http.get("/slots", params={"date": "2026-12-01"}).json()["slots"][11]["status"] == "closed"
+
+
+def at_once(requests: list[tuple[str, str, dict[str, Any], str]]) -> list[httpx.Response]:
+    """POST every (url, path, body, token) at the same instant."""
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
+            return await asyncio.gather(*(client.post(url + path, json=data, headers=bearer(token))
+                                          for url, path, data, token in requests))
+
+    return asyncio.run(all_at_once())
+
+
+def test_a_series_racing_members_on_two_processes_never_takes_an_acknowledged_booking(settings: Settings) -> None:
+    day = tomorrow()
+    weekday = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[datetime.fromisoformat(day).weekday()]
+    env = {"SESSION_SECRET": "a-shared-secret-for-this-test", "ADMIN_SRNS": CAROL}
+    with process(settings, **env) as (_, a), process(settings, **env) as (_, b), ws_connect(
+            b.replace("http", "ws") + "/slot-booking", open_timeout=5) as watcher:
+        receive(watcher)
+        assert send(watcher, {"type": "get_slots", "date": day})["data"]["date"] == day
+        members = [srn for srn in USERS if srn != CAROL][:100]
+        tokens = {srn: httpx.post(f"{a}/auth/login", json={"username": srn, "password": PASSWORD}).json()["token"]
+                  for srn in [*members, CAROL]}
+        close = {"action": "close", "slots": list(range(5, 15)), "weekdays": [weekday], "from": day, "until": day}
+        bookings = [((a, b)[i % 2], "/book-slot", {"slot_id": 5 + i % 10, "date": day}, tokens[srn])
+                    for i, srn in enumerate(members)]
+        answers = at_once([*bookings[:50], (a, "/admin/series", close, tokens[CAROL]), *bookings[50:]])
+        made = answers.pop(50)
+        assert made.status_code == 200, made.text
+        steps = {step["slot_id"]: step for step in made.json()["dates"][0]["slots"]}
+        final = {s["id"]: s for s in httpx.get(f"{b}/slots", params={"date": day}).json()["slots"]}
+        for slot_id in range(5, 15):
+            winners = [request[3] for request, answer in zip(bookings, answers, strict=True)
+                       if request[2]["slot_id"] == slot_id and answer.status_code == 200]
+            assert len(winners) <= 1
+            if steps[slot_id]["result"] == "closed":  # the series came first: nobody was told "booked"
+                assert winners == [] and final[slot_id]["status"] == "closed"
+            else:  # a member came first: the series left the slot to them, and said so
+                holder = next(srn for srn, token in tokens.items() if token == winners[0])
+                assert steps[slot_id] == {"slot_id": slot_id, "result": "conflict", "booked_by": holder}
+                assert final[slot_id]["booked_by"] == holder
+        while [s["status"] for s in receive_until(watcher, "slots_update")["data"]["slots"]][2:] != [
+                final[slot_id]["status"] for slot_id in range(5, 15)]:
+            pass  # the other process broadcast the day as the series changed it
+
+        series_id = made.json()["series_id"]
+        cancels = at_once([(url, "/admin/series/cancel", {"series_id": series_id}, tokens[CAROL]) for url in (a, b)])
+        assert sorted(c.status_code for c in cancels) == [200, 400]  # freed once
+        freed = next(c for c in cancels if c.status_code == 200).json()["freed"]
+        assert sorted(f["slot_id"] for f in freed) == [s for s in range(5, 15) if steps[s]["result"] == "closed"]
+        for url in (a, b):
+            deadline = time.monotonic() + 5
+            while any(s["status"] == "closed" for s in httpx.get(f"{url}/slots", params={"date": day}).json()["slots"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+        links = at_once([((a, b)[i % 2], "/calendar/link", {}, tokens[ALICE]) for i in range(40)])
+        paths = [answer.json()["path"] for answer in links]
+        assert len(set(paths)) == 40
+        working = [path for path in paths if httpx.get(a + path).status_code == 200]
+        assert len(working) == 1 and httpx.get(b + working[0]).status_code == 200  # one link, on both
