@@ -512,7 +512,8 @@ class Board:
             raise SlotError(f"No {', '.join(weekdays)} from {first} until {last}")
         plan = SeriesPlan(action, srn, slots, weekdays, first, last, title, pairs, (now.date().isoformat(), now.hour))
         result = await self.store.add_series(plan, admin, self.stamp(), via, dry_run=dry_run)
-        await self._remember_all(result.version, result.days)
+        if not dry_run:  # (a dry run's days are what would have been: never kept, never broadcast)
+            await self._remember_all(result.version, result.days)
         return result
 
     async def cancel_series(self, admin: str, series: int, via: str) -> SeriesCancel:
