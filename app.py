@@ -208,7 +208,8 @@ class Settings:
             ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
             ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds, 0, 3600),
             club_name=get("CLUB_NAME", name, cls.club_name),
-            calendar_reminder_minutes=get("CALENDAR_REMINDER_MINUTES", int, cls.calendar_reminder_minutes, 0, 7 * 24 * 60),
+            calendar_reminder_minutes=get("CALENDAR_REMINDER_MINUTES", int, cls.calendar_reminder_minutes,
+                                          0, 7 * 24 * 60),
             public_url=get("PUBLIC_URL", url, cls.public_url).rstrip("/"),
         )
         if settings.slot_start_hour >= settings.slot_end_hour:
@@ -1780,8 +1781,8 @@ SCHEMAS: dict[str, Any] = {
                                                                 date=STRING, position=INTEGER)}),
     "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
                     page=INTEGER, page_size=INTEGER,
-                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via", "note",
-                                                            "series"],
+                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via",
+                                                            "note", "series"],
                                                            id=INTEGER, at=STRING, srn=NULLABLE_STRING, action=STRING,
                                                            date=NULLABLE_STRING, slot_id={"type": ["integer", "null"]},
                                                            via=STRING, note=NULLABLE_STRING,
@@ -1906,7 +1907,8 @@ def openapi_document() -> dict[str, Any]:
                                              "HistoryRequest", secured=True)},
         "/admin/series": {
             "post": operation("Close, or reserve for a member, the same slots on chosen weekdays between two dates "
-                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest", secured=True),
+                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest",
+                              secured=True),
             "get": {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
                     "security": [{"bearer": []}]}},
         "/admin/series/cancel": {"post": operation("Cancel what is left of a series: its slots that have not started "

@@ -62,7 +62,7 @@ def fake_pesu_app():  # noqa: ANN201
     return Starlette(routes=[Route("/authenticate", authenticate, methods=["POST"])])
 
 
-def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes):  # noqa: ANN201
+def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes, feed: bytes):  # noqa: ANN201
     """The least a server can do for the same traffic: fixed bytes, one set of sockets, sequential sends."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -87,6 +87,9 @@ def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes):  # noqa: 
         await request.body()
         return Response(my_bookings, media_type="application/json")
 
+    async def calendar(request: Request) -> Response:
+        return Response(feed, media_type="text/calendar", headers={"etag": '"0"'})
+
     async def socket_endpoint(websocket: WebSocket) -> None:
         await websocket.accept()
         sockets.add(websocket)
@@ -109,6 +112,7 @@ def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes):  # noqa: 
 
     return Starlette(routes=[
         Route("/slots", slots), Route("/health", health), Route("/my-bookings", bookings, methods=["POST"]),
+        Route("/calendar/{secret}.ics", calendar),
         WebSocketRoute("/slot-booking", socket_endpoint),
     ])
 
@@ -120,7 +124,8 @@ def serve(name: str, port: int, extra: str) -> None:
         app = fake_pesu_app()
     else:
         data = orjson.loads(Path(extra).read_bytes())
-        app = ceiling_app(data["slots"].encode(), data["update"].encode(), data["my_bookings"].encode())
+        app = ceiling_app(data["slots"].encode(), data["update"].encode(), data["my_bookings"].encode(),
+                          data["feed"].encode())
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=16384, ws_ping_interval=0)
 
 
@@ -476,7 +481,7 @@ HTTP = [("slots", "GET", "/slots", b""), ("health", "GET", "/health", b""),
 HTTP_ROUNDS = 2  # each request rate is taken this many times, app and ceiling in turn; the best counts
 
 
-def measure(servers: dict[str, Server]) -> dict[str, dict[str, float]]:
+def measure(servers: dict[str, Server], feed: str) -> dict[str, dict[str, float]]:
     """Every measure, on each server in turn before the next measure: a VM that slows down for a while
     (a shared 2-core one does) then weighs on both sides of a ratio alike, not on one."""
     results: dict[str, dict[str, float]] = {name: {"startup": server.startup * 1000} for name, server in servers.items()}
@@ -484,7 +489,7 @@ def measure(servers: dict[str, Server]) -> dict[str, dict[str, float]]:
     def step(name: str, what: str) -> None:
         print(f"  {name}: {what}", file=sys.stderr, flush=True)
 
-    for key, method, path, body in HTTP:
+    for key, method, path, body in [*HTTP, ("feed", "GET", feed, b"")]:
         for _ in range(HTTP_ROUNDS):
             for name, server in servers.items():
                 step(name, f"{method} {path}")
@@ -516,13 +521,19 @@ def main() -> None:
         # only read, so they would never answer one; and room for 5000 listeners and the booker.
         env = {"HOST": "127.0.0.1", "PORT": str(app_port), "DATABASE_PATH": f"{tmp}/rero.db",
                "LOG_LEVEL": "warning", "PESU_AUTH_URL": f"http://127.0.0.1:{pesu_port}/authenticate",
-               "WS_RATE_PER_SECOND": "0", "WS_PING_SECONDS": "0", "MAX_CONNECTIONS": "20000"}
+               "WS_RATE_PER_SECOND": "0", "WS_PING_SECONDS": "0", "MAX_CONNECTIONS": "20000",
+               "ADMIN_SRNS": USER["username"]}
         args = [sys.executable, "app.py"]
         app = Server(app_port, *running.enter_context(process(args, app_port, env)), tomorrow)
-        httpx.post(f"http://127.0.0.1:{app_port}/auth/login", json=USER).raise_for_status()
+        base = f"http://127.0.0.1:{app_port}"
+        httpx.post(f"{base}/auth/login", json=USER).raise_for_status()
+        for slot_id in (5, 9, 13):  # a member's calendar feed with a few bookings in it
+            httpx.post(f"{base}/book-slot", json={**USER, "slot_id": slot_id, "date": tomorrow}).raise_for_status()
+        feed = httpx.post(f"{base}/calendar/link", json=USER).json()["path"]
         same = {
-            "slots": httpx.get(f"http://127.0.0.1:{app_port}/slots").text,
-            "my_bookings": httpx.post(f"http://127.0.0.1:{app_port}/my-bookings", json=USER).text,
+            "slots": httpx.get(f"{base}/slots").text,
+            "my_bookings": httpx.post(f"{base}/my-bookings", json=USER).text,
+            "feed": httpx.get(f"{base}{feed}").text,
         }
         # the ceiling sends the app's own slots_update, with version 0 to count up from
         update = orjson.dumps({"type": "slots_update", "data": {**orjson.loads(same["slots"]), "version": 0},
@@ -530,8 +541,43 @@ def main() -> None:
         Path(f"{tmp}/bytes.json").write_bytes(orjson.dumps({**same, "update": update.decode()}))
         args = [sys.executable, __file__, "--serve", "ceiling", str(ceiling_port), f"{tmp}/bytes.json"]
         ceiling = Server(ceiling_port, *running.enter_context(process(args, ceiling_port)), None)
-        results = measure({"app": app, "ceiling": ceiling})
+        results = measure({"app": app, "ceiling": ceiling}, feed)
+        series = largest_series(base)
     report(results["app"], results["ceiling"])
+    print("\nThe largest series (12 slots, every day, 366 days), on the app alone: "
+          + "; ".join(f"{label} {value:.0f} ms" for label, value in series.items()))
+
+
+def largest_series(base: str) -> dict[str, float]:
+    """How long the largest series an admin may ask for takes (dry run, then for real), what GET /slots
+    waits meanwhile (p99), and how long the lab's feed then takes to build and to answer from memory."""
+    today = datetime.now(ZoneInfo("Asia/Kolkata")).date()
+    spec = {**USER, "action": "close", "slots": list(range(3, 15)), "weekdays": ["mon", "tue", "wed", "thu", "fri",
+            "sat", "sun"], "from": (today + timedelta(days=1)).isoformat(),
+            "until": (today + timedelta(days=366)).isoformat()}
+    lab = httpx.post(f"{base}/calendar/link", json={**USER, "feed": "lab"}).json()["path"]
+    timings: dict[str, float] = {}
+
+    async def slots_meanwhile(call: str, body: dict[str, object]) -> None:
+        waits: list[float] = []
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            task = asyncio.ensure_future(client.post("/admin/series", json=body))
+            started = time.perf_counter()
+            while not task.done():
+                before = time.perf_counter()
+                await client.get("/slots")
+                waits.append(time.perf_counter() - before)
+            (await task).raise_for_status()
+            timings[call] = (time.perf_counter() - started) * 1000
+            timings[f"GET /slots p99 during the {call}"] = percentile(waits, 0.99) * 1000
+
+    asyncio.run(slots_meanwhile("dry run", {**spec, "dry_run": True}))
+    asyncio.run(slots_meanwhile("series", spec))
+    for label in ("lab feed, built", "lab feed, from memory"):
+        started = time.perf_counter()
+        size = len(httpx.get(f"{base}{lab}", timeout=60).content)
+        timings[f"{label} ({size // 1024} KiB)"] = (time.perf_counter() - started) * 1000
+    return timings
 
 
 def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
@@ -539,6 +585,7 @@ def report(app: dict[str, float], ceiling: dict[str, float]) -> None:
         ("GET /slots (req/s)", "slots", "{:,.0f}"),
         ("GET /health (req/s)", "health", "{:,.0f}"),
         ("POST /my-bookings, cached login (req/s)", "my_bookings", "{:,.0f}"),
+        ("GET /calendar/<secret>.ics, 3 bookings (req/s)", "feed", "{:,.0f}"),
         ("100 listeners: change until all hold it, p50 (ms)", "p50_100", "{:.2f}"),
         ("100 listeners: change until all hold it, p99 (ms)", "p99_100", "{:.2f}"),
         ("1000 listeners: change until all hold it, p50 (ms)", "p50_1000", "{:.2f}"),

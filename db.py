@@ -840,8 +840,10 @@ class SlotStore:
             with self._transaction():
                 gone = self.conn.execute("DELETE FROM calendar_links WHERE srn = ? AND kind = ?", (srn, kind)).rowcount
                 if secret_hash is not None:
-                    self.conn.execute("INSERT INTO calendar_links (secret_hash, srn, kind, created_at) VALUES (?, ?, ?, ?)",
-                                      (secret_hash, srn, kind, at))
+                    self.conn.execute(
+                        "INSERT INTO calendar_links (secret_hash, srn, kind, created_at) VALUES (?, ?, ?, ?)",
+                        (secret_hash, srn, kind, at),
+                    )
             if self.generation is not None:
                 self.generation.bump()  # feeds cached under the old secret go, in every process
             return gone > 0
@@ -851,8 +853,9 @@ class SlotStore:
     async def feed(self, secret_hash: str, since: str, today: str, until: str, removed_since: str) -> FeedRows | None:
         """What the feed with this secret shows, or None if no feed has it: for a member, their bookings
         dated ``since`` or later, their waitlist places from ``today`` on, and their bookings removed
-        (cancelled, released, left) at ``removed_since`` or later; for the lab, every booking and closed slot from ``since`` to
-        ``until``, and those removed. One read, so a rotated secret is refused at once in every process."""
+        (cancelled, released, left) at ``removed_since`` or later; for the lab, every booking and closed slot
+        from ``since`` to ``until``, and those removed. One read, so a rotated secret is refused at once in
+        every process."""
 
         def feed() -> FeedRows | None:
             link = self.conn.execute("SELECT srn, kind FROM calendar_links WHERE secret_hash = ?",
@@ -877,7 +880,8 @@ class SlotStore:
                     (since, removed_since, srn, srn, srn),
                 ).fetchall()
             else:
-                rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id", (since, until)).fetchall()
+                rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id",
+                                         (since, until)).fetchall()
                 places = []
                 removed = self.conn.execute(
                     "SELECT date, slot_id, MAX(at) FROM events WHERE date >= ? AND date <= ? AND at >= ?"
