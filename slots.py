@@ -603,10 +603,14 @@ class Feed:
     etag: str
 
 
+ICS_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # not allowed in a TEXT value (newlines are escaped)
+
+
 def ics_text(value: str) -> str:
-    """A TEXT value, escaped (RFC 5545, 3.3.11)."""
-    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
-            .replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n"))
+    """A TEXT value, escaped (RFC 5545, 3.3.11): an SRN as PESU sent it cannot start a line of its own."""
+    value = value.replace("\r\n", "\n").replace("\r", "\n")
+    return ICS_CONTROLS.sub("", value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+                            .replace("\n", "\\n"))
 
 
 def fold(line: str) -> bytes:
