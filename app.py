@@ -55,7 +55,7 @@ import db
 import pesu
 from db import SlotStore
 from pesu import AuthBusy, AuthUnavailable, Guard, InvalidCredentials, InvalidToken, PesuChecker, Sessions, Throttled
-from slots import WEEKDAYS, Board, Day, Forbidden, Rules, SlotError, parse_date
+from slots import WEEKDAYS, Board, Day, Forbidden, Rules, SlotError, parse_date, preview
 
 __version__ = "0.6.0"
 logger = logging.getLogger("rero")
@@ -1683,8 +1683,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
                                 "message": f"Messages for {srn} will come here too"})
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
-        shown = kind if isinstance(kind, str) else orjson.dumps(kind).decode()
-        return error(f"Unknown message type: {shown[:64]}")
+        return error(f"Unknown message type: {preview(kind)[:64]}")
 
     action, response_type, noun = SOCKET_ACTIONS[kind]
     token = data.get("token")
@@ -2066,10 +2065,12 @@ class NoFrames(logging.Filter):
 
 
 FEED_PATH = re.compile(r"/calendar/([^/\s'\"?]+)", re.IGNORECASE)  # whatever follows, mistyped or not, may be a secret
+SECRET_LIKE = re.compile(r"[A-Za-z0-9_-]{40,}")  # a feed's secret is 43 of these, wherever a mistyped URL put it
 
 
 def hide_feed_secret(text: str) -> str:
-    return FEED_PATH.sub(lambda m: m.group() if m.group(1) in ("link", "unlink") else "/calendar/<secret>.ics", text)
+    text = FEED_PATH.sub(lambda m: m.group() if m.group(1) in ("link", "unlink") else "/calendar/<secret>.ics", text)
+    return SECRET_LIKE.sub("<secret>", text)
 
 
 class HideFeedSecrets(logging.Filter):
@@ -2081,8 +2082,9 @@ class HideFeedSecrets(logging.Filter):
             record.args = tuple(hide_feed_secret(arg) if isinstance(arg, str) else arg for arg in record.args)
         else:
             message = record.getMessage()
-            if "/calendar/" in message.lower():
-                record.msg, record.args = hide_feed_secret(message), ()
+            hidden = hide_feed_secret(message)
+            if hidden != message:
+                record.msg, record.args = hidden, ()
         return True
 
 

@@ -95,8 +95,17 @@ def parse_date(value: Any) -> str:
             return Date.fromisoformat(value).isoformat()
         except ValueError:
             pass
-    shown = value if isinstance(value, str) else orjson.dumps(value).decode()
-    raise SlotError(f"Invalid date {shown[:32]!r}: use YYYY-MM-DD")
+    raise SlotError(f"Invalid date {preview(value)[:32]!r}: use YYYY-MM-DD")
+
+
+def preview(value: Any) -> str:
+    """A request's value for an error message: a string as it is, a number or null as JSON, a list or an
+    object only as such (never encoded: one nested a few hundred deep would not even encode)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return "[...]" if isinstance(value, list) else "{...}"
+    return orjson.dumps(value).decode()
 
 
 class Board:
@@ -574,7 +583,8 @@ class Board:
         rows = await self.store.feed(digest, since, key[1], until, removed_since)
         result = None
         if rows is not None and (rows.kind == "member" or self.is_admin(rows.srn)):
-            body = render_feed(rows, self.rules, since)
+            # in a thread: the lab's feed after a term of series is some 2000 events, 50 ms of work
+            body = await asyncio.to_thread(render_feed, rows, self.rules, since)
             result = Feed(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
         if key[0] is not None:
             self.feeds[digest] = (key, result)

@@ -353,6 +353,9 @@ def test_slot_id_may_be_a_numeric_string_as_in_the_original(service: Service) ->
     assert service.book("7").json()["slot_id"] == 7
 
 
+DEEP = b"[" * 300 + b"]" * 300  # JSON nested deeper than orjson encodes again
+
+
 @pytest.mark.parametrize(
     ("body", "status", "detail"),
     [
@@ -368,6 +371,8 @@ def test_slot_id_may_be_a_numeric_string_as_in_the_original(service: Service) ->
         (b'{"slot_id": [5], "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
         (b'{"slot_id": 5, "username": 12, "password": "x"}', 422, "username must be a non-empty string"),
         (b'{"slot_id": 5, "username": "a", "password": ""}', 422, "password must be a non-empty string"),
+        (b'{"slot_id": 5, "username": "a", "password": "x", "date": 20261125}', 400, "Invalid date '20261125': use YYYY-MM-DD"),
+        (b'{"slot_id": 5, "username": "a", "password": "x", "date": ' + DEEP + b"}", 400, "Invalid date '[...]': use YYYY-MM-DD"),
     ],
 )
 def test_malformed_bodies_get_a_clear_error_and_change_nothing(
@@ -499,6 +504,8 @@ BAD_MESSAGES = [
     ('"book_slot"', 'Message must be a JSON object with a "type"'),
     ('{"type": null}', "Unknown message type: null"),
     ('{"type": "launch_rocket"}', "Unknown message type: launch_rocket"),
+    ('{"type": ' + DEEP.decode() + "}", "Unknown message type: [...]"),
+    ('{"type": "get_slots", "date": ' + DEEP.decode() + "}", "Invalid date '[...]': use YYYY-MM-DD"),
     ('{"type": "book_slot", "slot_id": 5}', "Missing slot_id, username, or password in booking request"),
     ('{"type": "cancel_slot", "username": "a", "password": "b"}',
      "Missing slot_id, username, or password in cancellation request"),
@@ -2385,7 +2392,10 @@ def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str
         httpx.post(f"{url}/my-bookings", headers=bearer(login["token"]))
         feed = httpx.post(f"{url}/calendar/link", headers=bearer(login["token"])).json()["path"]
         feed_secret = feed.removeprefix("/calendar/").removesuffix(".ics")
-        for path in (feed, feed + "?x=1", feed.upper(), feed.removesuffix(".ics"), feed + "/"):
+        mistyped = [feed + "?x=1", feed.upper(), feed.removesuffix(".ics"), feed + "/", f"/{feed_secret}.ics",
+                    f"/calendar//{feed_secret}.ics", f"/calendar/link/{feed_secret}.ics", f"/x?{feed_secret}",
+                    f"/calendar%5C{feed_secret}.ics", f"/calendar/%20{feed_secret}.ics"]
+        for path in (feed, *mistyped):
             httpx.get(f"{url}{path}")
         httpx.post(f"{url}/auth/logout", json={"token": login["token"]})
         proc.send_signal(signal.SIGTERM)
@@ -2807,6 +2817,7 @@ def test_a_series_reserves_slots_for_a_member_outside_their_limits(settings: Set
     ({"title": "x" * 101}, 422, "title must be a line of text of at most 100 characters"),
     ({"title": "a\nb"}, 422, "title must be a line of text of at most 100 characters"),
     ({"dry_run": "yes"}, 422, "dry_run must be true or false"),
+    ({"from": orjson.loads(DEEP)}, 400, "Invalid date '[...]': use YYYY-MM-DD"),
 ])
 def test_a_bad_series_is_refused_and_changes_nothing(settings: Settings, clock: Clock, fields: dict[str, Any],
                                                      status: int, detail: str) -> None:
