@@ -1311,7 +1311,7 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
-def admin_only(error: Exception) -> HTTPException:
+def refusal(error: Exception) -> HTTPException:
     """The HTTP answer to a refusal by the rules: 403 if only admins may, else 400 with the rule's sentence."""
     return HTTPException(403 if isinstance(error, Forbidden) else 400, str(error))
 
@@ -1319,9 +1319,9 @@ def admin_only(error: Exception) -> HTTPException:
 # -- series: an admin's recurring closures and reservations ---------------------------------------------------
 
 SRN = re.compile(r"[A-Z0-9]{1,32}")
-WEEKDAY_NAMES = {name: short for short in WEEKDAYS for name in (short, {
-    "mon": "monday", "tue": "tuesday", "wed": "wednesday", "thu": "thursday", "fri": "friday",
-    "sat": "saturday", "sun": "sunday"}[short])}
+WEEKDAY_NAMES = dict(zip(WEEKDAYS, WEEKDAYS)) | {  # "tue", "Tue", "tuesday" and "TUESDAY" all say Tuesday
+    "monday": "mon", "tuesday": "tue", "wednesday": "wed", "thursday": "thu", "friday": "fri", "saturday": "sat",
+    "sunday": "sun"}
 
 
 def series_of(data: dict[str, Any]) -> dict[str, Any]:
@@ -1373,7 +1373,7 @@ async def admin_series(request: Request[State]) -> Response:
     try:
         result = await state["board"].add_series(admin, via="http", **spec)
     except SlotError as exc:
-        raise admin_only(exc) from None
+        raise refusal(exc) from None
     done = [step for step in result.steps if step[2] in ("closed", "reserved")]
     conflicts = [step for step in result.steps if step[2] == "conflict"]
     verb = "closed" if spec["action"] == "close" else f"reserved for {spec['srn']}"
@@ -1407,7 +1407,7 @@ async def admin_series_cancel(request: Request[State]) -> Response:
     try:
         result = await state["board"].cancel_series(admin, series, "http")
     except SlotError as exc:
-        raise admin_only(exc) from None
+        raise refusal(exc) from None
     logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
                 extra={"srn": admin, "action": "series_cancel", "via": "http"})
     return JSONResponse({
@@ -1426,7 +1426,7 @@ async def admin_series_list(request: Request[State]) -> Response:
     try:
         series = await state["board"].series_list(claims_of(state, token)["srn"])
     except SlotError as exc:
-        raise admin_only(exc) from None
+        raise refusal(exc) from None
     return JSONResponse({"success": True, "series": series})
 
 
@@ -1450,7 +1450,7 @@ async def calendar_link(request: Request[State]) -> Response:
     try:
         secret = await state["board"].link_calendar(srn, kind)
     except SlotError as exc:
-        raise admin_only(exc) from None
+        raise refusal(exc) from None
     path = f"/calendar/{secret}.ics"
     url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
     logger.info("calendar link (%s) made for %s", kind, srn, extra={"srn": srn, "action": "calendar_link"})
@@ -1789,9 +1789,10 @@ SCHEMAS: dict[str, Any] = {
     "SeriesRequest": _obj(["action", "slots", "weekdays", "from", "until"], username=USERNAME, password=PASSWORD,
                           action={"enum": ["close", "reserve"]},
                           slots={"type": "array", "items": INTEGER, "minItems": 1, "examples": [[14, 15]]},
-                          weekdays={"type": "array", "minItems": 1,
-                                    "items": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
-                          **{"from": DATE, "until": DATE}, srn={**STRING, "description": "for reserve: the member"},
+                          weekdays={"type": "array", "minItems": 1, "examples": [["tue", "thu"]], "items": {
+                              "type": "string", "description": "mon ... sun, or the day's full name, in any case"}},
+                          **{"from": DATE, "until": DATE},
+                          srn={**STRING, "description": "required for reserve: the member the slots are held for"},
                           title={"type": "string", "maxLength": 100}, dry_run=BOOLEAN),
     "SeriesDone": _obj(["success", "dry_run", "series_id", "message", "done", "conflicts", "skipped", "dates"],
                        success=BOOLEAN, dry_run=BOOLEAN, series_id={"type": ["integer", "null"]}, message=STRING,
@@ -1815,8 +1816,9 @@ SCHEMAS: dict[str, Any] = {
         upcoming={**INTEGER, "description": "its slots still held that have not started"})}),
     "CalendarRequest": _obj([], username=USERNAME, password=PASSWORD, feed={"enum": ["member", "lab"]}),
     "CalendarLink": _obj(["success", "message", "feed", "url", "webcal", "path"], success=BOOLEAN, message=STRING,
-                         feed=STRING, url=STRING, webcal=STRING, path=STRING),
-    "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING, feed=STRING),
+                         feed={"enum": ["member", "lab"]}, url=STRING, webcal=STRING, path=STRING),
+    "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING,
+                             feed={"enum": ["member", "lab"]}),
 }
 ERRORS = {
     "400": "Not JSON, or the rules refuse (the detail says which rule)",
@@ -1846,12 +1848,12 @@ def json_answer(schema: str, description: str = "OK") -> dict[str, Any]:
 
 
 def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str | None = None,
-              secured: bool = False) -> dict[str, Any]:
+              secured: bool = False, body_required: bool = True) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": json_answer(answer)}}
     for code in errors:
         op["responses"][code] = json_answer("Error", ERRORS[code])
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": _ref(body)}}}
     if secured:
         op["security"] = [{}, {"bearer": []}]  # username and password in the body, or a Bearer token
     return op
@@ -1915,9 +1917,9 @@ def openapi_document() -> dict[str, Any]:
                                                    secured=True)},
         "/calendar/link": {"post": operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
                                              "admins); asking again replaces it", "CalendarLink", slot,
-                                             "CalendarRequest", secured=True)},
+                                             "CalendarRequest", secured=True, body_required=False)},
         "/calendar/unlink": {"post": operation("Remove your calendar feed URL", "CalendarUnlinked", member,
-                                               "CalendarRequest", secured=True)},
+                                               "CalendarRequest", secured=True, body_required=False)},
         "/calendar/{secret}.ics": {"get": {
             "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
             "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mmap
 import os
 import sqlite3
@@ -233,13 +234,15 @@ class SeriesCancel:
 @dataclass(frozen=True)
 class FeedRows:
     """A calendar feed's rows (see SlotStore.feed): ``held`` (date, slot_id, booked_by, booked_at, closed,
-    series, series title), ``places`` (date, slot_id, position, joined_at), ``removed`` (date, slot_id, when)."""
+    series, series title), ``places`` (date, slot_id, position, joined_at), ``removed`` (date, slot_id,
+    when), and how often and when last each (date, slot) changed."""
 
     srn: str
     kind: str  # member | lab
     held: list[tuple[str, int, str | None, str, int, int | None, str | None]]
     places: list[tuple[str, int, int, str]]  # ... and joined_at
     removed: list[tuple[str, int, str]]
+    revisions: dict[tuple[str, int], tuple[int, str]]  # (date, slot_id): (events so far, the last one's time)
 
 
 class SlotStore:
@@ -472,15 +475,23 @@ class SlotStore:
             "SELECT booked_by, closed FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id)
         ).fetchone()
 
+    def _commit(self, fn: Callable[[], T], *, keep: bool = True) -> T:
+        """fn() in one write transaction (rolled back if ``keep`` is false: a dry run); the generation is
+        bumped after a commit that changed rows, so a reader that saw the old generation read before it."""
+        before = self.conn.total_changes
+        with _Transaction(self.conn, keep):
+            result = fn()
+        if keep and self.generation is not None and self.conn.total_changes != before:
+            self.generation.bump()
+        return result
+
     def _write(self, fn: Callable[[], tuple[str, str | None] | tuple[str, str | None, str | None, int]],
                date: str) -> Change:
-        before = self.conn.total_changes
-        with self._transaction():
+        def write() -> Change:
             outcome, booked_by, *more = fn()
-            change = Change(outcome, self._version(), self._day(date), booked_by, *more)  # type: ignore[arg-type]
-        if self.generation is not None and self.conn.total_changes != before:
-            self.generation.bump()  # after the commit, so a reader that sees the old generation read before it
-        return change
+            return Change(outcome, self._version(), self._day(date), booked_by, *more)  # type: ignore[arg-type]
+
+        return self._commit(write)
 
     def _over_limits(self, srn: str, date: str, limits: Limits) -> str | None:
         """Why srn may not take another booking on date ("per_day", "upcoming", "no_shows"), or None."""
@@ -675,26 +686,22 @@ class SlotStore:
         one made, or handed on from the waitlist, after the start gets a check-in window of its own."""
 
         def release() -> list[tuple[str, int, str, str | None]]:
-            before = self.conn.total_changes
-            with self._transaction():
-                due = self.conn.execute(
-                    f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
-                    f" AND booked_by IS NOT NULL AND {DEADLINE} + ? <= ? ORDER BY slot_id",
-                    (today, checkin_minutes, minute),
-                ).fetchall()
-                released = []
-                for slot_id, holder in due:
-                    self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
-                    self._log(at, holder, "no_show", today, slot_id, "system",
-                              f"not checked in within {checkin_minutes} minutes")
-                    bookable = minute < slot_id * 60 + grace_minutes
-                    released.append((today, slot_id, holder,
-                                     self._promote(today, slot_id, at, limits if bookable else None)))
-            if self.generation is not None and self.conn.total_changes != before:
-                self.generation.bump()
+            due = self.conn.execute(
+                f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
+                f" AND booked_by IS NOT NULL AND {DEADLINE} + ? <= ? ORDER BY slot_id",
+                (today, checkin_minutes, minute),
+            ).fetchall()
+            released = []
+            for slot_id, holder in due:
+                self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
+                self._log(at, holder, "no_show", today, slot_id, "system",
+                          f"not checked in within {checkin_minutes} minutes")
+                bookable = minute < slot_id * 60 + grace_minutes
+                released.append((today, slot_id, holder,
+                                 self._promote(today, slot_id, at, limits if bookable else None)))
             return released
 
-        return await self._run(release)
+        return await self._run(self._commit, release)
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str) -> Change:
         """Close a free slot or reopen a closed one: outcome "ok", "taken", "closed" or "open"."""
@@ -738,11 +745,9 @@ class SlotStore:
             results: list[SeriesStep] = []
             changed: list[str] = []
             for date, slot_id in plan.pairs:
-                if (date, slot_id) <= plan.started:
-                    results.append((date, slot_id, "started", None))
-                    continue
-                current = self._current(date, slot_id)
-                if current is None:
+                started = (date, slot_id) <= plan.started
+                current = None if started else self._current(date, slot_id)
+                if not started and current is None:
                     self.conn.execute(
                         "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed, series)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -753,24 +758,20 @@ class SlotStore:
                     results.append((date, slot_id, "closed" if action == "close" else "reserved", plan.srn))
                     if not changed or changed[-1] != date:
                         changed.append(date)
+                    continue
+                if current is None:
+                    outcome, member, why = "started", None, "it had started"
                 elif current[1]:
-                    results.append((date, slot_id, "already_closed", None))
+                    outcome, member, why = "already_closed", None, "already closed"
                 elif plan.srn is not None and current[0] == plan.srn:
-                    results.append((date, slot_id, "already_theirs", current[0]))
+                    outcome, member, why = "already_theirs", current[0], f"already booked by {current[0]}"
                 else:  # a member's booking is never taken
-                    self._log(at, admin, "series_skip", date, slot_id, via, f"booked by {current[0]}", series)
-                    results.append((date, slot_id, "conflict", current[0]))
+                    outcome, member, why = "conflict", current[0], f"booked by {current[0]}"
+                results.append((date, slot_id, outcome, member))
+                self._log(at, admin, "series_skip", date, slot_id, via, why, series)
             return SeriesResult(series, results, self._version(), {date: self._day(date) for date in changed})
 
-        def run() -> SeriesResult:
-            before = self.conn.total_changes
-            with _Transaction(self.conn, keep=not dry_run):
-                result = add()
-            if not dry_run and self.generation is not None and self.conn.total_changes != before:
-                self.generation.bump()
-            return result
-
-        return await self._run(run)
+        return await self._run(functools.partial(self._commit, add, keep=not dry_run))
 
     async def cancel_series(self, series: int, admin: str, at: str, via: str, limits: Limits) -> SeriesCancel:
         """Free what is left of a series (its slots that have not started: ``limits`` says when now is): a
@@ -781,8 +782,8 @@ class SlotStore:
             row = self.conn.execute("SELECT cancelled_at FROM series WHERE id = ?", (series,)).fetchone()
             if row is None or row[0] is not None:
                 return SeriesCancel("none" if row is None else "cancelled", self._version(), {}, [], [])
-            held = self.conn.execute(
-                "SELECT date, slot_id, booked_by, closed FROM bookings WHERE series = ?"
+            held = self.conn.execute(  # (a holder who checked in early for a slot about to start keeps it)
+                "SELECT date, slot_id, booked_by, closed FROM bookings WHERE series = ? AND NOT checked_in"
                 " AND (date > ? OR (date = ? AND slot_id > ?)) ORDER BY date, slot_id",
                 (series, limits.today, limits.today, limits.now_hour),
             ).fetchall()
@@ -801,15 +802,7 @@ class SlotStore:
             days = {date: self._day(date) for date in dict.fromkeys(date for date, *_ in held)}
             return SeriesCancel("ok", self._version(), days, [(date, slot_id) for date, slot_id, *_ in held], promoted)
 
-        def run() -> SeriesCancel:
-            before = self.conn.total_changes
-            with self._transaction():
-                result = cancel()
-            if self.generation is not None and self.conn.total_changes != before:
-                self.generation.bump()
-            return result
-
-        return await self._run(run)
+        return await self._run(self._commit, cancel)
 
     async def series_list(self, today: str, now_hour: int, limit: int = 500) -> list[dict[str, Any]]:
         """The newest series first, each with how many of its slots are still held and have not started."""
@@ -837,18 +830,16 @@ class SlotStore:
         None remove it; whether there was one before."""
 
         def link() -> bool:
-            with self._transaction():
-                gone = self.conn.execute("DELETE FROM calendar_links WHERE srn = ? AND kind = ?", (srn, kind)).rowcount
-                if secret_hash is not None:
-                    self.conn.execute(
-                        "INSERT INTO calendar_links (secret_hash, srn, kind, created_at) VALUES (?, ?, ?, ?)",
-                        (secret_hash, srn, kind, at),
-                    )
-            if self.generation is not None:
-                self.generation.bump()  # feeds cached under the old secret go, in every process
+            gone = self.conn.execute("DELETE FROM calendar_links WHERE srn = ? AND kind = ?", (srn, kind)).rowcount
+            if secret_hash is not None:
+                self.conn.execute(
+                    "INSERT INTO calendar_links (secret_hash, srn, kind, created_at) VALUES (?, ?, ?, ?)",
+                    (secret_hash, srn, kind, at),
+                )
             return gone > 0
 
-        return await self._run(link)
+        # the commit bumps the generation: feeds cached under an old secret go, in every process
+        return await self._run(self._commit, link)
 
     async def feed(self, secret_hash: str, since: str, today: str, until: str, removed_since: str) -> FeedRows | None:
         """What the feed with this secret shows, or None if no feed has it: for a member, their bookings
@@ -888,7 +879,12 @@ class SlotStore:
                     " AND action IN ('cancel', 'no_show', 'open') GROUP BY date, slot_id",
                     (since, until, removed_since),
                 ).fetchall()
-            return FeedRows(srn, kind, rows, places, removed)
+            revisions = self.conn.execute(  # every change of a (date, slot) is a revision of its event
+                "SELECT date, slot_id, COUNT(*), MAX(at) FROM events WHERE date >= ? AND date <= ?"
+                " AND slot_id IS NOT NULL GROUP BY date, slot_id", (since, until if kind == "lab" else "9999"),
+            ).fetchall()
+            return FeedRows(srn, kind, rows, places, removed,
+                            {(date, slot_id): (count, at) for date, slot_id, count, at in revisions})
 
         return await self._run(feed)
 

@@ -108,6 +108,16 @@ def preview(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+# series and calendar feeds
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SERIES_MAX_DAYS = 366  # how far ahead a series may reach
+FEED_SECRET_BYTES = 32
+FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
+FEED_PAST_DAYS = 30  # bookings shown after their day
+FEED_CANCELLED_DAYS = 7  # a cancelled booking stays (STATUS:CANCELLED) this long, so calendars drop it
+LAB_FEED_DAYS = 26 * 7  # how far ahead the lab's feed looks
+
+
 class Board:
     """The rules for changing slots, and each day's state, rebuilt once per change.
 
@@ -591,15 +601,7 @@ class Board:
         return result
 
 
-# -- series and calendar feeds ------------------------------------------------------------------------------
-
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-SERIES_MAX_DAYS = 366  # how far ahead a series may reach
-FEED_SECRET_BYTES = 32
-FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
-FEED_PAST_DAYS = 30  # bookings shown after their day
-FEED_CANCELLED_DAYS = 7  # a cancelled booking stays (STATUS:CANCELLED) this long, so calendars drop it
-LAB_FEED_DAYS = 26 * 7  # how far ahead the lab's feed looks
+# -- calendar feeds (iCalendar, RFC 5545) ---------------------------------------------------------------------
 
 
 def feed_hash(secret: str) -> str:
@@ -694,20 +696,23 @@ def _vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> tuple[str, ..
 
 def render_feed(rows: FeedRows, rules: Rules, since: str) -> bytes:
     """An iCalendar (RFC 5545) feed: one VEVENT per (date, slot), its UID stable through every change of it
-    (a waitlist place that becomes a booking, a booking cancelled), times in the club's zone."""
+    (a waitlist place that becomes a booking, a booking cancelled), times in the club's zone. Each change
+    of the slot is a revision (SEQUENCE, and DTSTAMP its time): what calendar apps compare to update."""
     zone, club, kind = rules.timezone, rules.club_name, rows.kind
+    owner = "lab" if kind == "lab" else hashlib.sha256(rows.srn.encode()).hexdigest()[:12]
     events: dict[tuple[str, int], list[str]] = {}
 
-    def event(date: str, slot_id: int, stamp: str, status: str, summary: str, description: str,
-              alarm: bool = False) -> None:
+    def event(date: str, slot_id: int, made: str | None, status: str, summary: str, description: str) -> None:
         start = datetime.combine(Date.fromisoformat(date), time(slot_id))
-        lines = ["BEGIN:VEVENT", f"UID:{date}-slot{slot_id:02d}-{kind}@rero-slots", f"DTSTAMP:{stamp}",
-                 f"LAST-MODIFIED:{stamp}", f"DTSTART;TZID={zone.key}:{start:%Y%m%dT%H%M%S}",
+        sequence, changed = rows.revisions.get((date, slot_id), (0, made))
+        stamp = ics_utc(changed, start, zone)
+        lines = ["BEGIN:VEVENT", f"UID:{date}-slot{slot_id:02d}-{owner}@rero-slots", f"DTSTAMP:{stamp}",
+                 f"LAST-MODIFIED:{stamp}", f"SEQUENCE:{sequence}", f"DTSTART;TZID={zone.key}:{start:%Y%m%dT%H%M%S}",
                  f"DTEND;TZID={zone.key}:{start + timedelta(hours=1):%Y%m%dT%H%M%S}",
                  f"SUMMARY:{ics_text(summary)}", f"DESCRIPTION:{ics_text(description)}",
                  f"LOCATION:{ics_text(club)}", f"STATUS:{status}",
-                 f"TRANSP:{'TRANSPARENT' if status == 'CANCELLED' else 'OPAQUE'}"]
-        if alarm and rules.reminder_minutes:
+                 f"TRANSP:{'OPAQUE' if status == 'CONFIRMED' else 'TRANSPARENT'}"]  # only a held slot is busy
+        if status == "CONFIRMED" and kind == "member" and rules.reminder_minutes:
             lines += ["BEGIN:VALARM", "ACTION:DISPLAY", f"DESCRIPTION:{ics_text(summary)}",
                       f"TRIGGER:-PT{rules.reminder_minutes}M", "END:VALARM"]
         events[(date, slot_id)] = [*lines, "END:VEVENT"]
@@ -716,37 +721,34 @@ def render_feed(rows: FeedRows, rules: Rules, since: str) -> bytes:
         return f"slot {slot_id:02d}:00-{(slot_id + 1) % 24:02d}:00"
 
     for date, slot_id, holder, booked_at, closed, series, title in rows.held:
-        start = datetime.combine(Date.fromisoformat(date), time(slot_id))
-        stamp = ics_utc(booked_at, start, zone)
         named = f" ({title})" if title else ""
         if kind == "member":
             reserved = " reserved for you by an admin" if series else ""
-            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)}{named}",
-                  f"Your booking of {when(slot_id)} on {date}{reserved}.", alarm=True)
+            event(date, slot_id, booked_at, "CONFIRMED", f"{club}: {when(slot_id)}{named}",
+                  f"Your booking of {when(slot_id)} on {date}{reserved}.")
         elif closed:
-            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)} closed{named}",
+            event(date, slot_id, booked_at, "CONFIRMED", f"{club}: {when(slot_id)} closed{named}",
                   f"{when(slot_id).capitalize()} on {date} is closed" + (f" (series {series})" if series else "") + ".")
         else:
             who = holder or "a member"
-            event(date, slot_id, stamp, "CONFIRMED", f"{club}: {when(slot_id)} booked by {who}{named}",
+            event(date, slot_id, booked_at, "CONFIRMED", f"{club}: {when(slot_id)} booked by {who}{named}",
                   f"{when(slot_id).capitalize()} on {date} is booked by {who}"
                   + (f" (reserved by series {series})" if series else "") + ".")
     for date, slot_id, position, joined_at in rows.places:
         if (date, slot_id) not in events:
-            start = datetime.combine(Date.fromisoformat(date), time(slot_id))
-            event(date, slot_id, ics_utc(joined_at, start, zone), "TENTATIVE",
+            event(date, slot_id, joined_at, "TENTATIVE",
                   f"{club}: {when(slot_id)}, waiting (number {position} in line)",
                   f"You are number {position} in line for {when(slot_id)} on {date}; it is yours if it comes free.")
     for date, slot_id, at in rows.removed:
         if (date, slot_id) not in events:
-            start = datetime.combine(Date.fromisoformat(date), time(slot_id))
-            event(date, slot_id, ics_utc(at, start, zone), "CANCELLED", f"{club}: {when(slot_id)} (cancelled)",
+            event(date, slot_id, at, "CANCELLED", f"{club}: {when(slot_id)} (cancelled)",
                   f"{when(slot_id).capitalize()} on {date} is no longer "
                   + ("yours." if kind == "member" else "booked or closed."))
     name = f"{club}: my slots" if kind == "member" else f"{club}: all slots"
     years = [int(date[:4]) for date, _ in events] + [int(since[:4])]
+    # (no METHOD: a subscribed feed is not a scheduling message, and DTSTAMP then means "last revised")
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//rero-slots//{ics_text(club)}//EN", "CALSCALE:GREGORIAN",
-             "METHOD:PUBLISH", f"NAME:{ics_text(name)}", f"X-WR-CALNAME:{ics_text(name)}", f"X-WR-TIMEZONE:{zone.key}",
+             f"NAME:{ics_text(name)}", f"X-WR-CALNAME:{ics_text(name)}", f"X-WR-TIMEZONE:{zone.key}",
              "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H",
              *vtimezone(zone, min(years), max(years))]
     for key in sorted(events):

@@ -371,8 +371,10 @@ DEEP = b"[" * 300 + b"]" * 300  # JSON nested deeper than orjson encodes again
         (b'{"slot_id": [5], "username": "a", "password": "x"}', 422, "slot_id must be an integer"),
         (b'{"slot_id": 5, "username": 12, "password": "x"}', 422, "username must be a non-empty string"),
         (b'{"slot_id": 5, "username": "a", "password": ""}', 422, "password must be a non-empty string"),
-        (b'{"slot_id": 5, "username": "a", "password": "x", "date": 20261125}', 400, "Invalid date '20261125': use YYYY-MM-DD"),
-        (b'{"slot_id": 5, "username": "a", "password": "x", "date": ' + DEEP + b"}", 400, "Invalid date '[...]': use YYYY-MM-DD"),
+        (b'{"slot_id": 5, "username": "a", "password": "x", "date": 20261125}', 400,
+         "Invalid date '20261125': use YYYY-MM-DD"),
+        (b'{"slot_id": 5, "username": "a", "password": "x", "date": ' + DEEP + b"}", 400,
+         "Invalid date '[...]': use YYYY-MM-DD"),
     ],
 )
 def test_malformed_bodies_get_a_clear_error_and_change_nothing(
@@ -2552,7 +2554,21 @@ def parse_feed(response: httpx.Response) -> icalendar.Calendar:
 
 
 def events_of(calendar: icalendar.Calendar) -> dict[str, icalendar.Event]:
-    return {str(event["UID"]): event for event in calendar.walk("VEVENT")}
+    """The feed's events by UID, after checking what RFC 5545 requires of each, which the parser does not."""
+    events = calendar.walk("VEVENT")
+    for event in events:
+        assert {"UID", "DTSTAMP", "DTSTART", "DTEND", "SUMMARY", "STATUS", "SEQUENCE"} <= event.keys()
+        assert str(event["DTSTAMP"].to_ical().decode()).endswith("Z")  # in UTC
+        for alarm in event.walk("VALARM"):
+            assert {"ACTION", "TRIGGER", "DESCRIPTION"} <= alarm.keys()
+    by_uid = {str(event["UID"]): event for event in events}
+    assert len(by_uid) == len(events)  # one event per (date, slot)
+    return by_uid
+
+
+def uid(date: str, slot_id: int, srn: str = ALICE) -> str:
+    """A member's event's UID: the same for a (date, slot) whatever becomes of it, and no other member's."""
+    return f"{date}-slot{slot_id:02d}-{hashlib.sha256(srn.encode()).hexdigest()[:12]}@rero-slots"
 
 
 def test_a_member_subscribes_to_their_bookings_and_waitlist_places(settings: Settings, clock: Clock) -> None:
@@ -2567,9 +2583,8 @@ def test_a_member_subscribes_to_their_bookings_and_waitlist_places(settings: Set
         zone = calendar.walk("VTIMEZONE")
         assert [str(z["TZID"]) for z in zone] == ["Asia/Kolkata"]
         events = events_of(calendar)
-        assert set(events) == {f"{TOMORROW}-slot09-member@rero-slots", f"{TODAY}-slot05-member@rero-slots",
-                               f"{TODAY}-slot06-member@rero-slots"}
-        nine = events[f"{TOMORROW}-slot09-member@rero-slots"]
+        assert set(events) == {uid(TOMORROW, 9), uid(TODAY, 5), uid(TODAY, 6)}
+        nine = events[uid(TOMORROW, 9)]
         assert nine["DTSTART"].params["TZID"] == "Asia/Kolkata"
         assert nine.decoded("DTSTART") == datetime(2026, 11, 25, 9, tzinfo=IST)
         assert nine.decoded("DTEND") == datetime(2026, 11, 25, 10, tzinfo=IST)
@@ -2577,24 +2592,27 @@ def test_a_member_subscribes_to_their_bookings_and_waitlist_places(settings: Set
         alarms = nine.walk("VALARM")
         assert len(alarms) == 1 and alarms[0].decoded("TRIGGER") == -timedelta(minutes=15)
         assert str(alarms[0]["ACTION"]) == "DISPLAY"
-        place = events[f"{TODAY}-slot06-member@rero-slots"]
+        place = events[uid(TODAY, 6)]
         assert str(place["STATUS"]) == "TENTATIVE" and "number 1 in line" in str(place["SUMMARY"])
         assert not place.walk("VALARM")  # no reminder for a slot that is not yours (yet)
+        assert str(place["TRANSP"]) == "TRANSPARENT" and str(nine["TRANSP"]) == "OPAQUE"  # only yours is busy
 
         # Bob cancels: the slot Alice waited for is hers, under the same UID
         assert service.cancel(6, BOB).status_code == 200
         # Alice cancels 09:00 tomorrow: it stays in her feed, cancelled, so her calendar drops it
         assert service.http.post("/cancel-slot", json=body(9, date=TOMORROW)).status_code == 200
         events = events_of(parse_feed(service.http.get(path)))
-        six = events[f"{TODAY}-slot06-member@rero-slots"]
+        six = events[uid(TODAY, 6)]
         assert str(six["STATUS"]) == "CONFIRMED" and six.walk("VALARM")
-        nine = events[f"{TOMORROW}-slot09-member@rero-slots"]
+        assert six.decoded("SEQUENCE") > place.decoded("SEQUENCE")  # a revision: calendar apps take it
+        assert six.decoded("DTSTAMP") >= place.decoded("DTSTAMP")
+        nine = events[uid(TOMORROW, 9)]
         assert str(nine["STATUS"]) == "CANCELLED" and not nine.walk("VALARM")
         assert nine.decoded("DTSTART") == datetime(2026, 11, 25, 9, tzinfo=IST)
 
         clock.set("2026-12-02 09:00")  # a week and a day on: the cancellation has gone, the bookings stay
         assert set(events_of(parse_feed(service.http.get(path)))) == {
-            f"{TODAY}-slot05-member@rero-slots", f"{TODAY}-slot06-member@rero-slots"}
+            uid(TODAY, 5), uid(TODAY, 6)}
         clock.set("2026-12-25 09:00")  # over 30 days on: past bookings have gone too
         assert events_of(parse_feed(service.http.get(path))) == {}
 
@@ -2779,22 +2797,46 @@ def test_an_admin_closes_a_term_of_tuesdays_in_one_call(settings: Settings, cloc
 
 def test_a_series_reserves_slots_for_a_member_outside_their_limits(settings: Settings, clock: Clock) -> None:
     with running(replace(settings, admin_srns=frozenset({CAROL}), max_upcoming_bookings=1), clock) as service:
-        reserve = {"action": "reserve", "srn": BOB.lower(), "slots": [9], "weekdays": ["wed", "thu"],
-                   "from": TOMORROW, "until": "2026-12-03"}
+        assert service.http.post("/admin/close-slot", json=body(9, CAROL, date="2026-11-26")).status_code == 200
+        reserve = {"action": "reserve", "srn": BOB.lower(), "slots": [9, 10], "weekdays": ["wed", "thu"],
+                   "from": TOMORROW, "until": "2026-11-26", "title": "Soldering class"}
         answer = series(service, **reserve).json()
-        assert answer["done"] == 4 and answer["message"].startswith(f"Series 1: 4 slot(s) reserved for {BOB}")
+        assert answer["done"] == 3 and answer["message"].startswith(f"Series 1: 3 slot(s) reserved for {BOB}")
+        assert answer["dates"][1] == {"date": "2026-11-26", "slots": [{"slot_id": 9, "result": "already_closed"},
+                                                                      {"slot_id": 10, "result": "reserved"}]}
         assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["booked_by"] == BOB
-        assert service.book(10, BOB).status_code == 200  # reserved slots do not count against his own limit
-        assert service.book(11, BOB).json()["detail"].startswith("Limit reached")
-        assert waitlist(service, "join", 9, ALICE, date=TOMORROW).status_code == 200
-        feed = events_of(parse_feed(service.http.get(link(service, BOB))))
-        assert str(feed[f"{TOMORROW}-slot09-member@rero-slots"]["STATUS"]) == "CONFIRMED"
-        assert len(feed) == 5
+        assert service.book(11, BOB).status_code == 200  # reserved slots do not count against his own limit
+        assert service.book(12, BOB).json()["detail"].startswith("Limit reached")
+        assert service.book(5).status_code == 200
+        mine = series(service, action="reserve", srn=ALICE, slots=[5], weekdays=["tue"],
+                      **{"from": TODAY, "until": TODAY})
+        assert mine.json()["dates"] == [{"date": TODAY, "slots": [{"slot_id": 5, "result": "already_theirs",
+                                                                   "booked_by": ALICE}]}]
+        steps = service.http.post("/admin/history", json=body(username=CAROL)).json()["events"]
+        assert [(e["action"], e["note"], e["series"]) for e in steps[:2]] == [
+            ("series_skip", f"already booked by {ALICE}", 2), ("series", f"reserve for {ALICE} slots 5 on tue from "
+                                                                         f"{TODAY} until {TODAY}", 2)]
+
+        assert waitlist(service, "join", 10, ALICE, date="2026-11-26").status_code == 200
+        path = link(service, BOB)
+        feed = events_of(parse_feed(service.http.get(path)))
+        assert str(feed[uid(TOMORROW, 9, BOB)]["SUMMARY"]) == "ReRo lab: slot 09:00-10:00 (Soldering class)"
+        assert len(feed) == 4  # three reserved for him, and his own
+        lab = events_of(parse_feed(service.http.get(link(service, CAROL, "lab"))))
+        assert str(lab[f"{TOMORROW}-slot10-lab@rero-slots"]["SUMMARY"]) == (
+            f"ReRo lab: slot 10:00-11:00 booked by {BOB} (Soldering class)")
+
+        clock.set(f"{TOMORROW} 08:52")  # Bob checks in early for 09:00, then the series is cancelled
+        assert service.http.post("/check-in", json=body(9, BOB, date=TOMORROW)).status_code == 200
         cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=1)).json()
-        assert cancel["promoted"] == [{"date": TOMORROW, "slot_id": 9, "srn": ALICE}]  # the waitlist's turn
-        assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["booked_by"] == ALICE
-        assert service.http.get("/slots", params={"date": "2026-11-26"}).json()["slots"][6]["status"] == "available"
-        assert service.http.get("/slots", params={"date": "2026-12-02"}).json()["slots"][6]["status"] == "not_open"
+        assert cancel["freed"] == [{"date": TOMORROW, "slot_id": 10}, {"date": "2026-11-26", "slot_id": 10}]
+        assert cancel["promoted"] == [{"date": "2026-11-26", "slot_id": 10, "srn": ALICE}]  # the waitlist's turn
+        day = service.http.get("/slots", params={"date": TOMORROW}).json()["slots"]
+        assert (day[6]["booked_by"], day[6]["checked_in"], day[7]["status"]) == (BOB, True, "available")
+        assert service.http.get("/slots", params={"date": "2026-11-26"}).json()["slots"][7]["booked_by"] == ALICE
+        feed = events_of(parse_feed(service.http.get(path)))  # what Bob no longer holds, his calendar drops
+        assert [str(feed[uid(date, 10, BOB)]["STATUS"]) for date in (TOMORROW, "2026-11-26")] == ["CANCELLED"] * 2
+        assert str(feed[uid(TOMORROW, 9, BOB)]["STATUS"]) == "CONFIRMED"
 
 
 @pytest.mark.parametrize(("fields", "status", "detail"), [
