@@ -1411,9 +1411,11 @@ async def admin_series_cancel(request: Request[State]) -> Response:
     logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
                 extra={"srn": admin, "action": "series_cancel", "via": "http"})
     return JSONResponse({
-        "success": True, "message": f"Series {series} cancelled: {len(result.freed)} slot(s) freed",
+        "success": True, "message": f"Series {series} cancelled: {len(result.freed)} slot(s) freed"
+                                    + (f", {len(result.handed)} handed to other series" if result.handed else ""),
         "series_id": series, "freed": [{"date": date, "slot_id": slot_id} for date, slot_id in result.freed],
         "promoted": [{"date": date, "slot_id": slot_id, "srn": srn} for date, slot_id, srn in result.promoted],
+        "handed_over": [{"date": date, "slot_id": slot_id, "series_id": to} for date, slot_id, to in result.handed],
     })
 
 
@@ -1802,11 +1804,13 @@ SCHEMAS: dict[str, Any] = {
                                "closed", "reserved", "conflict", "already_closed", "already_theirs", "started"]},
                                booked_by=NULLABLE_STRING)})}),
     "SeriesCancelRequest": _obj(["series_id"], username=USERNAME, password=PASSWORD, series_id=INTEGER),
-    "SeriesCancelled": _obj(["success", "message", "series_id", "freed", "promoted"], success=BOOLEAN, message=STRING,
-                            series_id=INTEGER,
+    "SeriesCancelled": _obj(["success", "message", "series_id", "freed", "promoted", "handed_over"], success=BOOLEAN,
+                            message=STRING, series_id=INTEGER,
                             freed={"type": "array", "items": _obj(["date", "slot_id"], date=STRING, slot_id=INTEGER)},
                             promoted={"type": "array", "items": _obj(["date", "slot_id", "srn"], date=STRING,
-                                                                     slot_id=INTEGER, srn=STRING)}),
+                                                                     slot_id=INTEGER, srn=STRING)},
+                            handed_over={"type": "array", "items": _obj(["date", "slot_id", "series_id"], date=STRING,
+                                                                        slot_id=INTEGER, series_id=INTEGER)}),
     "SeriesList": _obj(["success", "series"], success=BOOLEAN, series={"type": "array", "items": _obj(
         ["id", "action", "srn", "slots", "weekdays", "from", "until", "title", "created_by", "created_at",
          "cancelled_by", "cancelled_at", "upcoming"],
@@ -2066,7 +2070,7 @@ class NoFrames(logging.Filter):
         return record.msg not in ("< %s", "> %s")
 
 
-FEED_PATH = re.compile(r"/calendar/([^/\s'\"?]+)", re.IGNORECASE)  # whatever follows, mistyped or not, may be a secret
+FEED_PATH = re.compile(r"/calendar/([^/'\"?\r\n]+)", re.IGNORECASE)  # what follows, mistyped or not, may be a secret
 SECRET_LIKE = re.compile(r"[A-Za-z0-9_-]{40,}")  # a feed's secret is 43 of these, wherever a mistyped URL put it
 
 

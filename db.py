@@ -21,6 +21,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import date as Date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ import orjson
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # as a series names them
 
 SCHEMA = """
 -- The original system's table, kept as it was so its databases open, now only the slots' definitions.
@@ -74,7 +76,10 @@ CREATE TABLE IF NOT EXISTS events (
     via TEXT NOT NULL,
     note TEXT
 );
-CREATE INDEX IF NOT EXISTS events_by_date ON events (date);
+-- A (date, slot)'s changes (a feed's revisions), and a date range's (the history), through one index;
+-- the removals of the last week (calendar feeds' cancelled events) through another.
+CREATE INDEX IF NOT EXISTS events_by_slot ON events (date, slot_id);
+CREATE INDEX IF NOT EXISTS events_by_action ON events (action, at);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -229,6 +234,7 @@ class SeriesCancel:
     days: dict[str, list[DayRow]]
     freed: list[tuple[str, int]]
     promoted: list[tuple[str, int, str]]  # (date, slot_id, srn) handed on from a waitlist
+    handed: list[tuple[str, int, int]]  # (date, slot_id, series) taken over by another series
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,7 @@ class SlotStore:
                 if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             conn.execute("CREATE INDEX IF NOT EXISTS bookings_by_series ON bookings (series) WHERE series IS NOT NULL")
+            conn.execute("DROP INDEX IF EXISTS events_by_date")  # events_by_slot begins with the date
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
                 [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
@@ -358,8 +365,8 @@ class SlotStore:
             newest = self._version()
             if after < 0:
                 return newest, []
-            return newest, self.conn.execute(
-                "SELECT action, srn, date, slot_id FROM events WHERE id > ? AND id <= ?"
+            return newest, self.conn.execute(  # (NOT INDEXED: the few rows after ``after``, by rowid)
+                "SELECT action, srn, date, slot_id FROM events NOT INDEXED WHERE id > ? AND id <= ?"
                 " AND action IN ('promote', 'no_show') ORDER BY id", (after, newest),
             ).fetchall()
 
@@ -378,8 +385,8 @@ class SlotStore:
         self._data_version = data_version
         if self.generation is not None:
             self.generation.bump()  # someone else committed, perhaps not through this module: caches go
-        days = self.conn.execute(
-            "SELECT date, MAX(id) FROM events WHERE id > ? GROUP BY date", (version,)
+        days = self.conn.execute(  # (NOT INDEXED: by rowid, not a walk of events_by_slot from end to end)
+            "SELECT date, MAX(id) FROM events NOT INDEXED WHERE id > ? GROUP BY date", (version,)
         ).fetchall()
         tokens = self.conn.execute(
             "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (revoked,)
@@ -775,32 +782,54 @@ class SlotStore:
 
     async def cancel_series(self, series: int, admin: str, at: str, via: str, limits: Limits) -> SeriesCancel:
         """Free what is left of a series (its slots that have not started: ``limits`` says when now is): a
-        closed slot reopens, a reserved one goes to the first in its waitlist who may take it, or is free.
+        closed slot reopens, a reserved one goes to the first in its waitlist who may take it, or is free;
+        but a slot that another series still running also asked for (and found taken) goes to that one.
         Outcome "ok", "none" (no such series) or "cancelled" (already)."""
 
         def cancel() -> SeriesCancel:
             row = self.conn.execute("SELECT cancelled_at FROM series WHERE id = ?", (series,)).fetchone()
             if row is None or row[0] is not None:
-                return SeriesCancel("none" if row is None else "cancelled", self._version(), {}, [], [])
+                return SeriesCancel("none" if row is None else "cancelled", self._version(), {}, [], [], [])
             held = self.conn.execute(  # (a holder who checked in early for a slot about to start keeps it)
                 "SELECT date, slot_id, booked_by, closed FROM bookings WHERE series = ? AND NOT checked_in"
                 " AND (date > ? OR (date = ? AND slot_id > ?)) ORDER BY date, slot_id",
                 (series, limits.today, limits.today, limits.now_hour),
             ).fetchall()
-            promoted = []
+            others = self.conn.execute(
+                "SELECT id, action, srn, slots, weekdays, first, last FROM series WHERE cancelled_at IS NULL"
+                " AND id != ? AND last >= ? ORDER BY id", (series, limits.today),
+            ).fetchall()
+            freed, promoted, handed = [], [], []
             for date, slot_id, holder, closed in held:
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
                 if closed:
                     self._log(at, admin, "open", date, slot_id, via, None, series)
                 else:
                     self._log(at, admin, "cancel", date, slot_id, via, f"booked by {holder}", series)
-                    taker = self._promote(date, slot_id, at, limits)
-                    if taker is not None:
-                        promoted.append((date, slot_id, taker))
+                weekday = WEEKDAYS[Date.fromisoformat(date).weekday()]
+                heir = next((o for o in others if o[5] <= date <= o[6] and slot_id in orjson.loads(o[3])
+                             and weekday in orjson.loads(o[4])), None)
+                if heir is not None:  # the oldest other series that wanted it has it now
+                    heir_id, action, srn = heir[:3]
+                    self.conn.execute(
+                        "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed, series)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", (date, slot_id, srn, at, int(action == "close"), heir_id),
+                    )
+                    self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ? AND (? OR srn = ?)",
+                                      (date, slot_id, action == "close", srn))
+                    self._log(at, admin, "close" if action == "close" else "reserve", date, slot_id, via,
+                              f"series {series} was cancelled" + (f"; for {srn}" if srn else ""), heir_id)
+                    handed.append((date, slot_id, heir_id))
+                    continue
+                freed.append((date, slot_id))
+                taker = None if closed else self._promote(date, slot_id, at, limits)
+                if taker is not None:
+                    promoted.append((date, slot_id, taker))
             self.conn.execute("UPDATE series SET cancelled_by = ?, cancelled_at = ? WHERE id = ?", (admin, at, series))
-            self._log(at, admin, "series_cancel", None, None, via, f"{len(held)} slot(s) freed", series)
+            self._log(at, admin, "series_cancel", None, None, via,
+                      f"{len(freed)} slot(s) freed, {len(handed)} handed to other series", series)
             days = {date: self._day(date) for date in dict.fromkeys(date for date, *_ in held)}
-            return SeriesCancel("ok", self._version(), days, [(date, slot_id) for date, slot_id, *_ in held], promoted)
+            return SeriesCancel("ok", self._version(), days, freed, promoted, handed)
 
         return await self._run(self._commit, cancel)
 
@@ -856,6 +885,8 @@ class SlotStore:
             srn, kind = link
             held = ("SELECT b.date, b.slot_id, b.booked_by, b.booked_at, b.closed, b.series, s.title FROM bookings b"
                     " LEFT JOIN series s ON s.id = b.series WHERE b.date >= ?")
+            # removals in the last week, found through events_by_action: never more than a week's worth
+            removals = ("SELECT date, slot_id, MAX(at) FROM events WHERE action IN ({}) AND at >= ? AND date >= ?")
             if kind == "member":
                 rows = self.conn.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
                                          (since, srn)).fetchall()
@@ -865,26 +896,27 @@ class SlotStore:
                     " AND date >= ? ORDER BY date, slot_id", (srn, today),
                 ).fetchall()
                 removed = self.conn.execute(
-                    "SELECT date, slot_id, MAX(at) FROM events WHERE date >= ? AND at >= ? AND ("
-                    " (action = 'cancel' AND ((srn = ? AND note IS NULL) OR note = 'booked by ' || ?))"
-                    " OR (action IN ('no_show', 'leave') AND srn = ?)) GROUP BY date, slot_id",
-                    (since, removed_since, srn, srn, srn),
+                    removals.format("'cancel', 'no_show', 'leave'") + " AND ((action = 'cancel' AND"
+                    " ((srn = ? AND note IS NULL) OR note = 'booked by ' || ?)) OR (action != 'cancel' AND srn = ?))"
+                    " GROUP BY date, slot_id", (removed_since, since, srn, srn, srn),
                 ).fetchall()
+                # each of the member's (date, slot)s: how many changes, the last when (events_by_slot)
+                pairs = {(row[0], row[1]) for row in [*rows, *places, *removed]}
+                revisions = {pair: self.conn.execute(
+                    "SELECT COUNT(*), MAX(at) FROM events WHERE date = ? AND slot_id = ?", pair).fetchone()
+                    for pair in sorted(pairs)}
             else:
                 rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id",
                                          (since, until)).fetchall()
                 places = []
                 removed = self.conn.execute(
-                    "SELECT date, slot_id, MAX(at) FROM events WHERE date >= ? AND date <= ? AND at >= ?"
-                    " AND action IN ('cancel', 'no_show', 'open') GROUP BY date, slot_id",
-                    (since, until, removed_since),
+                    removals.format("'cancel', 'no_show', 'open'") + " AND date <= ? GROUP BY date, slot_id",
+                    (removed_since, since, until),
                 ).fetchall()
-            revisions = self.conn.execute(  # every change of a (date, slot) is a revision of its event
-                "SELECT date, slot_id, COUNT(*), MAX(at) FROM events WHERE date >= ? AND date <= ?"
-                " AND slot_id IS NOT NULL GROUP BY date, slot_id", (since, until if kind == "lab" else "9999"),
-            ).fetchall()
-            return FeedRows(srn, kind, rows, places, removed,
-                            {(date, slot_id): (count, at) for date, slot_id, count, at in revisions})
+                revisions = {(date, slot_id): (count, at) for date, slot_id, count, at in self.conn.execute(
+                    "SELECT date, slot_id, COUNT(*), MAX(at) FROM events WHERE date >= ? AND date <= ?"
+                    " AND slot_id IS NOT NULL GROUP BY date, slot_id", (since, until))}
+            return FeedRows(srn, kind, rows, places, removed, revisions)
 
         return await self._run(feed)
 

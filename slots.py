@@ -10,6 +10,7 @@ means today, so the original API keeps working day by day.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import re
@@ -24,7 +25,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore
+from db import (WEEKDAYS, Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult,
+                SlotStore)
 
 
 class SlotError(Exception):
@@ -109,13 +111,13 @@ def preview(value: Any) -> str:
 
 
 # series and calendar feeds
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 SERIES_MAX_DAYS = 366  # how far ahead a series may reach
 FEED_SECRET_BYTES = 32
 FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
 FEED_PAST_DAYS = 30  # bookings shown after their day
 FEED_CANCELLED_DAYS = 7  # a cancelled booking stays (STATUS:CANCELLED) this long, so calendars drop it
 LAB_FEED_DAYS = 26 * 7  # how far ahead the lab's feed looks
+FEED_CACHE_BYTES = 32 * 1024 * 1024  # feeds kept ready, rotated and guessed links' included (LRU)
 
 
 class Board:
@@ -134,7 +136,9 @@ class Board:
         self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
-        self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed | None]] = LRUCache(maxsize=1000)
+        # secret's hash -> ((the store's generation, today), the feed or None), at most FEED_CACHE_BYTES in all
+        self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed | None]] = LRUCache(
+            maxsize=FEED_CACHE_BYTES, getsizeof=lambda entry: 256 + (len(entry[1].body) if entry[1] else 0))
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
         self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
@@ -597,7 +601,8 @@ class Board:
             body = await asyncio.to_thread(render_feed, rows, self.rules, since)
             result = Feed(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
         if key[0] is not None:
-            self.feeds[digest] = (key, result)
+            with contextlib.suppress(ValueError):  # (one feed bigger than the whole cache is not kept)
+                self.feeds[digest] = (key, result)
         return result
 
 

@@ -2396,7 +2396,8 @@ def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str
         feed_secret = feed.removeprefix("/calendar/").removesuffix(".ics")
         mistyped = [feed + "?x=1", feed.upper(), feed.removesuffix(".ics"), feed + "/", f"/{feed_secret}.ics",
                     f"/calendar//{feed_secret}.ics", f"/calendar/link/{feed_secret}.ics", f"/x?{feed_secret}",
-                    f"/calendar%5C{feed_secret}.ics", f"/calendar/%20{feed_secret}.ics"]
+                    f"/calendar%5C{feed_secret}.ics", f"/calendar/%20{feed_secret}.ics",
+                    f"/calendar/{feed_secret[:20]}%20{feed_secret[20:]}.ics"]
         for path in (feed, *mistyped):
             httpx.get(f"{url}{path}")
         httpx.post(f"{url}/auth/logout", json={"token": login["token"]})
@@ -2405,7 +2406,7 @@ def test_no_log_level_shows_a_password_or_a_token(settings: Settings, level: str
     assert "booking" in output.lower() or "book slot" in output  # the levels did log
     assert "GET /calendar/<secret>.ics" in output  # the feed's requests are logged, without their secret
     assert PASSWORD not in output and signature not in output and secret not in output
-    assert feed_secret not in output and feed_secret.upper() not in output
+    assert feed_secret not in output and feed_secret.upper() not in output and feed_secret[20:] not in output
 
 
 def test_a_username_cannot_forge_a_log_line(settings: Settings) -> None:
@@ -2945,3 +2946,98 @@ def test_a_series_racing_members_on_two_processes_never_takes_an_acknowledged_bo
         assert len(set(paths)) == 40
         working = [path for path in paths if httpx.get(a + path).status_code == 200]
         assert len(working) == 1 and httpx.get(b + working[0]).status_code == 200  # one link, on both
+
+
+def test_cancelling_a_series_hands_its_slots_to_another_that_asked_for_them(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        wednesdays = {"slots": [9], "weekdays": ["wed"], "from": TOMORROW, "until": "2026-12-02"}
+        assert series(service, action="close", **wednesdays).json()["done"] == 2
+        workshop = series(service, action="reserve", srn=BOB, title="Workshop", **wednesdays).json()
+        assert [step for day in workshop["dates"] for step in day["slots"]] == [
+            {"slot_id": 9, "result": "already_closed"}] * 2
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=1)).json()
+        assert cancel["freed"] == [] and cancel["handed_over"] == [
+            {"date": TOMORROW, "slot_id": 9, "series_id": 2}, {"date": "2026-12-02", "slot_id": 9, "series_id": 2}]
+        assert cancel["message"] == "Series 1 cancelled: 0 slot(s) freed, 2 handed to other series"
+        assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["booked_by"] == BOB
+        listed = service.http.get("/admin/series", headers=bearer(login(service, CAROL))).json()["series"]
+        assert [(s["id"], s["cancelled_by"], s["upcoming"]) for s in listed] == [(2, None, 2), (1, CAROL, 0)]
+        steps = service.http.post("/admin/history", json=body(username=CAROL)).json()["events"]
+        assert (steps[1]["action"], steps[1]["series"], steps[1]["note"]) == (
+            "reserve", 2, f"series 1 was cancelled; for {BOB}")
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=2)).json()
+        assert len(cancel["freed"]) == 2 and cancel["handed_over"] == []
+        assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["status"] == "available"
+
+
+def test_rotated_and_guessed_feeds_are_kept_within_a_byte_budget(settings: Settings, clock: Clock,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import slots
+
+    monkeypatch.setattr(slots, "FEED_CACHE_BYTES", 256 * 1024)
+    with running(replace(settings, admin_srns=frozenset({CAROL})), clock) as service:
+        every_day = {"action": "close", "slots": list(range(3, 15)), "weekdays": list(slots.WEEKDAYS),
+                     "from": TOMORROW, "until": "2027-01-31"}
+        assert series(service, **every_day).status_code == 200
+        sizes = []
+        for _ in range(12):  # an admin who keeps asking for a new link to a big feed
+            sizes.append(len(service.http.get(link(service, CAROL, "lab")).content))
+        for n in range(200):
+            assert service.http.get(f"/calendar/{n:043d}.ics").status_code == 404
+        assert min(sizes) > 64 * 1024  # each feed is big: twelve of them would not fit
+        feeds = service.server.server.lifespan.state["board"].feeds
+        assert sum(len(entry[1].body) for entry in feeds.values() if entry[1]) <= 256 * 1024
+        assert service.http.get(link(service, CAROL, "lab")).status_code == 200
+
+
+def test_building_a_feed_costs_the_same_however_long_the_clubs_history(tmp_path: Path) -> None:
+    """A member's feed reads their own slots and the last week's removals, through indexes: a club's
+    year of other members' changes in the same weeks adds nothing. The same for another worker's look at
+    what changed since it last looked."""
+
+    async def steps(store: db.SlotStore, call: Any) -> int:
+        count = 0
+
+        def tick() -> int:
+            nonlocal count
+            count += 1
+            return 0
+
+        store.conn.set_progress_handler(tick, 10)  # one tick per 10 SQLite instructions
+        try:
+            await call()
+        finally:
+            store.conn.set_progress_handler(None, 0)
+        return count
+
+    async def costs(history: int) -> tuple[int, int]:
+        path = str(tmp_path / f"rero-{history}.db")
+        store = db.SlotStore(path, range(3, 15))
+        version = await store.open(TODAY, "2026-11-24 01:00:00")
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.executemany(
+                "INSERT INTO events (at, srn, action, date, slot_id, via) VALUES (?, ?, ?, ?, ?, 'http')",
+                [("2026-11-01 10:00:00", f"PES{n}", ("book", "cancel", "join")[n % 3],
+                  f"2026-11-{1 + n % 23:02d}", 3 + n % 12) for n in range(history)],  # November, before today
+            )
+            other.execute("INSERT INTO calendar_links VALUES ('hash', ?, 'member', '2026-11-24 01:00:00')", (ALICE,))
+            for slot_id in (5, 6, 7):  # Alice's own: three bookings, one cancelled
+                other.execute("INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+                              (TOMORROW, slot_id, ALICE, "2026-11-23 09:00:00"))
+                other.execute("INSERT INTO events (at, srn, action, date, slot_id, via) VALUES"
+                              " ('2026-11-23 09:00:00', ?, 'book', ?, ?, 'http')", (ALICE, TOMORROW, slot_id))
+            other.execute("INSERT INTO events (at, srn, action, date, slot_id, via) VALUES"
+                          " ('2026-11-23 10:00:00', ?, 'cancel', ?, 8, 'http')", (ALICE, TOMORROW))
+            other.commit()
+            await store.changes_since(version, 0)  # take in the history, as a worker's watcher would
+            version = (await store.day(TODAY))[0]
+            other.execute("INSERT INTO events (at, srn, action, date, slot_id, via) VALUES"
+                          " ('2026-11-24 01:00:00', ?, 'book', ?, 5, 'http')", (BOB, TODAY))
+            other.commit()
+        feed = await steps(store, lambda: store.feed("hash", "2026-10-25", TODAY, "2027-05-25", "2026-11-17"))
+        look = await steps(store, lambda: store.changes_since(version, 0))
+        await store.close()
+        return feed, look
+
+    quiet, busy = asyncio.run(costs(0)), asyncio.run(costs(20_000))
+    assert quiet[0] > 0 and busy[0] <= quiet[0] + 10 and busy[1] <= quiet[1] + 10, (quiet, busy)
