@@ -672,30 +672,34 @@ def _vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> tuple[str, ..
     def at(ts: int) -> datetime:
         return datetime.fromtimestamp(ts, zone)
 
-    def observance(moment: datetime, before: timedelta | None, local_start: datetime) -> list[str]:
-        kind = "DAYLIGHT" if moment.dst() else "STANDARD"
-        return [f"BEGIN:{kind}", f"DTSTART:{local_start:%Y%m%dT%H%M%S}", f"TZOFFSETFROM:{_offset(before)}",
-                f"TZOFFSETTO:{_offset(moment.utcoffset())}", f"TZNAME:{ics_text(moment.tzname() or 'local')}",
-                f"END:{kind}"]
+    def offset(ts: int) -> timedelta:
+        return at(ts).utcoffset() or timedelta()
 
     begin = int(datetime(first_year, 1, 1, tzinfo=zone).timestamp())
     end = int(datetime(last_year + 1, 1, 1, tzinfo=zone).timestamp())
-    first = at(begin)
-    lines = ["BEGIN:VTIMEZONE", f"TZID:{zone.key}"]
-    lines += observance(first, first.utcoffset(), first.replace(tzinfo=None))
-    previous, offset = begin, first.utcoffset()
+    changes = []  # (the first second of a new offset, the offset before, the offset after)
+    previous, current = begin, offset(begin)
     for ts in range(begin + 86400, end + 86400, 86400):
-        if at(ts).utcoffset() == offset:
-            previous = ts
-            continue
-        low, high = previous, ts  # the offset changes in (low, high]
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if at(middle).utcoffset() == offset else (low, middle)
-        moment = at(high)
-        local_start = (datetime.fromtimestamp(high, timezone.utc) + (offset or timedelta())).replace(tzinfo=None)
-        lines += observance(moment, offset, local_start)
-        previous, offset = ts, at(ts).utcoffset()
+        if offset(ts) != current:
+            low, high = previous, ts  # the offset changes in (low, high]
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if offset(middle) == current else (low, middle)
+            changes.append((high, current, offset(high)))
+            current = offset(ts)
+        previous = ts
+
+    def observance(kind: str, ts: int, before: timedelta, after: timedelta) -> list[str]:
+        local_start = datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None) + before  # as clocks read then
+        return [f"BEGIN:{kind}", f"DTSTART:{local_start:%Y%m%dT%H%M%S}", f"TZOFFSETFROM:{_offset(before)}",
+                f"TZOFFSETTO:{_offset(after)}", f"TZNAME:{ics_text(at(ts).tzname() or 'local')}", f"END:{kind}"]
+
+    # DAYLIGHT is the later of two offsets (Dublin's summer too, which the tz database counts as standard
+    # time); the year's first observance is the other kind from the first change
+    first = "DAYLIGHT" if changes and changes[0][2] < changes[0][1] else "STANDARD"
+    lines = ["BEGIN:VTIMEZONE", f"TZID:{zone.key}", *observance(first, begin, offset(begin), offset(begin))]
+    for ts, before, after in changes:
+        lines += observance("DAYLIGHT" if after > before else "STANDARD", ts, before, after)
     return (*lines, "END:VTIMEZONE")
 
 
