@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date as Date
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,10 +77,12 @@ CREATE TABLE IF NOT EXISTS events (
     via TEXT NOT NULL,
     note TEXT
 );
--- A (date, slot)'s changes (a feed's revisions), and a date range's (the history), through one index;
--- the removals of the last week (calendar feeds' cancelled events) through another.
+-- Reads of the history that stay as cheap however long it grows: a (date, slot)'s changes (or a date
+-- range's), one member's, and the notes that name a member or an event ("booked by X", "no-show 42").
+-- (No semicolon in these comments: the schema is split on them.)
 CREATE INDEX IF NOT EXISTS events_by_slot ON events (date, slot_id);
-CREATE INDEX IF NOT EXISTS events_by_action ON events (action, at);
+CREATE INDEX IF NOT EXISTS events_by_srn ON events (srn, date);
+CREATE INDEX IF NOT EXISTS events_by_note ON events (note) WHERE note IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -241,14 +244,14 @@ class SeriesCancel:
 class FeedRows:
     """A calendar feed's rows (see SlotStore.feed): ``held`` (date, slot_id, booked_by, booked_at, closed,
     series, series title), ``places`` (date, slot_id, position, joined_at), ``removed`` (date, slot_id,
-    when), and how often and when last each (date, slot) changed."""
+    when), and the id and time of each (date, slot)'s last change."""
 
     srn: str
     kind: str  # member | lab
     held: list[tuple[str, int, str | None, str, int, int | None, str | None]]
     places: list[tuple[str, int, int, str]]  # ... and joined_at
     removed: list[tuple[str, int, str]]
-    revisions: dict[tuple[str, int], tuple[int, str]]  # (date, slot_id): (events so far, the last one's time)
+    revisions: dict[tuple[str, int], tuple[int, str]]  # (date, slot_id): (its last change's id, and time)
 
 
 class SlotStore:
@@ -285,13 +288,21 @@ class SlotStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
+        # Another worker may be upgrading the file (building indexes over a long history takes seconds):
+        # wait for it as long as it takes, then no more than 10 s for any one write.
+        conn.execute("PRAGMA busy_timeout = 3600000")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is on disk before we answer, so an acknowledged booking survives a power cut.
         conn.execute("PRAGMA synchronous = FULL")
         self._conn = conn
         if self.path != ":memory:":
             self.generation = Generation(self.path + "-gen")
+        self._upgrade(today, now)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        return self._version()
+
+    def _upgrade(self, today: str, now: str) -> None:
+        conn = self.conn
         with self._transaction():
             for statement in SCHEMA.split(";"):
                 conn.execute(statement)
@@ -308,7 +319,6 @@ class SlotStore:
             if row is None or row[0] < SCHEMA_VERSION:
                 self._migrate_undated(today, now)
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        return self._version()
 
     def _migrate_undated(self, today: str, now: str) -> None:
         """The original system's bookings had no date: they become bookings on the day of migration."""
@@ -783,8 +793,8 @@ class SlotStore:
     async def cancel_series(self, series: int, admin: str, at: str, via: str, limits: Limits) -> SeriesCancel:
         """Free what is left of a series (its slots that have not started: ``limits`` says when now is): a
         closed slot reopens, a reserved one goes to the first in its waitlist who may take it, or is free;
-        but a slot that another series still running also asked for (and found taken) goes to that one.
-        Outcome "ok", "none" (no such series) or "cancelled" (already)."""
+        but a slot that another running series asked for and found taken (a ``series_skip``) goes to the
+        oldest such series. Outcome "ok", "none" (no such series) or "cancelled" (already)."""
 
         def cancel() -> SeriesCancel:
             row = self.conn.execute("SELECT cancelled_at FROM series WHERE id = ?", (series,)).fetchone()
@@ -795,10 +805,6 @@ class SlotStore:
                 " AND (date > ? OR (date = ? AND slot_id > ?)) ORDER BY date, slot_id",
                 (series, limits.today, limits.today, limits.now_hour),
             ).fetchall()
-            others = self.conn.execute(
-                "SELECT id, action, srn, slots, weekdays, first, last FROM series WHERE cancelled_at IS NULL"
-                " AND id != ? AND last >= ? ORDER BY id", (series, limits.today),
-            ).fetchall()
             freed, promoted, handed = [], [], []
             for date, slot_id, holder, closed in held:
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
@@ -806,19 +812,26 @@ class SlotStore:
                     self._log(at, admin, "open", date, slot_id, via, None, series)
                 else:
                     self._log(at, admin, "cancel", date, slot_id, via, f"booked by {holder}", series)
-                weekday = WEEKDAYS[Date.fromisoformat(date).weekday()]
-                heir = next((o for o in others if o[5] <= date <= o[6] and slot_id in orjson.loads(o[3])
-                             and weekday in orjson.loads(o[4])), None)
-                if heir is not None:  # the oldest other series that wanted it has it now
-                    heir_id, action, srn = heir[:3]
+                heir = self.conn.execute(
+                    "SELECT s.id, s.action, s.srn FROM events e JOIN series s ON s.id = e.series WHERE e.date = ?"
+                    " AND e.slot_id = ? AND e.action = 'series_skip' AND s.cancelled_at IS NULL AND s.id != ?"
+                    " ORDER BY s.id LIMIT 1", (date, slot_id, series),
+                ).fetchone()
+                if heir is not None:  # the oldest other series that asked for it has it now
+                    heir_id, action, srn = heir
                     self.conn.execute(
                         "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed, series)"
                         " VALUES (?, ?, ?, ?, ?, ?)", (date, slot_id, srn, at, int(action == "close"), heir_id),
                     )
-                    self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ? AND (? OR srn = ?)",
-                                      (date, slot_id, action == "close", srn))
                     self._log(at, admin, "close" if action == "close" else "reserve", date, slot_id, via,
                               f"series {series} was cancelled" + (f"; for {srn}" if srn else ""), heir_id)
+                    waiting = self.conn.execute(  # a closed slot has no line; the new holder need not wait
+                        "SELECT id, srn FROM waitlist WHERE date = ? AND slot_id = ? AND (? OR srn = ?)",
+                        (date, slot_id, action == "close", srn)).fetchall()
+                    for id_, member in waiting:
+                        self.conn.execute("DELETE FROM waitlist WHERE id = ?", (id_,))
+                        self._log(at, member, "leave", date, slot_id, via, f"the slot went to series {heir_id}",
+                                  heir_id)
                     handed.append((date, slot_id, heir_id))
                     continue
                 freed.append((date, slot_id))
@@ -885,8 +898,6 @@ class SlotStore:
             srn, kind = link
             held = ("SELECT b.date, b.slot_id, b.booked_by, b.booked_at, b.closed, b.series, s.title FROM bookings b"
                     " LEFT JOIN series s ON s.id = b.series WHERE b.date >= ?")
-            # removals in the last week, found through events_by_action: never more than a week's worth
-            removals = ("SELECT date, slot_id, MAX(at) FROM events WHERE action IN ({}) AND at >= ? AND date >= ?")
             if kind == "member":
                 rows = self.conn.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
                                          (since, srn)).fetchall()
@@ -895,27 +906,34 @@ class SlotStore:
                     " AND x.slot_id = w.slot_id AND x.id <= w.id), joined_at FROM waitlist w WHERE srn = ?"
                     " AND date >= ? ORDER BY date, slot_id", (srn, today),
                 ).fetchall()
+                # the member's bookings (and places) that went in the last week: their own events, and an
+                # admin's cancellations that name them, each through its index
                 removed = self.conn.execute(
-                    removals.format("'cancel', 'no_show', 'leave'") + " AND ((action = 'cancel' AND"
-                    " ((srn = ? AND note IS NULL) OR note = 'booked by ' || ?)) OR (action != 'cancel' AND srn = ?))"
-                    " GROUP BY date, slot_id", (removed_since, since, srn, srn, srn),
+                    "SELECT date, slot_id, MAX(at) FROM (SELECT date, slot_id, at FROM events WHERE srn = ?"
+                    " AND date >= ? AND at >= ? AND (action IN ('no_show', 'leave') OR (action = 'cancel' AND"
+                    " note IS NULL)) UNION ALL SELECT date, slot_id, at FROM events WHERE note = 'booked by ' || ?"
+                    " AND action = 'cancel' AND date >= ? AND at >= ?) GROUP BY date, slot_id",
+                    (srn, since, removed_since, srn, since, removed_since),
                 ).fetchall()
-                # each of the member's (date, slot)s: how many changes, the last when (events_by_slot)
-                pairs = {(row[0], row[1]) for row in [*rows, *places, *removed]}
-                revisions = {pair: self.conn.execute(
-                    "SELECT COUNT(*), MAX(at) FROM events WHERE date = ? AND slot_id = ?", pair).fetchone()
-                    for pair in sorted(pairs)}
+                pairs = sorted({(row[0], row[1]) for row in [*rows, *places, *removed]})
             else:
                 rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id",
                                          (since, until)).fetchall()
                 places = []
-                removed = self.conn.execute(
-                    removals.format("'cancel', 'no_show', 'open'") + " AND date <= ? GROUP BY date, slot_id",
-                    (removed_since, since, until),
-                ).fetchall()
-                revisions = {(date, slot_id): (count, at) for date, slot_id, count, at in self.conn.execute(
-                    "SELECT date, slot_id, COUNT(*), MAX(at) FROM events WHERE date >= ? AND date <= ?"
-                    " AND slot_id IS NOT NULL GROUP BY date, slot_id", (since, until))}
+                first, last = Date.fromisoformat(since), Date.fromisoformat(until)
+                pairs = [((first + timedelta(days=n)).isoformat(), slot_id)
+                         for n in range((last - first).days + 1) for slot_id in self.hours]
+            # each (date, slot)'s last change (one step down events_by_slot): its revision, and for the lab
+            # whether a slot nobody holds now was taken away in the last week
+            last_change = {pair: self.conn.execute(
+                "SELECT id, at, action FROM events WHERE date = ? AND slot_id = ? ORDER BY id DESC LIMIT 1", pair,
+            ).fetchone() for pair in pairs}
+            revisions = {pair: (change[0], change[1]) for pair, change in last_change.items() if change}
+            if kind == "lab":
+                now_held = {(row[0], row[1]) for row in rows}
+                removed = [(date, slot_id, change[1]) for (date, slot_id), change in last_change.items()
+                           if change and (date, slot_id) not in now_held and change[1] >= removed_since
+                           and change[2] in ("cancel", "no_show", "open")]
             return FeedRows(srn, kind, rows, places, removed, revisions)
 
         return await self._run(feed)

@@ -2994,6 +2994,25 @@ def test_cancelling_a_series_hands_its_slots_to_another_that_asked_for_them(sett
         assert len(cancel["freed"]) == 2 and cancel["handed_over"] == []
         assert service.http.get("/slots", params={"date": TOMORROW}).json()["slots"][6]["status"] == "available"
 
+        # a slot a series held and gave up (its member cancelled it) is not handed back to it later
+        tomorrow_only = {"weekdays": ["wed"], "from": TOMORROW, "until": TOMORROW}
+        assert series(service, action="reserve", srn=BOB, slots=[10], **tomorrow_only).json()["done"] == 1  # 3
+        assert service.http.post("/cancel-slot", json=body(10, BOB, date=TOMORROW)).status_code == 200
+        assert series(service, action="close", slots=[10], **tomorrow_only).json()["done"] == 1  # 4
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=4)).json()
+        assert cancel["freed"] == [{"date": TOMORROW, "slot_id": 10}] and cancel["handed_over"] == []
+
+        # a slot handed to a series that closes it: whoever waited in its line is told by their calendar
+        assert series(service, action="reserve", srn=BOB, slots=[11], **tomorrow_only).json()["done"] == 1  # 5
+        assert waitlist(service, "join", 11, ALICE, date=TOMORROW).status_code == 200
+        assert series(service, action="close", slots=[11], **tomorrow_only).json()["conflicts"] == 1  # 6
+        alice = link(service)
+        cancel = service.http.post("/admin/series/cancel", json=body(username=CAROL, series_id=5)).json()
+        assert cancel["handed_over"] == [{"date": TOMORROW, "slot_id": 11, "series_id": 6}]
+        left = service.http.post("/admin/history", json=body(username=CAROL, srn=ALICE)).json()["events"][0]
+        assert (left["action"], left["note"], left["series"]) == ("leave", "the slot went to series 6", 6)
+        assert str(events_of(parse_feed(service.http.get(alice)))[uid(TOMORROW, 11)]["STATUS"]) == "CANCELLED"
+
 
 def test_rotated_and_guessed_feeds_are_kept_within_a_byte_budget(settings: Settings, clock: Clock,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -3046,6 +3065,7 @@ def test_building_a_feed_costs_the_same_however_long_the_clubs_history(tmp_path:
                   f"2026-11-{1 + n % 23:02d}", 3 + n % 12) for n in range(history)],  # November, before today
             )
             other.execute("INSERT INTO calendar_links VALUES ('hash', ?, 'member', '2026-11-24 01:00:00')", (ALICE,))
+            other.execute("INSERT INTO calendar_links VALUES ('lab', ?, 'lab', '2026-11-24 01:00:00')", (CAROL,))
             for slot_id in (5, 6, 7):  # Alice's own: three bookings, one cancelled
                 other.execute("INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
                               (TOMORROW, slot_id, ALICE, "2026-11-23 09:00:00"))
@@ -3061,8 +3081,12 @@ def test_building_a_feed_costs_the_same_however_long_the_clubs_history(tmp_path:
             other.commit()
         feed = await steps(store, lambda: store.feed("hash", "2026-10-25", TODAY, "2027-05-25", "2026-11-17"))
         look = await steps(store, lambda: store.changes_since(version, 0))
+        mine = await steps(store, lambda: store.history("2026-11-01", None, ALICE, 50, 0))
+        lab = await steps(store, lambda: store.feed("lab", "2026-10-25", TODAY, "2027-05-25", "2026-11-17"))
         await store.close()
-        return feed, look
+        return feed, look, mine, lab
 
     quiet, busy = asyncio.run(costs(0)), asyncio.run(costs(20_000))
     assert quiet[0] > 0 and busy[0] <= quiet[0] + 10 and busy[1] <= quiet[1] + 10, (quiet, busy)
+    assert busy[2] <= quiet[2] + 10, (quiet, busy)  # an admin reading one member's history
+    assert busy[3] <= quiet[3] * 1.5, (quiet, busy)  # the lab's feed: a step down the index per slot
