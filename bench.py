@@ -527,8 +527,9 @@ def main() -> None:
         app = Server(app_port, *running.enter_context(process(args, app_port, env)), tomorrow)
         base = f"http://127.0.0.1:{app_port}"
         httpx.post(f"{base}/auth/login", json=USER).raise_for_status()
+        later = (datetime.fromisoformat(tomorrow) + timedelta(days=1)).date().isoformat()  # not the day measured
         for slot_id in (5, 9, 13):  # a member's calendar feed with a few bookings in it
-            httpx.post(f"{base}/book-slot", json={**USER, "slot_id": slot_id, "date": tomorrow}).raise_for_status()
+            httpx.post(f"{base}/book-slot", json={**USER, "slot_id": slot_id, "date": later}).raise_for_status()
         feed = httpx.post(f"{base}/calendar/link", json=USER).json()["path"]
         same = {
             "slots": httpx.get(f"{base}/slots").text,
