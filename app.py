@@ -300,6 +300,11 @@ async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, An
     return data
 
 
+def refusal(error: Exception) -> HTTPException:
+    """The HTTP answer to a refusal by the rules: 403 if only admins may, else 400 with the rule's sentence."""
+    return HTTPException(403 if isinstance(error, Forbidden) else 400, str(error))
+
+
 class BadInput(ValueError):
     """A request field that is missing or of the wrong kind; str() says which and why."""
 
@@ -364,7 +369,7 @@ class Edge:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", ()), *extra]
-                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                if not any(name == b"cache-control" for name, _ in headers):
                     headers.append(NO_STORE)
                 message["headers"] = headers
             await send(message)
@@ -1278,10 +1283,8 @@ async def forgive_no_show(request: Request[State]) -> Response:
     member = who.strip().upper()
     try:
         await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
-    except Forbidden as exc:
-        raise HTTPException(403, str(exc)) from None
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
+    except SlotError as exc:  # (Forbidden too: 403)
+        raise refusal(exc) from None
     logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
                 extra={"srn": admin, "slot": ask.slot_id, "date": ask.date, "action": "forgive"})
     return JSONResponse({"success": True, "message": f"No-show of {member} on slot {ask.slot_id} forgiven",
@@ -1309,11 +1312,6 @@ async def admin_history(request: Request[State]) -> Response:
     return JSONResponse(
         {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
     )
-
-
-def refusal(error: Exception) -> HTTPException:
-    """The HTTP answer to a refusal by the rules: 403 if only admins may, else 400 with the rule's sentence."""
-    return HTTPException(403 if isinstance(error, Forbidden) else 400, str(error))
 
 
 # -- series: an admin's recurring closures and reservations ---------------------------------------------------
@@ -1513,10 +1511,8 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
             await board.check_in(ask.date, ask.slot_id, srn, via)
         else:
             await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
-    except Forbidden as exc:
-        raise HTTPException(403, str(exc)) from None
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
+    except SlotError as exc:  # (Forbidden too: 403)
+        raise refusal(exc) from None
     state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})

@@ -31,7 +31,6 @@ import orjson
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # as a series names them
 
 SCHEMA = """
 -- The original system's table, kept as it was so its databases open, now only the slots' definitions.

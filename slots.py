@@ -25,8 +25,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import (WEEKDAYS, Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult,
-                SlotStore)
+from db import Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore
 
 
 class SlotError(Exception):
@@ -111,6 +110,7 @@ def preview(value: Any) -> str:
 
 
 # series and calendar feeds
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # as a series names them
 SERIES_MAX_DAYS = 366  # how far ahead a series may reach
 FEED_SECRET_BYTES = 32
 FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
