@@ -661,14 +661,10 @@ def _offset(delta: timedelta | None) -> str:
     return text + (f"{seconds % 60:02d}" if seconds % 60 else "")
 
 
-def vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> list[str]:
+@functools.lru_cache(maxsize=16)
+def vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> tuple[str, ...]:
     """A VTIMEZONE for the zone, exact over these years: the offset in force on 1 January of the first,
     then every change of offset (found by day, then to the second) until the end of the last."""
-    return list(_vtimezone(zone, first_year, last_year))
-
-
-@functools.lru_cache(maxsize=16)
-def _vtimezone(zone: ZoneInfo, first_year: int, last_year: int) -> tuple[str, ...]:
     def at(ts: int) -> datetime:
         return datetime.fromtimestamp(ts, zone)
 
