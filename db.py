@@ -17,6 +17,7 @@ import contextlib
 import functools
 import mmap
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -139,14 +140,35 @@ ADDED_COLUMNS = (
 # (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
 DayRow = tuple[int, str | None, str, int, int, int]
 # A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
-# "YYYY-MM-DD HH:MM:SS" in the club's time): in minutes of the day, for SQL on the bookings table.
-DEADLINE = ("MAX(slot_id * 60, CASE WHEN substr(booked_at, 1, 10) = date THEN"
-            " CAST(substr(booked_at, 12, 2) AS INTEGER) * 60 + CAST(substr(booked_at, 15, 2) AS INTEGER) ELSE 0 END)")
+# "YYYY-MM-DD HH:MM:SS" in the club's time, to the second): in seconds of the day, for SQL on the bookings
+# table. checkin_starts() is its twin for a booking in memory (a test holds them to the same answers).
+CHECKIN_STARTS = (
+    "MAX(slot_id * 3600, CASE WHEN substr(booked_at, 1, 10) = date THEN"
+    " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
+    " + CAST(substr(booked_at, 18, 2) AS INTEGER) ELSE 0 END)")
 # A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
 UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
               " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
+
+
+def checkin_starts(date: str, slot_id: int, booked_at: str | None) -> int:
+    """CHECKIN_STARTS for one booking: the second of its day from which its check-in window counts (a
+    booked_at of another day, or none, counts from the slot's start). Parsed as SQLite's CAST parses, so a
+    value in an original database's own format gives the same answer here as in SQL."""
+
+    def number(start: int) -> int:  # CAST(substr(booked_at, start, 2) AS INTEGER)
+        digits = LEADING_INTEGER.match((booked_at or "")[start - 1:start + 1])
+        return int(digits.group()) if digits else 0
+
+    made = 0
+    if booked_at is not None and booked_at[:10] == date:
+        made = number(12) * 3600 + number(15) * 60 + number(18)
+    return max(slot_id * 3600, made)
+
+
+LEADING_INTEGER = re.compile(r" *[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -691,28 +713,29 @@ class SlotStore:
 
         return await self._run(self._write, check_in, date)
 
-    async def release_no_shows(self, today: str, minute: int, checkin_minutes: int, grace_minutes: int, at: str,
+    async def release_no_shows(self, today: str, second: int, checkin_minutes: int, grace_minutes: int, at: str,
                                limits: Limits) -> list[tuple[str, int, str, str | None]]:
-        """Release today's bookings not checked in by their deadline (``minute`` is the club's minute of the
+        """Release today's bookings not checked in by their deadline (``second`` is the club's second of the
         day now): each a ``no_show`` event, the slot handed on to its waitlist as a cancellation would, while
         it is still bookable (before start + ``grace_minutes``). Returns (date, slot_id, holder, promoted) for
         each; the database decides, so any number of workers may call this and each booking is released once.
 
-        A booking's deadline is ``checkin_minutes`` after the later of its start and the moment it was made:
-        one made, or handed on from the waitlist, after the start gets a check-in window of its own."""
+        A booking's deadline is ``checkin_minutes`` after the later of its start and the moment it was made
+        (CHECKIN_STARTS): one made, or handed on from the waitlist, after the start gets a check-in window of
+        its own."""
 
         def release() -> list[tuple[str, int, str, str | None]]:
             due = self.conn.execute(
                 f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
-                f" AND booked_by IS NOT NULL AND {DEADLINE} + ? <= ? ORDER BY slot_id",
-                (today, checkin_minutes, minute),
+                f" AND booked_by IS NOT NULL AND {CHECKIN_STARTS} + ? <= ? ORDER BY slot_id",
+                (today, checkin_minutes * 60, second),
             ).fetchall()
             released = []
             for slot_id, holder in due:
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
                 self._log(at, holder, "no_show", today, slot_id, "system",
                           f"not checked in within {checkin_minutes} minutes")
-                bookable = minute < slot_id * 60 + grace_minutes
+                bookable = second < (slot_id * 60 + grace_minutes) * 60
                 released.append((today, slot_id, holder,
                                  self._promote(today, slot_id, at, limits if bookable else None)))
             return released

@@ -25,7 +25,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore
+from db import (Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore,
+                checkin_starts)
 
 
 class SlotError(Exception):
@@ -417,21 +418,18 @@ class Board:
 
     def _checkin_closes(self, slot: dict[str, Any]) -> datetime:
         """When a booking's check-in closes: CHECKIN_MINUTES after the later of its start and the moment it was
-        made (a booking made, or handed on from the waitlist, after the start has a window of its own).
-        db.DEADLINE says the same in SQL."""
-        start = datetime.fromisoformat(f"{slot['date']} {slot['start_time']}")
-        try:
-            made = datetime.fromisoformat(slot["booked_at"]).replace(second=0, microsecond=0, tzinfo=None)
-        except (TypeError, ValueError):  # none, or an original database's own format
-            made = start
-        return max(start, made) + timedelta(minutes=self.rules.checkin_minutes)
+        made, to the second (a booking made, or handed on from the waitlist, after the start has a window of
+        its own). db.checkin_starts is the twin of the SQL that releases it."""
+        starts = checkin_starts(slot["date"], slot["id"], slot["booked_at"])
+        return datetime.fromisoformat(slot["date"]) + timedelta(seconds=starts, minutes=self.rules.checkin_minutes)
 
     async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
         """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
         each day changed is taken in and broadcast."""
         now = self.now()
         today = now.date().isoformat()
-        released = await self.store.release_no_shows(today, now.hour * 60 + now.minute, self.rules.checkin_minutes,
+        second = now.hour * 3600 + now.minute * 60 + now.second
+        released = await self.store.release_no_shows(today, second, self.rules.checkin_minutes,
                                                      self.rules.grace_minutes, self.stamp(), self._limits())
         if released:
             self.notices_pending = True

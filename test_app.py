@@ -1514,6 +1514,34 @@ def test_a_booking_handed_on_or_made_after_the_start_gets_its_own_check_in_windo
         assert other_day.status_code == 400  # not even an admin checks in a booking days ahead
 
 
+def test_a_late_bookings_check_in_window_counts_from_its_second(settings: Settings, clock: Clock) -> None:
+    """A booking made at 09:20:57 with a one-minute window may check in until 09:21:57, not 09:21:00."""
+    with running(replace(settings, checkin_required=True, checkin_minutes=1), clock) as service:
+        clock.set("2026-11-24 09:20:57")
+        assert service.book(9).status_code == 200
+        clock.set("2026-11-24 09:21:30")
+        time.sleep(0.3)  # the watcher looks every 100 ms
+        assert service.slots()["slots"][6]["booked_by"] == ALICE, "released before its minute was up"
+        clock.set("2026-11-24 09:21:58")
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][6]["booked_by"] is not None:
+            assert time.monotonic() < deadline, "not released once its minute was up"
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("booked_at", [
+    None, "2026-11-24 09:20:57", "2026-11-24 08:59:59", "2026-11-24 10:00:00", "2026-11-23 23:59:59",
+    "2026-11-24T09:20:57.123456", "2026-11-24 09:20", "2026-11-24 9:5:7", "2026-11-24", "2026-11-24 xx:yy:zz",
+    "2026-11-24 -1:00:00", "garbage", "",
+])
+def test_the_check_in_deadline_in_memory_is_the_one_sql_releases_by(booked_at: str | None) -> None:
+    """Board decides when check-in closes from memory; the database releases by CHECKIN_STARTS: twins."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        sql = conn.execute(f"SELECT {db.CHECKIN_STARTS} FROM (SELECT ? AS date, 9 AS slot_id, ? AS booked_at)",
+                           (TODAY, booked_at)).fetchone()[0]
+    assert db.checkin_starts(TODAY, 9, booked_at) == sql
+
+
 def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
                                                                                    clock: Clock) -> None:
     with running(settings, clock) as service:
