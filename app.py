@@ -392,7 +392,8 @@ class Peer:
     def __init__(self, address: str) -> None:
         self.address = address  # the client's, for the per-address connection cap
         self.srn: str | None = None  # the member this socket said it is (identify), for personal messages
-        self.jti: str | None = None  # the id of the token it said so with (signing out ends the messages)
+        self.jti: str | None = None  # the id of the token it said so with (signing out ends the messages) ...
+        self.expires = 0.0  # ... and when that token expires (so does its right to them)
         self.replies: deque[str] = deque()
         self.latest: Day | None = None  # the state waiting to be sent
         self.held: Day | None = None  # the newest state handed to this peer, sent or waiting
@@ -586,11 +587,12 @@ class Hub:
         peer.srn = srn
         self.members.setdefault(srn, set()).add(peer)
 
-    def tell(self, srn: str, message: dict[str, Any], revoked: Mapping[str, float]) -> None:
+    def tell(self, srn: str, message: dict[str, Any], live: Callable[[str, float], bool]) -> None:
         """A message for one member, on every socket of theirs that said who it is (on this process) with
-        credentials still good: a socket identified with a token signed out since hears no more."""
+        credentials still good: a socket identified with a token that has been signed out or has expired
+        since (``live(jti, expires)`` says) hears no more."""
         for peer in list(self.members.get(srn, ())):
-            if peer.jti is not None and peer.jti in revoked:
+            if peer.jti is not None and not live(peer.jti, peer.expires):
                 self.members[srn].discard(peer)
                 peer.srn = peer.jti = None
             else:
@@ -1677,7 +1679,11 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         except HTTPException as exc:
             return hub.reply(peer, {"type": "identify_response", "success": False, "message": str(exc.detail)})
         hub.identify(peer, srn)
-        peer.jti = None if ask.token is None else state["sessions"].claims(ask.token)["jti"]
+        if ask.token is not None:
+            claims = state["sessions"].claims(ask.token)
+            peer.jti, peer.expires = claims["jti"], claims["exp"]
+        else:
+            peer.jti = None
         return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
                                 "message": f"Messages for {srn} will come here too"})
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
@@ -2004,7 +2010,7 @@ async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> 
                 board.notices_pending = False
                 told, notices = await board.store.notices_since(told)  # each event looked at once
                 for action, srn, date, slot_id in notices:
-                    hub.tell(srn, notice(action, date, slot_id), sessions.revoked)
+                    hub.tell(srn, notice(action, date, slot_id), sessions.live)
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
 

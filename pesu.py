@@ -301,6 +301,10 @@ class Sessions:
             raise InvalidToken
         return data
 
+    def live(self, jti: str, expires: float) -> bool:
+        """Whether the token with this id and expiry is still good: unexpired and not signed out."""
+        return expires > self.clock() and jti not in self.revoked
+
     def revoke(self, jti: str, expires: float) -> None:
         """Refuse this token from now on; the ids of tokens that have expired since are forgotten, oldest
         first, so each call does work in proportion to what it forgets, not to all it remembers."""

@@ -1234,6 +1234,27 @@ def test_personal_messages_reach_every_tab_of_that_member_and_nobody_else(settin
             receive_until(bob_tabs[0], "booking_promoted", timeout=0.5)
 
 
+def test_a_tab_identified_with_a_token_hears_nothing_personal_once_it_is_signed_out_or_expired(
+        settings: Settings, clock: Clock) -> None:
+    with running(settings, clock) as service:
+        signed_out, expired, by_password = service.sockets(3)
+        token = login(service, BOB)  # good until 02:00
+        assert send(signed_out, {"type": "identify", "token": token})["success"] is True
+        assert service.http.post("/auth/logout", headers=bearer(token)).status_code == 200
+        clock.set("2026-11-24 02:30")
+        # another sign-out, after the first token's expiry: the list of signed-out tokens forgets the first
+        assert service.http.post("/auth/logout", headers=bearer(login(service, CAROL))).status_code == 200
+        assert send(expired, {"type": "identify", "token": login(service, BOB)})["success"] is True  # until 03:30
+        assert send(by_password, {"type": "identify", "username": BOB, "password": PASSWORD})["success"] is True
+        clock.set("2026-11-24 03:31")
+        assert service.book(12).status_code == 200 and waitlist(service, "join", 12, BOB).status_code == 200
+        assert service.cancel(12).status_code == 200
+        assert receive_until(by_password, "booking_promoted")["slot_id"] == 12
+        for tab in (signed_out, expired):
+            with pytest.raises(TimeoutError):
+                receive_until(tab, "booking_promoted", timeout=0.5)
+
+
 def test_a_promotion_on_one_process_is_told_on_the_other(settings: Settings) -> None:
     day = tomorrow()
     with process(settings) as (_, first), process(settings) as (_, second):
