@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import mmap
+import logging
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import orjson
 
 T = TypeVar("T")
+logger = logging.getLogger("rero")
 
 SCHEMA_VERSION = 2
 
@@ -367,8 +369,8 @@ class SlotStore:
             self.generation = None
 
     def stamp(self) -> bytes | None:
-        """What the database's generation is now (see Generation); None for ":memory:". A memory read, so
-        the event loop can check a cache without a thread hop or a system call."""
+        """What the database's generation is now (see Generation); None for ":memory:". One small read of
+        the page cache, so the event loop can check a cache without a thread hop."""
         return None if self.generation is None else self.generation.read()
 
     # -- reads ------------------------------------------------------------------------------------------
@@ -1035,30 +1037,43 @@ class _Entries:
 
 
 class Generation:
-    """Eight bytes in a file beside the database (``rero.db-gen``), mapped into the memory of every process
-    that uses it: each bumps it after every commit that changes bookings, so any of them can tell with one
-    memory read whether something may have changed since it last looked.
+    """Eight bytes in a file beside the database (``rero.db-gen``), shared through the page cache by every
+    process that uses it: each bumps it after every commit that changes bookings, so any of them can tell
+    with one small read whether something may have changed since it last looked.
 
     A reader takes the generation *before* it reads the database, a writer bumps it *after* it commits:
     then a cache keyed by the generation is never older than its key says. Two bumps at once may both
     write the same new value; either way the value moved on, which is all a reader asks.
+
+    It is read with pread rather than mapped: a mapping of a file that someone cuts short (a ``cp`` over it)
+    kills the process with SIGBUS at the next read, where a read only comes back short. A short file is
+    given a fresh random generation, so no cache can take it for one it was keyed by.
     """
 
     def __init__(self, path: str) -> None:
-        self.file = open(path, "a+b")  # noqa: SIM115 (kept open: the mapping needs it)
-        if os.fstat(self.file.fileno()).st_size < 8:
-            self.file.truncate(8)
-        self.map = mmap.mmap(self.file.fileno(), 8)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # (as SQLite makes its own files)
+        self.repairing = threading.Lock()
+        if len(os.pread(self.fd, 8, 0)) < 8:  # new
+            os.pwrite(self.fd, os.urandom(8), 0)
 
     def read(self) -> bytes:
-        return self.map[:8]
+        value = os.pread(self.fd, 8, 0)
+        if len(value) < 8:
+            with self.repairing:  # (the event loop and the database thread may both find it short)
+                value = os.pread(self.fd, 8, 0)
+                if len(value) < 8:
+                    logger.warning("%s was cut to %d bytes (copied over?): it now holds a fresh generation, so "
+                                   "every cache of its database starts afresh", self.path, len(value))
+                    value = os.urandom(8)
+                    os.pwrite(self.fd, value, 0)
+        return value
 
     def bump(self) -> None:
-        self.map[:8] = ((int.from_bytes(self.map[:8], "little") + 1) % (1 << 64)).to_bytes(8, "little")
+        os.pwrite(self.fd, ((int.from_bytes(self.read(), "little") + 1) % (1 << 64)).to_bytes(8, "little"), 0)
 
     def close(self) -> None:
-        self.map.close()
-        self.file.close()
+        os.close(self.fd)
 
 
 class _Transaction:

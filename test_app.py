@@ -2209,6 +2209,30 @@ def test_my_bookings_is_exact_the_moment_another_process_changes_them(settings: 
         assert mine(first) == [5, 7] and mine(second) == [5, 7]
 
 
+def test_a_generation_file_cut_short_while_the_server_runs_is_survived_and_said(settings: Settings) -> None:
+    """An admin's ``cp`` over rero.db-gen truncates it: a mapped file would kill the server (SIGBUS)."""
+    day, gen = tomorrow(), settings.database_path + "-gen"
+    member = {"username": ALICE, "password": PASSWORD}
+    with process(settings) as (proc, url):
+        def mine() -> list[int]:
+            answer = httpx.post(f"{url}/my-bookings", json=member)
+            assert answer.status_code == 200
+            return [b["id"] for b in answer.json()["bookings"] if b["date"] == day]
+
+        assert mine() == []  # remembered under the generation of now
+        for size in (0, 3, 1 << 20):  # cut to nothing, to less than a generation, and grown
+            os.truncate(gen, size)
+            assert mine() == []
+        assert httpx.post(f"{url}/book-slot", json={"slot_id": 5, "date": day, **member}).status_code == 200
+        os.truncate(gen, 0)
+        assert mine() == [5]  # exact still: a fresh generation is no older one
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stdout is not None
+        said = [line for line in proc.stdout.read().decode().splitlines() if "was cut to" in line]
+    assert len(said) == 3, "\n".join(said)  # one line each time it was found short
+
+
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
     day = tomorrow()
     with process(settings) as (proc, url):
