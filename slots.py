@@ -118,7 +118,8 @@ FEED_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")  # token_urlsafe(32)
 FEED_PAST_DAYS = 30  # bookings shown after their day
 FEED_CANCELLED_DAYS = 7  # a cancelled booking stays (STATUS:CANCELLED) this long, so calendars drop it
 LAB_FEED_DAYS = 26 * 7  # how far ahead the lab's feed looks
-FEED_CACHE_BYTES = 32 * 1024 * 1024  # feeds kept ready, rotated and guessed links' included (LRU)
+FEED_CACHE_BYTES = 32 * 1024 * 1024  # feeds kept ready, rotated links' included (LRU)
+FEED_ENTRY_BYTES = 512  # what a kept feed costs besides its body (its key, ETag, tuples; measured ~450)
 
 
 class Board:
@@ -137,9 +138,11 @@ class Board:
         self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
-        # secret's hash -> ((the store's generation, today), the feed or None), at most FEED_CACHE_BYTES in all
-        self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed | None]] = LRUCache(
-            maxsize=FEED_CACHE_BYTES, getsizeof=lambda entry: 256 + (len(entry[1].body) if entry[1] else 0))
+        # secret's hash -> ((the store's generation, today), the feed), at most FEED_CACHE_BYTES in all (an
+        # entry's own objects take some 450 bytes besides the body); a feed being built, by secret's hash
+        self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed]] = LRUCache(
+            maxsize=FEED_CACHE_BYTES, getsizeof=lambda entry: FEED_ENTRY_BYTES + len(entry[1].body))
+        self._building: dict[str, tuple[tuple[bytes | None, str], asyncio.Future[Feed | None]]] = {}
         self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
         self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
@@ -580,7 +583,9 @@ class Board:
 
     async def feed(self, secret: str) -> Feed | None:
         """The iCalendar feed a secret opens, or None. Encoded once, and answered from memory while nothing
-        has been committed since (the store's generation: see bookings_body) and the day is the same."""
+        has been committed since (the store's generation: see bookings_body) and the day is the same;
+        requests that arrive while it is being built wait for that one build. Only real feeds are kept:
+        a guessed secret costs one indexed read, and never pushes a member's feed out of memory."""
         if not FEED_SECRET.fullmatch(secret):
             return None
         key = (self.store.stamp(), self.today())
@@ -588,16 +593,27 @@ class Board:
         cached = self.feeds.get(digest)
         if key[0] is not None and cached is not None and cached[0] == key:
             return cached[1]
+        building = self._building.get(digest)
+        if building is None or building[0] != key:
+            task = asyncio.ensure_future(self._build_feed(digest, key))
+            self._building[digest] = (key, task)
+            task.add_done_callback(lambda _: self._building.pop(digest, None)
+                                   if self._building.get(digest, (None, None))[1] is task else None)
+            building = (key, task)
+        return await asyncio.shield(building[1])  # one caller going away leaves the build to the rest
+
+    async def _build_feed(self, digest: str, key: tuple[bytes | None, str]) -> Feed | None:
         today = Date.fromisoformat(key[1])
         since = (today - timedelta(days=FEED_PAST_DAYS)).isoformat()
         until = (today + timedelta(days=LAB_FEED_DAYS)).isoformat()
         removed_since = (today - timedelta(days=FEED_CANCELLED_DAYS)).isoformat()
         rows = await self.store.feed(digest, since, key[1], until, removed_since)
-        result = None
-        if rows is not None and (rows.kind == "member" or self.is_admin(rows.srn)):
-            # in a thread: the lab's feed after a term of series is some 2000 events, 50 ms of work
-            body = await asyncio.to_thread(render_feed, rows, self.rules, since)
-            result = Feed(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
+        if rows is None or (rows.kind == "lab" and not self.is_admin(rows.srn)):
+            self.feeds.pop(digest, None)  # a rotated or removed link's feed goes at once
+            return None
+        # in a thread: the lab's feed after a term of series is some 2000 events, 50 ms of work
+        body = await asyncio.to_thread(render_feed, rows, self.rules, since)
+        result = Feed(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
         if key[0] is not None:
             with contextlib.suppress(ValueError):  # (one feed bigger than the whole cache is not kept)
                 self.feeds[digest] = (key, result)
