@@ -412,7 +412,7 @@ class Peer:
 
     def behind(self, day: Day) -> bool:
         """Whether day is news to this peer: another day than it holds, or a newer state of it."""
-        return self.held is None or self.held.date != day.date or day.newer_than(self.held)
+        return self.held is None or self.held.date != day.date or day.news_to(self.held)
 
     def close(self, code: int) -> None:
         if self.close_code is None:
@@ -643,9 +643,9 @@ class Hub:
         if day.date != today and day.date not in self.watching:
             return
         known = self.newest.get(day.date)
-        if known is None or day.newer_than(known):
+        if known is None or day.news_to(known):
             self.newest[day.date] = day
-        self.pending.set()
+            self.pending.set()
 
     def roll_over(self, day: Day) -> None:
         """A new day began: listeners watching "today" now watch it, and past days are forgotten."""
@@ -2167,6 +2167,7 @@ def create_app(
         hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
         hub.start(settings.heartbeat_seconds)
         board.on_change = lambda day: hub.broadcast(day, board.today())
+        board.watched = hub.watching  # the days kept in memory however many others are read
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import date as Date
 from datetime import datetime, time, timedelta, timezone
@@ -79,6 +79,11 @@ class Day:
     def newer_than(self, other: Day) -> bool:
         return (self.version, self.serial) > (other.version, other.serial)
 
+    def news_to(self, other: Day) -> bool:
+        """Whether a listener holding ``other`` (of the same day) should be sent this: it is newer, and
+        it says something else (a re-read of an unchanged day is not news)."""
+        return self.newer_than(other) and (self.version != other.version or self.slots_json != other.slots_json)
+
 
 def describe_slot(day: Day, slot_id: int) -> dict[str, Any]:
     """One slot as GET /now and GET /me tell it: when, who holds it, whether they checked in."""
@@ -128,12 +133,15 @@ class Board:
     ``GET /slots`` and broadcasts read ready-encoded bytes from here and never touch the database.
     """
 
-    def __init__(self, store: SlotStore, rules: Rules, clock: Callable[[], datetime]) -> None:
+    def __init__(self, store: SlotStore, rules: Rules, clock: Callable[[], datetime],
+                 watched: Container[str] = ()) -> None:
         self.store = store
         self.rules = rules
         self.clock = clock
         self.seen = 0  # the newest event id whose change this process has taken in
-        self.days: LRUCache[str, Day] = LRUCache(maxsize=64)
+        self.watched = watched  # the days listeners watch (the hub's count of them)
+        self.kept: dict[str, Day] = {}  # today's state and those of watched days
+        self.days: LRUCache[str, Day] = LRUCache(maxsize=64)  # other days read lately
         self.serial = 0  # states built so far
         self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
@@ -184,7 +192,7 @@ class Board:
 
     async def day(self, date: str) -> Day:
         """The state of one day, from memory when it has not changed."""
-        day = self.days.get(date)
+        day = self.cached(date)
         if day is None:
             version, rows = await self.store.day(date)
             return self._remember(date, version, rows)
@@ -198,23 +206,39 @@ class Board:
         Whatever teaches this process a newer state (its own write, a refused one, a read, another worker's
         change, or the clock) goes through here, so none is kept without being broadcast.
         """
-        cached = self.days.get(date)
+        cached = self.cached(date)
         if cached is not None and cached.version >= version:
             if cached.until is None or self.clock() < cached.until:
                 return cached  # nothing new (or an older read finishing late)
             version, rows = cached.version, cached.rows  # the clock moved on: the same rows, new statuses
         day = self._build(date, version, rows)
-        self.days[date] = day
+        self._keep(day)
         self.on_change(day)
         return day
 
+    def cached(self, date: str) -> Day | None:
+        return self.kept.get(date) or self.days.get(date)
+
+    def _keep(self, day: Day) -> None:
+        """Today and the days listeners watch are kept for as long as that lasts; others in a small LRU,
+        so that reading many days can neither grow memory nor push out what members are looking at."""
+        if day.date in self.watched or day.date == self.today():
+            self.kept[day.date] = day
+            self.days.pop(day.date, None)
+        else:
+            self.days[day.date] = day
+            self.kept.pop(day.date, None)
+
     def expire(self) -> None:
         """Rebuild the remembered days whose statuses the clock has changed (a slot can no longer be booked,
-        a day comes into the booking window), so that they are broadcast."""
+        a day comes into the booking window), so that they are broadcast; days nobody watches any more go
+        back to the LRU."""
         now = self.clock()
-        for date, day in list(self.days.items()):
+        for date, day in [*self.kept.items(), *self.days.items()]:
             if day.until is not None and now >= day.until:
                 self._remember(date, day.version, day.rows)
+            elif date in self.kept and date not in self.watched and date != self.today():
+                self._keep(day)
 
     def _build(self, date: str, version: int, rows: list[DayRow]) -> Day:
         now = self.now()
@@ -271,7 +295,7 @@ class Board:
         """Take in the days that other processes (other workers on the same file) changed."""
         self.seen = max(self.seen, changes.version)
         for date, last in changes.days.items():
-            cached = self.days.get(date)
+            cached = self.cached(date)
             if cached is None or cached.version < last:
                 version, rows = await self.store.day(date)
                 self._remember(date, version, rows)

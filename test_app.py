@@ -1291,6 +1291,28 @@ def test_reading_many_days_does_not_grow_the_hub(service: Service) -> None:
         assert service.http.get("/slots", params={"date": bad}).status_code == 400
 
 
+def test_reading_other_days_pushes_no_unchanged_state_and_evicts_no_watched_day(service: Service) -> None:
+    """An anonymous reader cycling through 70 other dates (more than the day cache holds), then today, over
+    and over: listeners hear nothing, since nothing changed, and today never leaves memory."""
+    pages = service.sockets(20)
+    watcher = service.socket()
+    send(watcher, {"type": "get_slots", "date": TOMORROW})
+    board = service.server.server.lifespan.state["board"]
+    for _ in range(5):
+        for offset in range(10, 80):
+            day = (datetime(2026, 11, 24) + timedelta(days=offset)).date().isoformat()
+            assert service.http.head("/slots", params={"date": day}).status_code == 200
+        assert service.http.get("/slots").status_code == 200
+        assert service.http.get("/slots", params={"date": TOMORROW}).status_code == 200
+    for page in [*pages, watcher]:
+        with pytest.raises(TimeoutError):
+            receive(page, timeout=0.2)
+    assert TODAY in board.kept and TOMORROW in board.kept
+    assert service.book(9).status_code == 200  # a real change still reaches every page
+    for page in pages:
+        assert booked(receive(page)) == [9]
+
+
 def test_two_hundred_tabs_signing_in_with_the_same_right_password_at_once(settings: Settings,
                                                                           slow_pesu: FakePesu) -> None:
     with running(replace(settings, pesu_timeout=5)) as service:
