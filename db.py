@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS events (
 -- range's), one member's, and the notes that name a member or an event ("booked by X", "no-show 42").
 -- (No semicolon in these comments: the schema is split on them.)
 CREATE INDEX IF NOT EXISTS events_by_slot ON events (date, slot_id);
-CREATE INDEX IF NOT EXISTS events_by_srn ON events (srn, date);
+CREATE INDEX IF NOT EXISTS events_by_member ON events (srn, date, slot_id);
 CREATE INDEX IF NOT EXISTS events_by_note ON events (note) WHERE note IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -285,6 +285,10 @@ class SlotStore:
         self.hours = list(hours)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
+        # Long reads (calendar feeds, history, series) on a connection and thread of their own: in WAL mode
+        # they read a snapshot while writes go on, so no booking waits behind them.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        self._read_conn: sqlite3.Connection | None = None
         self.generation: Generation | None = None  # None for ":memory:"
         self._data_version = 0  # no connection reports 0: the first look reads everything
 
@@ -297,6 +301,26 @@ class SlotStore:
         assert self._conn is not None, "SlotStore.open() first"
         return self._conn
 
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """The connection long reads use (the writer's own for ":memory:", which no other can open)."""
+        return self._read_conn or self.conn
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in one read transaction on the reader's thread: one consistent snapshot of the file."""
+
+        def read() -> T:
+            if self._read_conn is None:
+                return fn(*args)
+            self._read_conn.execute("BEGIN")
+            try:
+                return fn(*args)
+            finally:
+                self._read_conn.execute("COMMIT")
+
+        executor = self._reader if self._read_conn is not None else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, read)
+
     # -- lifetime -----------------------------------------------------------------------------------------
 
     async def open(self, today: str, now: str) -> int:
@@ -304,8 +328,15 @@ class SlotStore:
         return await self._run(self._open, today, now)
 
     async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=True)
         await self._run(self._close)
         self._executor.shutdown(wait=True)
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
 
     def _open(self, today: str, now: str) -> int:
         if self.path != ":memory:":
@@ -322,6 +353,9 @@ class SlotStore:
             self.generation = Generation(self.path + "-gen")
         self._upgrade(today, now)
         conn.execute("PRAGMA busy_timeout = 10000")
+        if self.path != ":memory:":
+            self._read_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._read_conn.execute("PRAGMA busy_timeout = 10000")
         return self._version()
 
     def _upgrade(self, today: str, now: str) -> None:
@@ -334,6 +368,7 @@ class SlotStore:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             conn.execute("CREATE INDEX IF NOT EXISTS bookings_by_series ON bookings (series) WHERE series IS NOT NULL")
             conn.execute("DROP INDEX IF EXISTS events_by_date")  # events_by_slot begins with the date
+            conn.execute("DROP INDEX IF EXISTS events_by_srn")  # events_by_member begins with (srn, date)
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
                 [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
@@ -471,7 +506,7 @@ class SlotStore:
         self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
     ) -> tuple[int, list[dict[str, Any]]]:
         """(total matching, one page of events newest first), filtered by date range and SRN."""
-        return await self._run(self._history, since, until, srn, limit, offset)
+        return await self._read(self._history, since, until, srn, limit, offset)
 
     def _history(
         self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
@@ -487,8 +522,8 @@ class SlotStore:
             where.append("srn = ?")
             params.append(srn)
         clause = " AND ".join(where)
-        total = self.conn.execute(f"SELECT COUNT(*) FROM events WHERE {clause}", params).fetchone()[0]
-        cursor = self.conn.execute(
+        total = self.reader.execute(f"SELECT COUNT(*) FROM events WHERE {clause}", params).fetchone()[0]
+        cursor = self.reader.execute(
             f"SELECT id, at, srn, action, date, slot_id, via, note, series FROM events WHERE {clause}"
             " ORDER BY id DESC LIMIT ? OFFSET ?",
             [*params, limit, offset],
@@ -874,7 +909,7 @@ class SlotStore:
         """The newest series first, each with how many of its slots are still held and have not started."""
 
         def series_list() -> list[dict[str, Any]]:
-            cursor = self.conn.execute(
+            cursor = self.reader.execute(
                 "SELECT id, action, srn, slots, weekdays, first, last, title, created_by, created_at, cancelled_by,"
                 " cancelled_at, (SELECT COUNT(*) FROM bookings b WHERE b.series = s.id"
                 " AND (b.date > ? OR (b.date = ? AND b.slot_id > ?))) AS upcoming"
@@ -887,7 +922,7 @@ class SlotStore:
                 row["from"], row["until"] = row.pop("first"), row.pop("last")
             return rows
 
-        return await self._run(series_list)
+        return await self._read(series_list)
 
     # -- calendar feeds -------------------------------------------------------------------------------------
 
@@ -912,10 +947,10 @@ class SlotStore:
         dated ``since`` or later, their waitlist places from ``today`` on, and their bookings removed
         (cancelled, released, left) at ``removed_since`` or later; for the lab, every booking and closed slot
         from ``since`` to ``until``, and those removed. One read, so a rotated secret is refused at once in
-        every process."""
+        every process. What it reads grows with the feed's window, never with the member's history."""
 
         def feed() -> FeedRows | None:
-            link = self.conn.execute("SELECT srn, kind FROM calendar_links WHERE secret_hash = ?",
+            link = self.reader.execute("SELECT srn, kind FROM calendar_links WHERE secret_hash = ?",
                                      (secret_hash,)).fetchone()
             if link is None:
                 return None
@@ -923,25 +958,17 @@ class SlotStore:
             held = ("SELECT b.date, b.slot_id, b.booked_by, b.booked_at, b.closed, b.series, s.title FROM bookings b"
                     " LEFT JOIN series s ON s.id = b.series WHERE b.date >= ?")
             if kind == "member":
-                rows = self.conn.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
+                rows = self.reader.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
                                          (since, srn)).fetchall()
-                places = self.conn.execute(
+                places = self.reader.execute(
                     "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date"
                     " AND x.slot_id = w.slot_id AND x.id <= w.id), joined_at FROM waitlist w WHERE srn = ?"
                     " AND date >= ? ORDER BY date, slot_id", (srn, today),
                 ).fetchall()
-                # the member's bookings (and places) that went in the last week: their own events, and an
-                # admin's cancellations that name them, each through its index
-                removed = self.conn.execute(
-                    "SELECT date, slot_id, MAX(at) FROM (SELECT date, slot_id, at FROM events WHERE srn = ?"
-                    " AND date >= ? AND at >= ? AND (action IN ('no_show', 'leave') OR (action = 'cancel' AND"
-                    " note IS NULL)) UNION ALL SELECT date, slot_id, at FROM events WHERE note = 'booked by ' || ?"
-                    " AND action = 'cancel' AND date >= ? AND at >= ?) GROUP BY date, slot_id",
-                    (srn, since, removed_since, srn, since, removed_since),
-                ).fetchall()
+                removed = self._removed(srn, since, removed_since)
                 pairs = sorted({(row[0], row[1]) for row in [*rows, *places, *removed]})
             else:
-                rows = self.conn.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id",
+                rows = self.reader.execute(f"{held} AND b.date <= ? ORDER BY b.date, b.slot_id",
                                          (since, until)).fetchall()
                 places = []
                 first, last = Date.fromisoformat(since), Date.fromisoformat(until)
@@ -949,7 +976,7 @@ class SlotStore:
                          for n in range((last - first).days + 1) for slot_id in self.hours]
             # each (date, slot)'s last change (one step down events_by_slot): its revision, and for the lab
             # whether a slot nobody holds now was taken away in the last week
-            last_change = {pair: self.conn.execute(
+            last_change = {pair: self.reader.execute(
                 "SELECT id, at, action FROM events WHERE date = ? AND slot_id = ? ORDER BY id DESC LIMIT 1", pair,
             ).fetchone() for pair in pairs}
             revisions = {pair: (change[0], change[1]) for pair, change in last_change.items() if change}
@@ -960,7 +987,41 @@ class SlotStore:
                            and change[2] in ("cancel", "no_show", "open")]
             return FeedRows(srn, kind, rows, places, removed, revisions)
 
-        return await self._run(feed)
+        return await self._read(feed)
+
+
+    def _removed(self, srn: str, since: str, removed_since: str) -> list[tuple[str, int, str]]:
+        """(date, slot_id, when) of srn's bookings and places dated ``since`` or later that went (cancelled,
+        released, left, or cancelled by an admin) at ``removed_since`` or later. One step down
+        events_by_member per (date, slot) the member ever touched in that window, and one step back to its
+        last removal: a member who booked and cancelled one slot 300,000 times costs two steps for it."""
+        removed: dict[tuple[str, int], str] = {}
+        pair: tuple[str, int] = (since, -1)
+        while True:
+            # the next (date, slot) after this one: a later slot of its date, else the first of a later date
+            # (in two steps: a row-value range (date, slot_id) > (?, ?) would walk the pair's own events)
+            row = self.reader.execute(
+                "SELECT date, slot_id FROM events WHERE srn = ? AND date = ? AND slot_id > ?"
+                " ORDER BY slot_id LIMIT 1", (srn, *pair),
+            ).fetchone() or self.reader.execute(
+                "SELECT date, slot_id FROM events WHERE srn = ? AND date > ? ORDER BY date, slot_id LIMIT 1",
+                (srn, pair[0]),
+            ).fetchone()
+            if row is None:
+                break
+            pair = (row[0], row[1])
+            last = self.reader.execute(
+                "SELECT at FROM events WHERE srn = ? AND date = ? AND slot_id = ? AND (action IN ('no_show', 'leave')"
+                " OR (action = 'cancel' AND note IS NULL)) ORDER BY id DESC LIMIT 1", (srn, *pair),
+            ).fetchone()
+            if last is not None and last[0] >= removed_since:
+                removed[pair] = last[0]
+        for date, slot_id, at in self.reader.execute(  # an admin's cancellations of their bookings
+            "SELECT date, slot_id, MAX(at) FROM events WHERE note = 'booked by ' || ? AND action = 'cancel'"
+            " AND date >= ? AND at >= ? GROUP BY date, slot_id", (srn, since, removed_since),
+        ):
+            removed[(date, slot_id)] = max(at, removed.get((date, slot_id), at))
+        return [(date, slot_id, at) for (date, slot_id), at in removed.items()]
 
 
 class GuardStore:
