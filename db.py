@@ -17,9 +17,11 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -345,7 +347,7 @@ class SlotStore:
         # Another worker may be upgrading the file (building indexes over a long history takes seconds):
         # wait for it as long as it takes, then no more than 10 s for any one write.
         conn.execute("PRAGMA busy_timeout = 3600000")
-        conn.execute("PRAGMA journal_mode = WAL")
+        set_wal(conn, 3600)
         # FULL: a commit is on disk before we answer, so an acknowledged booking survives a power cut.
         conn.execute("PRAGMA synchronous = FULL")
         self._conn = conn
@@ -1022,6 +1024,21 @@ class SlotStore:
         ):
             removed[(date, slot_id)] = max(at, removed.get((date, slot_id), at))
         return [(date, slot_id, at) for (date, slot_id), at in removed.items()]
+
+
+def set_wal(conn: sqlite3.Connection, wait: float) -> None:
+    """PRAGMA journal_mode = WAL, tried again while busy for up to ``wait`` seconds. Changing the mode turns
+    a read lock into the write lock, and there SQLite answers SQLITE_BUSY at once instead of calling the
+    busy handler (to avoid a deadlock), so two workers converting one new file at once made one fail."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(0.005 + 0.02 * random.random())  # (apart, so two waiting workers do not collide again)
 
 
 class GuardStore:

@@ -2255,6 +2255,40 @@ def test_a_generation_file_cut_short_while_the_server_runs_is_survived_and_said(
     assert len(said) == 3, "\n".join(said)  # one line each time it was found short
 
 
+def test_workers_starting_on_a_new_database_at_the_same_instant_all_start(tmp_path: Path) -> None:
+    """Two workers switching one new file to WAL at once: SQLite refuses one at once ("database is locked",
+    which no busy timeout waits out); it must wait for the other instead. (Threads: each has its own
+    connection, which SQLite locks against the others as it would another process's.)"""
+    failures = []
+    for n in range(100):
+        path = str(tmp_path / f"r{n}" / "rero.db")
+        db.check_writable(path)  # as python app.py's preflight does, before the workers start
+        barrier = threading.Barrier(4)
+
+        def worker() -> None:
+            async def start() -> None:
+                store, guard = db.SlotStore(path, range(3, 15)), db.GuardStore(path)
+                barrier.wait()
+                try:
+                    await store.open(TODAY, "2026-11-24 01:00:00")
+                    await guard.open()
+                finally:
+                    await guard.close()
+                    await store.close()
+
+            try:
+                asyncio.run(start())
+            except Exception as exc:  # noqa: BLE001 (any failure to start is what this test counts)
+                failures.append(f"round {n}: {exc!r}")
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, f"{len(failures)} of 400 starts failed, e.g. {failures[0]}"
+
+
 def test_an_acknowledged_booking_survives_kill_9(settings: Settings) -> None:
     day = tomorrow()
     with process(settings) as (proc, url):
