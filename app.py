@@ -739,9 +739,14 @@ def raise_fd_limit() -> int:
 class Door:
     """Every TCP connection of this process, counted where uvicorn makes them, so descriptors never run out.
 
-    - At most ``limit`` connections (below the open-file limit). One more evicts the oldest connection that
-      has not sent a request yet (an idle or trickling one); if there is none, the newcomer is closed at once.
-    - A connection that has not sent a whole request head within ``request_timeout`` is closed.
+    - At most ``limit`` connections (below the open-file limit). One more evicts, in this order: the oldest
+      connection that is not being answered (no whole request yet: an idle, trickling or slow-body one, or
+      keep-alive between requests); a listener whose close has been sent (a refused or dropped socket
+      waiting for its peer's close frame); the newest listener of the address that holds the most. If
+      there is none (every connection is being answered), the newcomer is closed at once.
+    - A connection that is not being answered is closed once it has waited ``request_timeout``: whole
+      requests (head and body) arrive within that, and keep-alive lasts no longer, however slowly the next
+      head trickles in.
     - A connection whose peer stops reading, so that our writes back up, is aborted after ``stall_timeout``:
       closing it politely would wait for a reader that never comes, and hold its descriptor for ever.
     """
@@ -751,38 +756,56 @@ class Door:
         self.request_timeout = request_timeout
         self.stall_timeout = stall_timeout
         self.open: dict[asyncio.BaseProtocol, asyncio.Transport] = {}  # oldest first
-        self.waiting: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}  # no request yet, oldest first
+        self.waiting: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}  # not being answered, oldest first
         self.stalled: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}
+        self.listeners: dict[str, dict[asyncio.BaseProtocol, None]] = {}  # by client address, oldest first
+        self.address: dict[asyncio.BaseProtocol, str] = {}  # of each listener
         self.refused = 0  # connections closed at once, or evicted, for want of room
 
     def enter(self, protocol: asyncio.BaseProtocol, transport: asyncio.Transport, *, requested: bool) -> None:
-        loop = asyncio.get_running_loop()
         if len(self.open) >= self.limit and not self._evict():
             self.refused += 1
             cut(transport)
             return
         self.open[protocol] = transport
         if not requested:
-            self.waiting[protocol] = loop.call_later(self.request_timeout, self._expire, protocol)
+            self.wait(protocol)
 
     def _evict(self) -> bool:
-        for protocol in self.waiting:
-            if not has_request(protocol):
-                self.refused += 1
-                cut(self.open[protocol])
-                self.leave(protocol)
-                return True
-        return False
+        victim = next(iter(self.waiting), None)
+        if victim is None:
+            victim = next((p for mine in self.listeners.values() for p in mine if closing(p)), None)
+        if victim is None and self.listeners:
+            victim = next(reversed(max(self.listeners.values(), key=len)))
+        if victim is None:
+            return False
+        self.refused += 1
+        cut(self.open[victim])
+        self.leave(victim)
+        return True
+
+    def wait(self, protocol: asyncio.BaseProtocol) -> None:
+        """The connection is not being answered (it is made, or its last answer is complete): it has
+        ``request_timeout`` to send a whole request."""
+        if protocol in self.open and protocol not in self.waiting:
+            loop = asyncio.get_running_loop()
+            self.waiting[protocol] = loop.call_later(self.request_timeout, self._expire, protocol)
 
     def _expire(self, protocol: asyncio.BaseProtocol) -> None:
-        self.waiting.pop(protocol, None)
-        if protocol in self.open and not has_request(protocol):
+        if self.waiting.pop(protocol, None) is not None and protocol in self.open:
             cut(self.open[protocol])
 
-    def requested(self, protocol: asyncio.BaseProtocol) -> None:
+    def answering(self, protocol: asyncio.BaseProtocol) -> None:
+        """A whole request (head and body) has come: it is being answered, and no longer times out here."""
         timer = self.waiting.pop(protocol, None)
         if timer is not None:
             timer.cancel()
+
+    def listen(self, protocol: asyncio.BaseProtocol, address: str) -> None:
+        """The connection is a listener (a WebSocket, an /events stream) of that client address."""
+        if protocol in self.open and protocol not in self.address:
+            self.address[protocol] = address
+            self.listeners.setdefault(address, {})[protocol] = None
 
     def leave(self, protocol: asyncio.BaseProtocol) -> None:
         """The connection closed, or was handed to another protocol (a WebSocket upgrade)."""
@@ -791,6 +814,12 @@ class Door:
             timer = timers.pop(protocol, None)
             if timer is not None:
                 timer.cancel()
+        address = self.address.pop(protocol, None)
+        if address is not None:
+            mine = self.listeners[address]
+            del mine[protocol]
+            if not mine:
+                del self.listeners[address]
 
     def stall(self, protocol: asyncio.BaseProtocol) -> None:
         """Our writes to this connection back up (the transport paused writing)."""
@@ -814,9 +843,11 @@ def cut(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
-def has_request(protocol: asyncio.BaseProtocol) -> bool:
-    """Whether an HTTP connection has sent a whole request head (both of uvicorn's parsers set ``cycle``)."""
-    return getattr(protocol, "cycle", None) is not None
+def closing(protocol: asyncio.BaseProtocol) -> bool:
+    """Whether a listener is only waiting to be closed: a WebSocket whose close frame we have sent (uvicorn
+    then waits up to 10 s for the peer's), or a connection already closing."""
+    transport = getattr(protocol, "transport", None)
+    return getattr(protocol, "close_sent", False) or (transport is not None and transport.is_closing())
 
 
 def door_of(protocol: Any) -> Door | None:
@@ -870,16 +901,60 @@ def keep_send_buffer_small(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LISTENER_SEND_BUFFER)
 
 
+MAX_HEAD_BYTES = 16 * 1024  # a request head (request line and headers), as h11 allows: past it, 431
+HEAD_PIECE = 2048  # bytes handed to the parser at a time, so a head is measured before it is parsed
+
+
 class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door."""
+    """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door, with request
+    heads of at most MAX_HEAD_BYTES.
+
+    httptools keeps every header of a head as Python objects until the head ends, with no limit: one
+    connection sending header lines for ever grew the process by 9 bytes per byte sent. Here data reaches
+    the parser HEAD_PIECE bytes at a time, and the bytes of a head are counted before each piece: past the
+    limit the connection is answered 431 and closed, whatever the parser.
+    """
+
+    head_bytes = 0  # of the request head being received (while no request is in progress)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        for start in range(0, len(data), HEAD_PIECE):
+            cycle = self.cycle
+            if cycle is None or not cycle.more_body:  # what comes now is a request head
+                self.head_bytes += min(HEAD_PIECE, len(data) - start)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    return self._refuse_head()
+            super().data_received(data[start:start + HEAD_PIECE])
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:
+                return  # answered 400, or upgraded to a WebSocket (which takes the rest as uvicorn does)
+            if self.cycle is not cycle:  # a head ended in that piece
+                self.head_bytes = 0
+                if self.cycle.scope.get("path") in STREAM_PATHS:
+                    keep_send_buffer_small(self.transport)
+                    door = door_of(self)
+                    if door is not None:
+                        door.listen(self, self.client[0] if self.client else "")
         door = door_of(self)
-        if door is not None and has_request(self):
-            if door.waiting.get(self) is not None and self.cycle.scope.get("path") in STREAM_PATHS:
-                keep_send_buffer_small(self.transport)
-            door.requested(self)
+        cycle = self.cycle
+        if door is not None and cycle is not None and not cycle.more_body and not cycle.response_complete:
+            door.answering(self)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle, door = self.cycle, door_of(self)
+        if door is not None and (cycle is None or cycle.response_complete):  # no pipelined request next
+            door.wait(self)
+
+    def _refuse_head(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            cut(self.transport)  # a response is under way: there is no place for another one
+            return
+        body = b'{"detail":"Request header fields too large"}'
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
         door = door_of(self)
@@ -907,6 +982,9 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         keep_send_buffer_small(transport)
+        door = door_of(self)
+        if door is not None:
+            door.listen(self, self.client[0] if self.client else "")
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
