@@ -43,7 +43,7 @@ from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -112,7 +112,7 @@ class Settings:
     login_fail_window_minutes: float = 15
     login_fails_per_address: int = 100  # failed checks per address per window (members' successes earn some back)
     login_max_delay_seconds: float = 30  # the longest delay between guesses at one username from one address
-    pesu_max_concurrency: int = 20  # PESU checks in flight at once, for the whole process
+    pesu_max_concurrency: int = 200  # PESU checks in flight at once, for the whole process (and fds allow)
     pesu_max_queue: int = 200  # PESU checks waiting for a place; beyond that, 503 at once
     ws_rate_per_second: float = 20  # messages per socket; 0 = off
     ws_rate_burst: int = 40
@@ -285,10 +285,13 @@ async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, An
             body += message.get("body", b"")
     else:  # chunked: count as it comes
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+        except ClientDisconnect:  # gone mid-body: no error of ours (it was logged with a traceback)
+            raise HTTPException(400, "The request body was cut short") from None
     if empty_ok and not body.strip():
         return {}
     try:
@@ -790,6 +793,7 @@ class Door:
         if protocol in self.open and protocol not in self.waiting:
             loop = asyncio.get_running_loop()
             self.waiting[protocol] = loop.call_later(self.request_timeout, self._expire, protocol)
+            self._unlisten(protocol)  # (an /events stream that ended, its connection kept alive)
 
     def _expire(self, protocol: asyncio.BaseProtocol) -> None:
         if self.waiting.pop(protocol, None) is not None and protocol in self.open:
@@ -814,6 +818,9 @@ class Door:
             timer = timers.pop(protocol, None)
             if timer is not None:
                 timer.cancel()
+        self._unlisten(protocol)
+
+    def _unlisten(self, protocol: asyncio.BaseProtocol) -> None:
         address = self.address.pop(protocol, None)
         if address is not None:
             mine = self.listeners[address]
@@ -903,46 +910,65 @@ def keep_send_buffer_small(transport: asyncio.BaseTransport) -> None:
 
 MAX_HEAD_BYTES = 16 * 1024  # a request head (request line and headers), as h11 allows: past it, 431
 HEAD_PIECE = 2048  # bytes handed to the parser at a time, so a head is measured before it is parsed
+MAX_PIPELINED = 16  # requests sent ahead on one connection while one is answered (browsers send none)
 
 
 class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """uvicorn's HTTP protocol (httptools, or h11 where it is missing), counted by the Door, with request
-    heads of at most MAX_HEAD_BYTES.
+    heads of at most MAX_HEAD_BYTES and at most MAX_PIPELINED requests queued behind the one answered.
 
-    httptools keeps every header of a head as Python objects until the head ends, with no limit: one
-    connection sending header lines for ever grew the process by 9 bytes per byte sent. Here data reaches
-    the parser HEAD_PIECE bytes at a time, and the bytes of a head are counted before each piece: past the
-    limit the connection is answered 431 and closed, whatever the parser.
+    httptools keeps every header of a head (and every trailer of a chunked body) as Python objects until
+    it ends, with no limit: one connection sending header lines for ever grew the process by 9 bytes per
+    byte sent. Here data reaches the parser HEAD_PIECE bytes at a time; the bytes of a head are counted
+    before each piece, and trailers as they are parsed: past the limit the connection is answered 431 and
+    closed, whatever the parser. Requests sent ahead are parsed, and kept, 256 KiB at a time: a client
+    sending small GETs for ever grew the process by 120 MB a second, so past MAX_PIPELINED it is cut.
     """
 
     head_bytes = 0  # of the request head being received (while no request is in progress)
+    trailer_bytes = 0  # of the trailers of the chunked body being received
 
     def data_received(self, data: bytes) -> None:
         for start in range(0, len(data), HEAD_PIECE):
             cycle = self.cycle
             if cycle is None or not cycle.more_body:  # what comes now is a request head
                 self.head_bytes += min(HEAD_PIECE, len(data) - start)
-                if self.head_bytes > MAX_HEAD_BYTES:
-                    return self._refuse_head()
+            if self.head_bytes > MAX_HEAD_BYTES or self.trailer_bytes > MAX_HEAD_BYTES:
+                return self._refuse_head()
             super().data_received(data[start:start + HEAD_PIECE])
             if self.transport.is_closing() or self.transport.get_protocol() is not self:
                 return  # answered 400, or upgraded to a WebSocket (which takes the rest as uvicorn does)
             if self.cycle is not cycle:  # a head ended in that piece
-                self.head_bytes = 0
+                self.head_bytes = self.trailer_bytes = 0
+                if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
+                    return cut(self.transport)
                 if self.cycle.scope.get("path") in STREAM_PATHS:
                     keep_send_buffer_small(self.transport)
                     door = door_of(self)
                     if door is not None:
                         door.listen(self, self.client[0] if self.client else "")
-        door = door_of(self)
-        cycle = self.cycle
-        if door is not None and cycle is not None and not cycle.more_body and not cycle.response_complete:
-            door.answering(self)
+        self._tell_door()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """(httptools) A header, or a trailer of a chunked body: those are counted here."""
+        if self.cycle is not None and self.cycle.more_body:
+            self.trailer_bytes += len(name) + len(value) + 4
+            if self.trailer_bytes > MAX_HEAD_BYTES:
+                return  # not kept; the connection is answered 431 after this piece
+        super().on_header(name, value)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        cycle, door = self.cycle, door_of(self)
-        if door is not None and (cycle is None or cycle.response_complete):  # no pipelined request next
+        self._tell_door()
+
+    def _tell_door(self) -> None:
+        """Whether this connection is being answered (a whole request, not answered yet) or waits."""
+        door, cycle = door_of(self), self.cycle
+        if door is None or self.transport.is_closing():
+            return
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            door.answering(self)
+        else:  # nothing asked, a body still coming (perhaps behind requests sent ahead), or kept alive
             door.wait(self)
 
     def _refuse_head(self) -> None:
@@ -2237,7 +2263,8 @@ def create_app(
         await guard_store.open()
         # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
         files = raise_fd_limit()
-        connections = max(16, files - RESERVED_FDS - settings.pesu_max_concurrency)
+        pesu_places = min(settings.pesu_max_concurrency, max(1, (files - RESERVED_FDS) // 4))  # a socket each
+        connections = max(16, files - RESERVED_FDS - pesu_places)
         listeners = connections - max(8, connections // 10)
         if settings.max_connections:
             listeners = min(listeners, settings.max_connections)
@@ -2251,10 +2278,7 @@ def create_app(
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)
         window = settings.login_fail_window_minutes * 60
         timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
-        # as many pooled connections as checks may run at once: nobody waits inside httpx's pool
-        limits = httpx.Limits(max_connections=settings.pesu_max_concurrency,
-                              max_keepalive_connections=settings.pesu_max_concurrency)
-        async with httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits) as client:
+        async with pesu.clients(pesu_places, transport=transport, timeout=timeout) as client:
             guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
                           seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
             checker = PesuChecker(
@@ -2264,7 +2288,7 @@ def create_app(
                 timer=pesu_timer,
                 deadline=1.5 * settings.pesu_timeout,
                 guard=guard,
-                max_concurrency=settings.pesu_max_concurrency,
+                max_concurrency=pesu_places,
                 max_queue=settings.pesu_max_queue,
             )
             counters = Metrics()
@@ -2275,8 +2299,8 @@ def create_app(
                         public_url(settings.pesu_auth_url))
             if not settings.session_secret:
                 logger.info("SESSION_SECRET is not set: tokens end when this process does (see README)")
-            logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d",
-                        files, connections, listeners)
+            logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d;"
+                        " PESU checks at most %d at once", files, connections, listeners, pesu_places)
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
                 yield {
