@@ -408,10 +408,13 @@ class Peer:
         self.sending = False  # a send to this peer has started and not finished
 
     def send_state(self, day: Day) -> None:
-        """Send this state now (a socket's first state, or its answer to get_slots)."""
-        self.latest = self.held = day
-        self.due = True
-        self.wake.set()
+        """Send this state now, as the listener's first, unless the fan-out has handed it this one (or a
+        newer) while the listener waited for it: the first sockets of a process wait for the day's first
+        read, and its broadcast reaches those already joined."""
+        if self.behind(day):
+            self.latest = self.held = day
+            self.due = True
+            self.wake.set()
 
     def behind(self, day: Day) -> bool:
         """Whether day is news to this peer: another day than it holds, or a newer state of it."""

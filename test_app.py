@@ -595,6 +595,22 @@ def stuck_socket_slows_no_one_and_is_dropped(service: Service) -> None:
     assert send(ws, {"type": "get_slots"})["type"] == "slots_update"
 
 
+def test_sockets_opened_together_on_a_new_server_each_hear_the_state_once(settings: Settings) -> None:
+    # The first sockets of a process wait for the day's first read; the state it brings was broadcast to
+    # the ones already waiting and then sent them again as their first state, so a client's next answer
+    # was a second copy of the state.
+    for _ in range(3):
+        with running(settings) as service, ThreadPoolExecutor(20) as pool:
+            sockets = list(pool.map(lambda _: service.stack.enter_context(ws_connect(service.server.ws_url)),
+                                    range(20)))
+            for ws in sockets:
+                assert receive(ws)["type"] == "slots_update"
+            time.sleep(0.3)
+            for ws in sockets:
+                with pytest.raises(TimeoutError):
+                    ws.recv(timeout=0)
+
+
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """One masked WebSocket frame (text unless told), as a browser sends it (payload under 126 bytes)."""
     mask = os.urandom(4)
