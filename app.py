@@ -723,6 +723,17 @@ class Hub:
 
 
 # -- the door: connections as uvicorn's protocols see them ----------------------------------------------------
+#
+# The guarded protocols below subclass uvicorn's and rely on these internals of theirs (requirements.txt
+# starts at the first release that has them all, and test_the_uvicorn_internals_we_rely_on_are_there
+# names any that an upgrade takes away):
+# - both HTTP protocols: ``cycle`` (None until a whole head; its ``more_body``, ``response_complete`` and
+#   ``scope``), ``on_response_complete`` (the cycle's callback, looked up on the protocol), ``client``,
+#   ``app_state``, ``handle_websocket_upgrade`` (no argument for httptools, the h11 event for h11) and
+#   ``transport.set_protocol`` on upgrade;
+# - httptools: ``on_header(name, value)`` for headers and trailers, ``pipeline`` (requests sent ahead);
+# - sans-I/O WebSockets: ``close_sent``, ``read_paused``, ``client``, and ``send`` waiting on ``writable``
+#   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing.
 
 
 RESERVED_FDS = 64  # descriptors kept for the database, the listening socket, logs and pipes, besides PESU's

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import resource
@@ -2450,6 +2451,41 @@ def answer_to(sock: socket.socket, timeout: float = 5) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
+    """The guarded protocols' seam (listed in app.py above class Door): an upgrade of uvicorn that drops
+    one fails here by name, rather than as a timeout somewhere else."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.h11_impl import RequestResponseCycle as H11Cycle
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as HttpToolsCycle
+    from uvicorn.server import ServerState
+
+    config = uvicorn.Config(app_module.app, **app_module.server_options(Settings()))
+    config.load()
+    missing = []
+    for protocol_class in (HttpToolsProtocol, H11Protocol, app_module.GuardedHttp, app_module.GuardedWebSocket):
+        protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+        names = ["app_state", "connection_made", "connection_lost", "data_received", "pause_writing",
+                 "resume_writing"]
+        if protocol_class is not app_module.GuardedWebSocket:
+            names += ["cycle", "on_response_complete", "handle_websocket_upgrade"]
+        else:
+            names += ["close_sent", "read_paused", "writable"]
+        if protocol_class is HttpToolsProtocol:
+            names += ["on_header", "pipeline"]
+        missing += [f"{protocol_class.__name__}.{name}" for name in names if not hasattr(protocol, name)]
+    for cycle_class in (HttpToolsCycle, H11Cycle):
+        source = inspect.getsource(cycle_class.__init__)
+        missing += [f"{cycle_class.__module__}.RequestResponseCycle.{name}" for name in
+                    ("more_body", "response_complete", "on_response", "scope") if f"self.{name}" not in source]
+    if "pause_writing" not in vars(app_module.WebSocketsSansIOProtocol):  # (what clears writable)
+        missing.append("WebSocketsSansIOProtocol.pause_writing")
+    send = inspect.getsource(app_module.WebSocketsSansIOProtocol.send)
+    if not send.lstrip().split("\n", 2)[1].strip().startswith("await self.writable.wait()"):
+        missing.append("WebSocketsSansIOProtocol.send waiting for writable before anything else")
+    assert not missing, f"uvicorn {uvicorn.__version__} lacks what app.py relies on: {missing}"
 
 
 def test_a_request_head_is_at_most_16_kib_whatever_follows(service: Service) -> None:
