@@ -146,6 +146,12 @@ DayRow = tuple[int, str | None, str, int, int, int]
 # A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
 # "YYYY-MM-DD HH:MM:SS" in the club's time, to the second): in seconds of the day, for SQL on the bookings
 # table. checkin_starts() is its twin for a booking in memory (a test holds them to the same answers).
+def slot_times(slot_id: int) -> tuple[str, str]:
+    """A slot's start and end as every output writes them: slot 23 ends at "24:00" (the day's end, as ISO
+    8601 allows), never "00:00", which would read as before it began."""
+    return f"{slot_id:02d}:00", f"{slot_id + 1:02d}:00"
+
+
 CHECKIN_STARTS = (
     "MAX(slot_id * 3600, CASE WHEN substr(booked_at, 1, 10) = date THEN"
     " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
@@ -373,7 +379,7 @@ class SlotStore:
             conn.execute("DROP INDEX IF EXISTS events_by_srn")  # events_by_member begins with (srn, date)
             conn.executemany(
                 "INSERT OR IGNORE INTO slots (id, start_time, end_time, is_booked) VALUES (?, ?, ?, 0)",
-                [(hour, f"{hour:02d}:00", f"{hour + 1:02d}:00") for hour in self.hours],
+                [(hour, *slot_times(hour)) for hour in self.hours],
             )
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
             if row is None or row[0] < SCHEMA_VERSION:

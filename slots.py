@@ -26,7 +26,7 @@ import orjson
 from cachetools import LRUCache
 
 from db import (Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore,
-                checkin_starts)
+                checkin_starts, slot_times)
 
 
 class SlotError(Exception):
@@ -83,6 +83,11 @@ class Day:
         """Whether a listener holding ``other`` (of the same day) should be sent this: it is newer, and
         it says something else (a re-read of an unchanged day is not news)."""
         return self.newer_than(other) and (self.version != other.version or self.slots_json != other.slots_json)
+
+
+def times_of(slot_id: int) -> dict[str, str]:
+    start, end = slot_times(slot_id)
+    return {"start_time": start, "end_time": end}
 
 
 def describe_slot(day: Day, slot_id: int) -> dict[str, Any]:
@@ -264,8 +269,7 @@ class Board:
                 changes.append(deadline)
             slots.append({
                 "id": hour,
-                "start_time": f"{hour:02d}:00",
-                "end_time": f"{hour + 1:02d}:00",
+                **times_of(hour),
                 # The original clients offer any slot that is not booked: so is_booked is true for every slot
                 # that cannot be booked now, and status says why.
                 "is_booked": status != "available",
@@ -510,14 +514,12 @@ class Board:
         today, hour = key[1], key[2]
         rows, places = await self.store.upcoming_of(srn, today, hour)
         bookings = [
-            {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00",
-             "booked_at": booked_at, "date": date}
+            {"id": slot_id, **times_of(slot_id), "booked_at": booked_at, "date": date}
             for date, slot_id, booked_at in rows
             if slot_id in self.rules.hours
         ]
         waitlist = [
-            {"id": slot_id, "start_time": f"{slot_id:02d}:00", "end_time": f"{slot_id + 1:02d}:00", "date": date,
-             "position": position}
+            {"id": slot_id, **times_of(slot_id), "date": date, "position": position}
             for date, slot_id, position in places
         ]
         body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings),
@@ -761,7 +763,7 @@ def render_feed(rows: FeedRows, rules: Rules, since: str) -> bytes:
         events[(date, slot_id)] = [*lines, "END:VEVENT"]
 
     def when(slot_id: int) -> str:
-        return f"slot {slot_id:02d}:00-{(slot_id + 1) % 24:02d}:00"
+        return "slot {}-{}".format(*slot_times(slot_id))
 
     for date, slot_id, holder, booked_at, closed, series, title in rows.held:
         named = f" ({title})" if title else ""

@@ -3027,6 +3027,17 @@ def test_asking_again_rotates_the_link_and_unlink_removes_it(service: Service, s
     assert not any(secret.encode() in path.read_bytes() for path in files)
 
 
+def test_the_last_slot_of_a_day_ending_at_midnight_ends_at_24_00_everywhere(settings: Settings) -> None:
+    with running(replace(settings, slot_end_hour=24)) as service:
+        assert service.book(23).status_code == 200
+        slot = next(s for s in service.slots()["slots"] if s["id"] == 23)
+        mine = service.http.post("/my-bookings", json=body(None)).json()["bookings"]
+        summary = str(next(iter(events_of(parse_feed(service.http.get(link(service)))).values()))["SUMMARY"])
+    assert (slot["start_time"], slot["end_time"]) == ("23:00", "24:00")
+    assert [(b["start_time"], b["end_time"]) for b in mine] == [("23:00", "24:00")]
+    assert "23:00-24:00" in summary, summary  # the feed had "23:00-00:00"
+
+
 def test_a_feed_answers_304_until_something_changes(service: Service) -> None:
     path = link(service)
     first = service.http.get(path)
