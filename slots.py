@@ -316,6 +316,11 @@ class Board:
     def is_admin(self, srn: str) -> bool:
         return srn in self.rules.admins
 
+    def admin_only(self, srn: str) -> None:
+        """Forbidden (403) unless srn is an admin."""
+        if not self.is_admin(srn):
+            raise Forbidden("Admins only")
+
     def _check(self, date: str, slot_id: int, *, for_booking: bool) -> datetime:
         """The slot's start, after checking it exists and its date is in the booking window."""
         if slot_id not in self.rules.hours:
@@ -348,8 +353,7 @@ class Board:
 
     async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
         """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
-        if not self.is_admin(admin):
-            raise Forbidden("Admins only")
+        self.admin_only(admin)
         if slot_id not in self.rules.hours:
             raise SlotError(f"Slot {slot_id} does not exist")
         change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
@@ -490,8 +494,7 @@ class Board:
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
         """An admin closes a free slot (nobody can book it) or reopens a closed one."""
-        if not self.is_admin(srn):
-            raise Forbidden("Admins only")
+        self.admin_only(srn)
         self._check(date, slot_id, for_booking=False)
         change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
         self._settle(date, change, {
@@ -531,8 +534,7 @@ class Board:
     async def history(
         self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int
     ) -> tuple[int, list[dict[str, Any]]]:
-        if not self.is_admin(srn):
-            raise Forbidden("Admins only")
+        self.admin_only(srn)
         return await self.store.history(since, until, who, page_size, (page - 1) * page_size)
 
     # -- series -------------------------------------------------------------------------------------------
@@ -542,8 +544,7 @@ class Board:
         """An admin closes (or reserves for srn) the same slots on chosen weekdays from ``first`` to ``last``:
         any date from today on, the booking window aside; a member's booking is a conflict and stays theirs.
         Each day it changes is broadcast."""
-        if not self.is_admin(admin):
-            raise Forbidden("Admins only")
+        self.admin_only(admin)
         for slot_id in slots:
             if slot_id not in self.rules.hours:
                 raise SlotError(f"Slot {slot_id} does not exist")
@@ -569,8 +570,7 @@ class Board:
     async def cancel_series(self, admin: str, series: int, via: str) -> SeriesCancel:
         """An admin cancels what is left of a series: its slots that have not started are freed (a reserved
         one handed to the first in its waitlist who may take it), and each day broadcast."""
-        if not self.is_admin(admin):
-            raise Forbidden("Admins only")
+        self.admin_only(admin)
         result = await self.store.cancel_series(series, admin, self.stamp(), via, self._limits())
         if result.outcome != "ok":
             raise SlotError(f"Series {series} " + ("does not exist" if result.outcome == "none" else
@@ -580,8 +580,7 @@ class Board:
         return result
 
     async def series_list(self, admin: str) -> list[dict[str, Any]]:
-        if not self.is_admin(admin):
-            raise Forbidden("Admins only")
+        self.admin_only(admin)
         today, hour = self.hour()
         return await self.store.series_list(today, hour)
 
@@ -597,8 +596,8 @@ class Board:
     async def link_calendar(self, srn: str, kind: str) -> str:
         """A new secret for srn's calendar feed (``kind`` "member", or "lab" for admins); any older link to
         that feed stops working. Only its hash is stored."""
-        if kind == "lab" and not self.is_admin(srn):
-            raise Forbidden("Admins only")
+        if kind == "lab":
+            self.admin_only(srn)
         secret = secrets.token_urlsafe(FEED_SECRET_BYTES)
         await self.store.link_calendar(srn, kind, feed_hash(secret), self.stamp())
         return secret
