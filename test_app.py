@@ -2465,8 +2465,9 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     config = uvicorn.Config(app_module.app, **app_module.server_options(Settings()))
     config.load()
     missing = []
+    loop = asyncio.new_event_loop()
     for protocol_class in (HttpToolsProtocol, H11Protocol, app_module.GuardedHttp, app_module.GuardedWebSocket):
-        protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+        protocol = protocol_class(config=config, server_state=ServerState(), app_state={}, _loop=loop)
         names = ["app_state", "connection_made", "connection_lost", "data_received", "pause_writing",
                  "resume_writing"]
         if protocol_class is not app_module.GuardedWebSocket:
@@ -2476,6 +2477,7 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
         if protocol_class is HttpToolsProtocol:
             names += ["on_header", "pipeline"]
         missing += [f"{protocol_class.__name__}.{name}" for name in names if not hasattr(protocol, name)]
+    loop.close()
     for cycle_class in (HttpToolsCycle, H11Cycle):
         source = inspect.getsource(cycle_class.__init__)
         missing += [f"{cycle_class.__module__}.RequestResponseCycle.{name}" for name in
