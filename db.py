@@ -157,6 +157,9 @@ CHECKIN_STARTS = (
     " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
     " + CAST(substr(booked_at, 18, 2) AS INTEGER) ELSE 0 END)")
 # A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
+# A slot relative to the club's current hour; each takes (today, today, the hour's slot_id) as parameters.
+NOT_ENDED = "(date > ? OR (date = ? AND slot_id >= ?))"  # the hour's own slot has not ended yet
+NOT_STARTED = "(date > ? OR (date = ? AND slot_id > ?))"  # later than the hour's own slot, which has begun
 UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
               " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
 # (date, slot_id, position in line) of a member's places in waitlists
@@ -497,15 +500,14 @@ class SlotStore:
         return await self._run(self._upcoming_of, srn, today, after_hour)
 
     def _upcoming_of(self, srn: str, today: str, after_hour: int) -> tuple[list[tuple[str, int, str]], list[Place]]:
-        later = "(date > ? OR (date = ? AND slot_id >= ?))"
         bookings = self.conn.execute(
-            f"SELECT date, slot_id, booked_at FROM bookings WHERE booked_by = ? AND NOT closed AND {later}"
+            f"SELECT date, slot_id, booked_at FROM bookings WHERE booked_by = ? AND NOT closed AND {NOT_ENDED}"
             " ORDER BY date, slot_id",
             (srn, today, today, after_hour),
         ).fetchall()
         places = self.conn.execute(
             "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
-            f" AND x.id <= w.id) FROM waitlist w WHERE srn = ? AND {later} ORDER BY date, slot_id",
+            f" AND x.id <= w.id) FROM waitlist w WHERE srn = ? AND {NOT_ENDED} ORDER BY date, slot_id",
             (srn, today, today, after_hour),
         ).fetchall()
         return bookings, places
@@ -582,8 +584,7 @@ class SlotStore:
             return "no_shows"
         if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
             return "per_day"
-        upcoming = "(date > ? OR (date = ? AND slot_id > ?))"
-        if limits.upcoming and self._count(srn, upcoming, limits.today, limits.today, limits.now_hour) >= (
+        if limits.upcoming and self._count(srn, NOT_STARTED, limits.today, limits.today, limits.now_hour) >= (
             limits.upcoming
         ):
             return "upcoming"
@@ -662,7 +663,7 @@ class SlotStore:
             if line.per_slot and waiting[0] >= line.per_slot:
                 return "full", None, None, 0
             mine = self.conn.execute(
-                "SELECT COUNT(*) FROM waitlist WHERE srn = ? AND (date > ? OR (date = ? AND slot_id >= ?))",
+                f"SELECT COUNT(*) FROM waitlist WHERE srn = ? AND {NOT_ENDED}",
                 (srn, limits.today, limits.today, limits.now_hour),
             ).fetchone()[0]  # lines for slots that have not ended
             if line.per_member and mine >= line.per_member:
@@ -869,7 +870,7 @@ class SlotStore:
                 return SeriesCancel("none" if row is None else "cancelled", self._version(), {}, [], [], [])
             held = self.conn.execute(  # (a holder who checked in early for a slot about to start keeps it)
                 "SELECT date, slot_id, booked_by, closed FROM bookings WHERE series = ? AND NOT checked_in"
-                " AND (date > ? OR (date = ? AND slot_id > ?)) ORDER BY date, slot_id",
+                f" AND {NOT_STARTED} ORDER BY date, slot_id",
                 (series, limits.today, limits.today, limits.now_hour),
             ).fetchall()
             freed, promoted, handed = [], [], []
@@ -920,7 +921,7 @@ class SlotStore:
             cursor = self.reader.execute(
                 "SELECT id, action, srn, slots, weekdays, first, last, title, created_by, created_at, cancelled_by,"
                 " cancelled_at, (SELECT COUNT(*) FROM bookings b WHERE b.series = s.id"
-                " AND (b.date > ? OR (b.date = ? AND b.slot_id > ?))) AS upcoming"
+                f" AND {NOT_STARTED}) AS upcoming"  # (date and slot_id: the innermost table's, b's)
                 " FROM series s ORDER BY id DESC LIMIT ?", (today, today, now_hour, limit),
             )
             names = [d[0] for d in cursor.description]
