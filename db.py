@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import date as Date
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -204,13 +204,18 @@ class Line:
     per_member: int
 
 
+# What a write came to: "ok", or the reason the rules refused it (slots.py words each for members).
+Outcome = Literal["ok", "booked", "taken", "closed", "open", "free", "other", "own", "already", "absent", "none",
+                  "full", "member_full", "per_day", "upcoming", "no_shows"]
+
+
 @dataclass(frozen=True)
 class Change:
     """The outcome of a write: ``outcome`` is "ok" or why not; ``version`` and ``rows`` are the day after.
     ``promoted``: the member a cancellation handed the slot to from its waitlist; ``position``: a new place
     in a waitlist."""
 
-    outcome: str
+    outcome: Outcome
     version: int
     rows: list[DayRow]
     booked_by: str | None = None
@@ -570,7 +575,7 @@ class SlotStore:
             self.generation.bump()
         return result
 
-    def _write(self, fn: Callable[[], tuple[str, str | None] | tuple[str, str | None, str | None, int]],
+    def _write(self, fn: Callable[[], tuple[Outcome, str | None] | tuple[Outcome, str | None, str | None, int]],
                date: str) -> Change:
         def write() -> Change:
             outcome, booked_by, *more = fn()
@@ -578,7 +583,7 @@ class SlotStore:
 
         return self._commit(write)
 
-    def _over_limits(self, srn: str, date: str, limits: Limits) -> str | None:
+    def _over_limits(self, srn: str, date: str, limits: Limits) -> Outcome | None:
         """Why srn may not take another booking on date ("per_day", "upcoming", "no_shows"), or None."""
         if limits.no_shows and len(self._no_shows(srn, limits.no_shows_since)) >= limits.no_shows:
             return "no_shows"
@@ -593,7 +598,7 @@ class SlotStore:
     async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str) -> Change:
         """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"."""
 
-        def book() -> tuple[str, str | None]:
+        def book() -> tuple[Outcome, str | None]:
             current = self._current(date, slot_id)
             if current is not None:
                 return ("closed" if current[1] else "taken"), current[0]
@@ -615,7 +620,7 @@ class SlotStore:
         """An admin forgives srn's no-show of (date, slot_id): outcome "ok" or "none" (no such no-show that is
         not forgiven yet)."""
 
-        def forgive() -> tuple[str, str | None]:
+        def forgive() -> tuple[Outcome, str | None]:
             row = self.conn.execute(
                 f"SELECT id FROM events e WHERE srn = ? AND {UNFORGIVEN} AND date = ? AND slot_id = ?"
                 " ORDER BY id LIMIT 1", (srn, date, slot_id),
@@ -628,7 +633,7 @@ class SlotStore:
         return await self._run(self._write, forgive, date)
 
     def _take(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, action: str, via: str,
-              note: str | None = None) -> str | None:
+              note: str | None = None) -> Outcome | None:
         """Give srn the free slot if their limits allow (and log ``action``); else why not (see _over_limits).
         Booking, a waitlist join on a free slot and a promotion from the waitlist all take a slot this way."""
         refusal = self._over_limits(srn, date, limits)
@@ -644,7 +649,7 @@ class SlotStore:
         Otherwise "ok" with their ``position``, or why not: "own", "closed", "already", "full", "member_full",
         "per_day", "upcoming"."""
 
-        def join() -> tuple[str, str | None, str | None, int]:
+        def join() -> tuple[Outcome, str | None, str | None, int]:
             current = self._current(date, slot_id)
             if current is None:  # freed meanwhile: the joiner gets it, never neither
                 outcome, booked_by = book_free()
@@ -675,7 +680,7 @@ class SlotStore:
             self._log(at, srn, "join", date, slot_id, via)
             return "ok", booked_by, None, waiting[0] + 1
 
-        def book_free() -> tuple[str, str | None]:
+        def book_free() -> tuple[Outcome, str | None]:
             refusal = self._take(date, slot_id, srn, at, limits, "book", via, "from a waitlist join: the slot was free")
             return (refusal, None) if refusal else ("booked", srn)
 
@@ -684,7 +689,7 @@ class SlotStore:
     async def leave_waitlist(self, date: str, slot_id: int, srn: str, at: str, via: str) -> Change:
         """Take srn out of a slot's line: outcome "ok" or "absent"."""
 
-        def leave() -> tuple[str, str | None]:
+        def leave() -> tuple[Outcome, str | None]:
             gone = self.conn.execute("DELETE FROM waitlist WHERE date = ? AND slot_id = ? AND srn = ?",
                                      (date, slot_id, srn)).rowcount
             if not gone:
@@ -720,7 +725,7 @@ class SlotStore:
         """Cancel srn's booking (anyone's, for an admin): outcome "ok", "free", "closed" or "other". The
         slot goes to the first in its waitlist who may take it (``limits``: None if it cannot be booked)."""
 
-        def cancel() -> tuple[str, str | None, str | None, int]:
+        def cancel() -> tuple[Outcome, str | None, str | None, int]:
             current = self._current(date, slot_id)
             if current is None:
                 return "free", None, None, 0
@@ -740,7 +745,7 @@ class SlotStore:
         "already". Racing a no-show release, exactly one of the two wins: the release deletes only what is
         not checked in, and this updates only what is still booked."""
 
-        def check_in() -> tuple[str, str | None]:
+        def check_in() -> tuple[Outcome, str | None]:
             current = self.conn.execute(
                 "SELECT booked_by, closed, checked_in FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id)
             ).fetchone()
@@ -791,7 +796,7 @@ class SlotStore:
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str) -> Change:
         """Close a free slot or reopen a closed one: outcome "ok", "taken", "closed" or "open"."""
 
-        def set_closed() -> tuple[str, str | None]:
+        def set_closed() -> tuple[Outcome, str | None]:
             current = self._current(date, slot_id)
             if closed:
                 if current is not None:

@@ -25,8 +25,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import (Change, Changes, DayRow, FeedRows, Limits, Line, SeriesCancel, SeriesPlan, SeriesResult, SlotStore,
-                checkin_starts, slot_times)
+from db import (Change, Changes, DayRow, FeedRows, Limits, Line, Outcome, SeriesCancel, SeriesPlan, SeriesResult,
+                SlotStore, checkin_starts, slot_times)
 
 
 class SlotError(Exception):
@@ -304,7 +304,7 @@ class Board:
                 version, rows = await self.store.day(date)
                 self._remember(date, version, rows)
 
-    def _settle(self, date: str, change: Change, refusals: dict[str, str]) -> None:
+    def _settle(self, date: str, change: Change, refusals: dict[Outcome, str]) -> None:
         """Take in the day a write left behind (refused or not), then refuse with the sentence for its
         outcome if it is not "ok"."""
         self._remember(date, change.version, change.rows)
