@@ -908,6 +908,12 @@ class Counted:
         if door is not None:
             door.flowing(self)  # type: ignore[arg-type]
 
+    def listening(self) -> None:
+        """Tell the Door this connection is a listener, and of which client address."""
+        door, client = door_of(self), getattr(self, "client", None)
+        if door is not None:
+            door.listen(self, client[0] if client else "")  # type: ignore[arg-type]
+
 
 LISTENER_SEND_BUFFER = 64 * 1024  # bytes of kernel send buffer for a connection that listens for long
 STREAM_PATHS = ("/events",)  # HTTP responses that last as long as the reader listens
@@ -934,8 +940,9 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     httptools keeps every header of a head (and every trailer of a chunked body) as Python objects until
     it ends, with no limit: one connection sending header lines for ever grew the process by 9 bytes per
     byte sent. Here data reaches the parser HEAD_PIECE bytes at a time; the bytes of a head are counted
-    before each piece, and trailers as they are parsed: past the limit the connection is answered 431 and
-    closed, whatever the parser. Requests sent ahead are parsed, and kept, 256 KiB at a time: a client
+    before each piece, and trailers as they are parsed: past the limit a head is answered 431 and closed,
+    whatever the parser (trailers: cut, their request under way). Requests sent ahead are parsed, and
+    kept, 256 KiB at a time: a client
     sending small GETs for ever grew the process by 120 MB a second, so past MAX_PIPELINED it is cut.
     """
 
@@ -958,9 +965,7 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                     return cut(self.transport)
                 if self.cycle.scope.get("path") in STREAM_PATHS:
                     keep_send_buffer_small(self.transport)
-                    door = door_of(self)
-                    if door is not None:
-                        door.listen(self, self.client[0] if self.client else "")
+                    self.listening()
         self._tell_door()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -968,7 +973,7 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self.cycle is not None and self.cycle.more_body:
             self.trailer_bytes += len(name) + len(value) + 4
             if self.trailer_bytes > MAX_HEAD_BYTES:
-                return  # not kept; the connection is answered 431 after this piece
+                return  # not kept; the connection is refused (cut) before the next piece
         super().on_header(name, value)
 
     def on_response_complete(self) -> None:
@@ -1022,9 +1027,7 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         keep_send_buffer_small(transport)
-        door = door_of(self)
-        if door is not None:
-            door.listen(self, self.client[0] if self.client else "")
+        self.listening()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -146,24 +146,24 @@ DayRow = tuple[int, str | None, str, int, int, int]
 # A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
 # "YYYY-MM-DD HH:MM:SS" in the club's time, to the second): in seconds of the day, for SQL on the bookings
 # table. checkin_starts() is its twin for a booking in memory (a test holds them to the same answers).
-def slot_times(slot_id: int) -> tuple[str, str]:
-    """A slot's start and end as every output writes them: slot 23 ends at "24:00" (the day's end, as ISO
-    8601 allows), never "00:00", which would read as before it began."""
-    return f"{slot_id:02d}:00", f"{slot_id + 1:02d}:00"
-
-
 CHECKIN_STARTS = (
     "MAX(slot_id * 3600, CASE WHEN substr(booked_at, 1, 10) = date THEN"
     " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
     " + CAST(substr(booked_at, 18, 2) AS INTEGER) ELSE 0 END)")
-# A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
 # A slot relative to the club's current hour; each takes (today, today, the hour's slot_id) as parameters.
 NOT_ENDED = "(date > ? OR (date = ? AND slot_id >= ?))"  # the hour's own slot has not ended yet
 NOT_STARTED = "(date > ? OR (date = ? AND slot_id > ?))"  # later than the hour's own slot, which has begun
+# A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
 UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
               " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
+
+
+def slot_times(slot_id: int) -> tuple[str, str]:
+    """A slot's start and end as every output writes them: slot 23 ends at "24:00" (the day's end, as ISO
+    8601 allows), never "00:00", which would read as before it began."""
+    return f"{slot_id:02d}:00", f"{slot_id + 1:02d}:00"
 
 
 def checkin_starts(date: str, slot_id: int, booked_at: str | None) -> int:
