@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date as Date
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -143,27 +143,47 @@ ADDED_COLUMNS = (
 
 # (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
 DayRow = tuple[int, str | None, str, int, int, int]
-# A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
-# "YYYY-MM-DD HH:MM:SS" in the club's time, to the second): in seconds of the day, for SQL on the bookings
-# table. checkin_starts() is its twin for a booking in memory (a test holds them to the same answers).
-CHECKIN_STARTS = (
-    "MAX(slot_id * 3600, CASE WHEN substr(booked_at, 1, 10) = date THEN"
-    " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
-    " + CAST(substr(booked_at, 18, 2) AS INTEGER) ELSE 0 END)")
-# A slot relative to the club's current hour; each takes (today, today, the hour's slot_id) as parameters.
-NOT_ENDED = "(date > ? OR (date = ? AND slot_id >= ?))"  # the hour's own slot has not ended yet
-NOT_STARTED = "(date > ? OR (date = ? AND slot_id > ?))"  # later than the hour's own slot, which has begun
-# A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
-UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
-              " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
 
 
-def slot_times(slot_id: int) -> tuple[str, str]:
-    """A slot's start and end as every output writes them: slot 23 ends at "24:00" (the day's end, as ISO
-    8601 allows), never "00:00", which would read as before it began."""
-    return f"{slot_id:02d}:00", f"{slot_id + 1:02d}:00"
+# -- the booking rules: each once, in SQL where it must hold under concurrency, with its Python twin ------
+#
+# Every rule below is written once. Where both SQL (which decides, so any number of workers agree) and
+# Python (which answers from memory) need it, the Python function is the SQL fragment's twin, and a test
+# ("rules and their twins" in test_app.py) holds the two to the same answers on the minute before, at and
+# after each boundary.
+
+# A slot relative to the club's current hour; each takes (today, today, the hour's slot_id) as parameters.
+NOT_ENDED = "(date > ? OR (date = ? AND slot_id >= ?))"  # the hour's own slot has not ended yet
+NOT_STARTED = "(date > ? OR (date = ? AND slot_id > ?))"  # later than the hour's own slot, which has begun
+
+
+def not_ended(date: str, slot_id: int, today: str, hour: int) -> bool:
+    """NOT_ENDED's twin: (date, slot_id) has not ended by the club's ``hour`` of ``today``."""
+    return date > today or (date == today and slot_id >= hour)
+
+
+def not_started(date: str, slot_id: int, today: str, hour: int) -> bool:
+    """NOT_STARTED's twin: (date, slot_id) has not begun by the club's ``hour`` of ``today``."""
+    return date > today or (date == today and slot_id > hour)
+
+
+def booking_closes(date: str, slot_id: int, grace_minutes: int) -> datetime:
+    """The grace rule: a slot may be booked (or handed on from its waitlist) until BOOKING_GRACE_MINUTES after its
+    start, in the club's time. The one home of that rule, for every module."""
+    return datetime.fromisoformat(date) + timedelta(hours=slot_id, minutes=grace_minutes)
+
+
+# A booking's check-in clock starts at the later of its slot's start and the moment it was made (booked_at,
+# "YYYY-MM-DD HH:MM:SS" in the club's time, to the second): in seconds of the day, for SQL on the bookings
+# table. checkin_starts() is its twin for a booking in memory.
+CHECKIN_STARTS = (
+    "MAX(slot_id * 3600, CASE WHEN substr(booked_at, 1, 10) = date THEN"
+    " CAST(substr(booked_at, 12, 2) AS INTEGER) * 3600 + CAST(substr(booked_at, 15, 2) AS INTEGER) * 60"
+    " + CAST(substr(booked_at, 18, 2) AS INTEGER) ELSE 0 END)")
+# The check-in deadline has passed: takes (CHECKIN_MINUTES in seconds, the club's second of the day now).
+CHECKIN_MISSED = f"{CHECKIN_STARTS} + ? <= ?"
 
 
 def checkin_starts(date: str, slot_id: int, booked_at: str | None) -> int:
@@ -182,6 +202,34 @@ def checkin_starts(date: str, slot_id: int, booked_at: str | None) -> int:
 
 
 LEADING_INTEGER = re.compile(r" *[+-]?[0-9]+")
+
+
+def checkin_closes(date: str, slot_id: int, booked_at: str | None, checkin_minutes: int) -> datetime:
+    """CHECKIN_MISSED's twin: the moment (club time) from which a booking not checked in is released."""
+    return datetime.fromisoformat(date) + timedelta(seconds=checkin_starts(date, slot_id, booked_at),
+                                                    minutes=checkin_minutes)
+
+
+# A no-show event (alias e) that no forgive event names (a forgive's note is "no-show <its id>").
+UNFORGIVEN = ("e.action = 'no_show' AND NOT EXISTS"
+              " (SELECT 1 FROM events f WHERE f.action = 'forgive' AND f.note = 'no-show ' || e.id)")
+
+
+def barred(no_shows: int, limit: int) -> bool:
+    """The no-show bar: ``no_shows`` unforgiven no-shows in the window bar new bookings at NO_SHOW_LIMIT
+    (0: never)."""
+    return limit > 0 and no_shows >= limit
+
+
+# A member's place (alias w) in its slot's line, counting from 1: the places that joined no later.
+WAITLIST_POSITION = ("(SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
+                     " AND x.id <= w.id)")
+
+
+def slot_times(slot_id: int) -> tuple[str, str]:
+    """A slot's start and end as every output writes them: slot 23 ends at "24:00" (the day's end, as ISO
+    8601 allows), never "00:00", which would read as before it began."""
+    return f"{slot_id:02d}:00", f"{slot_id + 1:02d}:00"
 
 
 @dataclass(frozen=True)
@@ -511,8 +559,8 @@ class SlotStore:
             (srn, today, today, after_hour),
         ).fetchall()
         places = self.conn.execute(
-            "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
-            f" AND x.id <= w.id) FROM waitlist w WHERE srn = ? AND {NOT_ENDED} ORDER BY date, slot_id",
+            f"SELECT date, slot_id, {WAITLIST_POSITION} FROM waitlist w WHERE srn = ? AND {NOT_ENDED}"
+            " ORDER BY date, slot_id",
             (srn, today, today, after_hour),
         ).fetchall()
         return bookings, places
@@ -585,7 +633,7 @@ class SlotStore:
 
     def _over_limits(self, srn: str, date: str, limits: Limits) -> Outcome | None:
         """Why srn may not take another booking on date ("per_day", "upcoming", "no_shows"), or None."""
-        if limits.no_shows and len(self._no_shows(srn, limits.no_shows_since)) >= limits.no_shows:
+        if self._barred(srn, limits):
             return "no_shows"
         if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
             return "per_day"
@@ -615,6 +663,10 @@ class SlotStore:
 
     async def no_shows(self, srn: str, since: str) -> list[str]:
         return await self._run(self._no_shows, srn, since)
+
+    def _barred(self, srn: str, limits: Limits) -> bool:
+        """srn's no-shows bar them from a new booking or line (``barred``, on what this transaction reads)."""
+        return bool(limits.no_shows) and barred(len(self._no_shows(srn, limits.no_shows_since)), limits.no_shows)
 
     async def forgive(self, srn: str, date: str, slot_id: int, admin: str, at: str, via: str) -> Change:
         """An admin forgives srn's no-show of (date, slot_id): outcome "ok" or "none" (no such no-show that is
@@ -673,7 +725,7 @@ class SlotStore:
             ).fetchone()[0]  # lines for slots that have not ended
             if line.per_member and mine >= line.per_member:
                 return "member_full", None, None, 0
-            if limits.no_shows and len(self._no_shows(srn, limits.no_shows_since)) >= limits.no_shows:
+            if self._barred(srn, limits):
                 return "no_shows", None, None, 0
             self.conn.execute("INSERT INTO waitlist (date, slot_id, srn, joined_at) VALUES (?, ?, ?, ?)",
                               (date, slot_id, srn, at))
@@ -775,10 +827,12 @@ class SlotStore:
         (CHECKIN_STARTS): one made, or handed on from the waitlist, after the start gets a check-in window of
         its own."""
 
+        now = datetime.fromisoformat(today) + timedelta(seconds=second)
+
         def release() -> list[tuple[str, int, str, str | None]]:
             due = self.conn.execute(
                 f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
-                f" AND booked_by IS NOT NULL AND {CHECKIN_STARTS} + ? <= ? ORDER BY slot_id",
+                f" AND booked_by IS NOT NULL AND {CHECKIN_MISSED} ORDER BY slot_id",
                 (today, checkin_minutes * 60, second),
             ).fetchall()
             released = []
@@ -786,7 +840,7 @@ class SlotStore:
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
                 self._log(at, holder, "no_show", today, slot_id, "system",
                           f"not checked in within {checkin_minutes} minutes")
-                bookable = second < (slot_id * 60 + grace_minutes) * 60
+                bookable = now < booking_closes(today, slot_id, grace_minutes)
                 released.append((today, slot_id, holder,
                                  self._promote(today, slot_id, at, limits if bookable else None)))
             return released
@@ -975,8 +1029,7 @@ class SlotStore:
                 rows = self.reader.execute(f"{held} AND b.booked_by = ? AND NOT b.closed ORDER BY b.date, b.slot_id",
                                          (since, srn)).fetchall()
                 places = self.reader.execute(
-                    "SELECT date, slot_id, (SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date"
-                    " AND x.slot_id = w.slot_id AND x.id <= w.id), joined_at FROM waitlist w WHERE srn = ?"
+                    f"SELECT date, slot_id, {WAITLIST_POSITION}, joined_at FROM waitlist w WHERE srn = ?"
                     " AND date >= ? ORDER BY date, slot_id", (srn, today),
                 ).fetchall()
                 removed = self._removed(srn, since, removed_since)

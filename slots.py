@@ -26,7 +26,7 @@ import orjson
 from cachetools import LRUCache
 
 from db import (Change, Changes, DayRow, FeedRows, Limits, Line, Outcome, SeriesCancel, SeriesPlan, SeriesResult,
-                SlotStore, checkin_starts, slot_times)
+                SlotStore, barred, booking_closes, checkin_closes, not_started, slot_times)
 
 
 class SlotError(Exception):
@@ -249,12 +249,11 @@ class Board:
         now = self.now()
         day = Date.fromisoformat(date)
         opens = datetime.combine(day - timedelta(days=self.rules.days_ahead), time())  # the window reaches it
-        grace = timedelta(minutes=self.rules.grace_minutes)
         taken = {slot_id: rest for slot_id, *rest in rows}
         slots, changes = [], []
         for hour in self.rules.hours:
             booked_by, booked_at, closed, waiting, checked_in = taken.get(hour, (None, None, 0, 0, 0))
-            deadline = datetime(day.year, day.month, day.day, hour) + grace
+            deadline = booking_closes(date, hour, self.rules.grace_minutes)
             if closed:
                 status = "closed"
             elif hour in taken:
@@ -343,7 +342,7 @@ class Board:
         """The sentence for a member barred by no-shows: how many, and until when."""
         limits = self._limits()
         dates = await self.store.no_shows(srn, limits.no_shows_since)
-        if len(dates) < self.rules.no_show_limit:  # forgiven since the refusal: say so, and let them try again
+        if not barred(len(dates), self.rules.no_show_limit):  # forgiven since the refusal: say so, and let them try again
             return "Too many no-shows a moment ago; one was just forgiven, so try again"
         # bookable again once all but limit - 1 of them have left the window
         until = Date.fromisoformat(dates[len(dates) - self.rules.no_show_limit]) + timedelta(
@@ -362,8 +361,8 @@ class Board:
     def _bookable(self, date: str, slot_id: int) -> None:
         """SlotError unless (date, slot_id) may be booked now: it exists, its day is in the window, and it
         began no more than the grace ago."""
-        start = self._check(date, slot_id, for_booking=True)
-        if self.now() >= start + timedelta(minutes=self.rules.grace_minutes):
+        self._check(date, slot_id, for_booking=True)
+        if self.now() >= booking_closes(date, slot_id, self.rules.grace_minutes):
             raise SlotError(f"Slot {slot_id} on {date} has already started")
 
     async def book(self, date: str, slot_id: int, srn: str, via: str) -> None:
@@ -383,10 +382,11 @@ class Board:
         """Cancel srn's own booking (an admin: anyone's, even after it started); the slot goes to the first
         member in its waitlist who may take it, whose SRN is returned."""
         admin = self.is_admin(srn)
-        start = self._check(date, slot_id, for_booking=False)
-        if self.now() >= start and not admin:
+        self._check(date, slot_id, for_booking=False)
+        now = self.now()
+        if not not_started(date, slot_id, now.date().isoformat(), now.hour) and not admin:
             raise SlotError(f"Slot {slot_id} on {date} has already started and can no longer be cancelled")
-        bookable = self.now() < start + timedelta(minutes=self.rules.grace_minutes)
+        bookable = now < booking_closes(date, slot_id, self.rules.grace_minutes)
         change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin,
                                          limits=self._limits() if bookable else None)
         self._settle(date, change, {
@@ -454,9 +454,8 @@ class Board:
     def _checkin_closes(self, slot: dict[str, Any]) -> datetime:
         """When a booking's check-in closes: CHECKIN_MINUTES after the later of its start and the moment it was
         made, to the second (a booking made, or handed on from the waitlist, after the start has a window of
-        its own). db.checkin_starts is the twin of the SQL that releases it."""
-        starts = checkin_starts(slot["date"], slot["id"], slot["booked_at"])
-        return datetime.fromisoformat(slot["date"]) + timedelta(seconds=starts, minutes=self.rules.checkin_minutes)
+        its own). db.checkin_closes is the twin of the SQL that releases it."""
+        return checkin_closes(slot["date"], slot["id"], slot["booked_at"], self.rules.checkin_minutes)
 
     async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
         """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
@@ -477,7 +476,8 @@ class Board:
         whether they checked in; from memory (each day's state is kept ready)."""
         now = self.now()
         today = await self.day(self.today())
-        later = [hour for hour in self.rules.hours if hour > now.hour]
+        today_date = now.date().isoformat()
+        later = [hour for hour in self.rules.hours if not_started(today_date, hour, today_date, now.hour)]
         if later:
             upcoming, following = today, later[0]
         else:  # the day's slots are over: tomorrow's first

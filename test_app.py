@@ -1659,6 +1659,107 @@ def test_the_check_in_deadline_in_memory_is_the_one_sql_releases_by(booked_at: s
     assert db.checkin_starts(TODAY, 9, booked_at) == sql
 
 
+def sql_says(fragment: str, row: dict[str, Any], *params: Any) -> Any:
+    """What one of db.py's SQL fragments answers for one row (its columns named as in ``row``)."""
+    columns = ", ".join(f"? AS {name}" for name in row)
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        query = f"WITH row AS (SELECT {columns}) SELECT {fragment} FROM row"  # the row's ? come first
+        return conn.execute(query, (*row.values(), *params)).fetchone()[0]
+
+
+@pytest.mark.parametrize("date", ["2026-11-23", TODAY, "2026-11-25"])
+@pytest.mark.parametrize("now", ["08:59", "09:00", "09:01", "09:59", "10:00", "10:01"])  # around 9's start, end
+def test_a_slot_has_started_and_ended_at_the_same_minute_in_sql_and_in_python(date: str, now: str) -> None:
+    hour, row = int(now[:2]), {"date": date, "slot_id": 9}
+    started = date < TODAY or (date == TODAY and now >= "09:00")
+    ended = date < TODAY or (date == TODAY and now >= "10:00")
+    assert db.not_started(date, 9, TODAY, hour) == bool(sql_says(db.NOT_STARTED, row, TODAY, TODAY, hour)) == (
+        not started)
+    assert db.not_ended(date, 9, TODAY, hour) == bool(sql_says(db.NOT_ENDED, row, TODAY, TODAY, hour)) == (
+        not ended)
+
+
+@pytest.mark.parametrize("booked_at", [None, "2026-11-24 09:20:57"])
+@pytest.mark.parametrize("offset", [-60, -1, 0, 60])  # seconds from the deadline
+def test_a_missed_check_in_is_missed_at_the_same_second_in_sql_and_in_python(booked_at: str | None,
+                                                                             offset: int) -> None:
+    closes = db.checkin_closes(TODAY, 9, booked_at, 15)
+    assert closes == datetime.fromisoformat("2026-11-24 09:15" if booked_at is None else "2026-11-24 09:35:57")
+    now = closes + timedelta(seconds=offset)
+    second = now.hour * 3600 + now.minute * 60 + now.second
+    row = {"date": TODAY, "slot_id": 9, "booked_at": booked_at}
+    assert bool(sql_says(db.CHECKIN_MISSED, row, 15 * 60, second)) == (now >= closes) == (offset >= 0)
+
+
+@pytest.mark.parametrize("no_shows", [1, 2, 3])  # the minute before, at and after a bar of 2
+def test_the_no_show_bar_is_the_same_in_sql_and_in_python(tmp_path: Path, no_shows: int) -> None:
+    """The store refuses by UNFORGIVEN no-shows counted in SQL; the refusal's sentence by db.barred."""
+
+    async def outcomes() -> tuple[str, str]:
+        store = db.SlotStore(str(tmp_path / "rero.db"), range(3, 15))
+        await store.open(TODAY, "2026-11-24 01:00:00")
+        with store.conn:
+            for n in range(no_shows + 1):  # and one more that an admin forgave
+                store.conn.execute("INSERT INTO events (at, srn, action, date, slot_id, via) VALUES"
+                                   " ('2026-11-23 10:00:00', ?, 'no_show', '2026-11-23', ?, 'system')", (ALICE, 3 + n))
+            forgiven = store.conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
+            store.conn.execute("INSERT INTO events (at, srn, action, via, note) VALUES"
+                               " ('2026-11-23 11:00:00', ?, 'forgive', 'http', ?)", (BOB, f"no-show {forgiven}"))
+        limits = db.Limits(0, 0, TODAY, 1, no_shows=2, no_shows_since="2026-11-01")
+        line = db.Line(0, 0)
+        book = await store.book(TODAY, 9, ALICE, "2026-11-24 01:00:00", limits, "http")
+        join = await store.join_waitlist(TODAY, 9, ALICE, "2026-11-24 01:00:00", limits, line, "http")
+        assert len(await store.no_shows(ALICE, "2026-11-01")) == no_shows
+        await store.close()
+        return book.outcome, join.outcome
+
+    book, join = asyncio.run(outcomes())
+    assert (book == "no_shows") == (join == "no_shows") == db.barred(no_shows, 2) == (no_shows >= 2)
+
+
+def test_a_place_in_line_is_counted_the_same_when_joined_and_when_listed(tmp_path: Path) -> None:
+    """join_waitlist answers a position; my-bookings and feeds list it by WAITLIST_POSITION."""
+    members = [f"PES1UG20CS{i:03d}" for i in range(2, 6)]
+
+    async def positions() -> tuple[list[int], list[int], list[int]]:
+        store = db.SlotStore(str(tmp_path / "rero.db"), range(3, 15))
+        await store.open(TODAY, "2026-11-24 01:00:00")
+        limits, line = db.Limits(0, 0, TODAY, 1), db.Line(0, 0)
+        await store.book(TODAY, 9, ALICE, "2026-11-24 01:00:00", limits, "http")
+        joined = [(await store.join_waitlist(TODAY, 9, srn, "2026-11-24 01:00:00", limits, line, "http")).position
+                  for srn in members]
+
+        async def listed() -> list[int]:
+            return [place[2] for srn in members for place in (await store.upcoming_of(srn, TODAY, 1))[1]]
+
+        before = await listed()
+        await store.leave_waitlist(TODAY, 9, members[1], "2026-11-24 01:00:00", "http")
+        after = await listed()
+        await store.close()
+        return joined, before, after
+
+    joined, before, after = asyncio.run(positions())
+    assert joined == before == [1, 2, 3, 4]
+    assert after == [1, 2, 3]  # the second left: those behind moved up
+
+
+@pytest.mark.parametrize("now, bookable", [("09:29", True), ("09:30", False), ("09:31", False)])
+def test_the_grace_rule_is_one_minute_for_the_slots_a_booking_and_a_handover(settings: Settings, clock: Clock,
+                                                                             now: str, bookable: bool) -> None:
+    """db.booking_closes decides when a slot that began stops being offered, bookable and handed on."""
+    assert db.booking_closes(TODAY, 9, 30) == datetime.fromisoformat("2026-11-24 09:30")
+    with running(replace(settings, admin_srns=(BOB,)), clock) as service:
+        assert service.book(9).status_code == 200
+        assert service.http.post("/waitlist/join", json=body(9, "PES1UG20CS004")).status_code == 200
+        clock.set(f"{TODAY} {now}")
+        assert service.cancel(9).status_code == 400  # it has started: only an admin can cancel it now
+        assert service.cancel(9, username=BOB).status_code == 200  # its line takes it while it is bookable
+        assert (service.slots()["slots"][6]["booked_by"] == "PES1UG20CS004") == bookable
+        assert service.cancel(9, username=BOB).status_code == (200 if bookable else 400)  # free it again
+        assert service.slots()["slots"][6]["status"] == ("available" if bookable else "started")
+        assert (service.book(9, username="PES1UG20CS005").status_code == 200) == bookable
+
+
 def test_a_deadline_missed_while_the_server_was_down_is_released_after_the_restart(settings: Settings,
                                                                                    clock: Clock) -> None:
     with running(settings, clock) as service:
