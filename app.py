@@ -303,13 +303,50 @@ async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, An
     return data
 
 
-def refusal(error: Exception) -> HTTPException:
-    """The HTTP answer to a refusal by the rules: 403 if only admins may, else 400 with the rule's sentence."""
-    return HTTPException(403 if isinstance(error, Forbidden) else 400, str(error))
-
-
 class BadInput(ValueError):
     """A request field that is missing or of the wrong kind; str() says which and why."""
+
+
+# Every refusal is an exception of the module that decides it, answered here once: its HTTP status and the
+# sentence a client reads. Starlette finds the handler along the exception's MRO (so Forbidden, a
+# SlotError, is a 403 and AuthBusy, an AuthUnavailable, a 503); the socket says the same sentences
+# (socket_sentence), in the original's words where its clients expect them.
+REFUSALS: dict[type[Exception], tuple[int, Callable[[Any], str]]] = {
+    BadInput: (422, str),  # a field of the wrong kind (app)
+    SlotError: (400, str),  # the booking rules say no, in their own sentence (slots)
+    Forbidden: (403, str),  # only admins may (slots)
+    InvalidToken: (401, lambda exc: "Invalid or expired token"),  # (pesu.Sessions)
+    InvalidCredentials: (401, lambda exc: "Invalid credentials"),  # PESU said no (pesu)
+    Throttled: (429, lambda exc: f"Too many failed logins; try again in {exc.retry_after} seconds"),  # (pesu.Guard)
+    AuthUnavailable: (503, lambda exc: "Authentication service unavailable"),  # PESU could not be asked (pesu)
+}
+REFUSED = tuple(REFUSALS)  # for except: every refusal
+SOCKET_SENTENCES = {  # the original socket's own answers to a booking whose login failed
+    InvalidCredentials: "Authentication failed. Invalid credentials.",
+    AuthUnavailable: "Authentication service unavailable. Please try again later.",
+}
+
+
+def refusal_of(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, sentence) for a refusal, by the nearest class in REFUSALS."""
+    status, sentence = next(REFUSALS[kind] for kind in type(exc).__mro__ if kind in REFUSALS)
+    return status, sentence(exc)
+
+
+async def refused(request: Request, exc: Exception) -> Response:
+    """The one HTTP answer to every refusal: ``{"detail": sentence}`` (with Retry-After where waiting helps)."""
+    status, detail = refusal_of(exc)
+    wait = getattr(exc, "retry_after", None)
+    return JSONResponse({"detail": detail}, status, headers=None if wait is None else {"Retry-After": str(wait)})
+
+
+def socket_sentence(exc: Exception, *, booking: bool) -> str:
+    """What the socket says of a refusal: the HTTP sentence, or for a booking the original's own words."""
+    if booking:
+        for kind in type(exc).__mro__:
+            if kind in SOCKET_SENTENCES:
+                return SOCKET_SENTENCES[kind]
+    return refusal_of(exc)[1]
 
 
 def slot_id_of(data: dict[str, Any]) -> int:
@@ -1123,36 +1160,28 @@ class State(TypedDict):
 
 
 async def identify(state: State, ask: Ask) -> str:
-    """The member's SRN, from a session token or from PESU; else an HTTPException (401, 429 or 503)."""
+    """The member's SRN, from a session token or from PESU; else InvalidToken, or profile_of's refusals."""
     if ask.token is not None:
-        return claims_of(state, ask.token)["srn"]
+        return state["sessions"].claims(ask.token)["srn"]
     return (await profile_of(state, ask.username, ask.password, ask.address))["srn"]
 
 
-def claims_of(state: State, token: str) -> dict[str, Any]:
-    try:
-        return state["sessions"].claims(token)
-    except InvalidToken:
-        raise HTTPException(401, "Invalid or expired token") from None
-
-
 async def profile_of(state: State, username: str, password: str, address: str) -> dict[str, Any]:
-    """PESU's answer for these credentials: 401 if it refuses them, 429 with Retry-After while guessing at
-    this username from this address (or from this address at all) is being slowed, 503 if PESU could not
-    be asked. The limits themselves live in the checker (pesu.Guard), where the upstream call is made."""
+    """PESU's answer for these credentials; InvalidCredentials if it refuses them, Throttled while guessing
+    at this username from this address (or from this address at all) is being slowed, AuthUnavailable if
+    PESU could not be asked. The limits themselves live in the checker (pesu.Guard), where the upstream
+    call is made; here each outcome is counted and logged (the refusal itself is answered by REFUSALS)."""
     fields = {"username": username, "address": address, "action": "login"}
     try:
         profile = await state["pesu"].check(username, password, address)
-    except Throttled as exc:
+    except Throttled:
         state["metrics"].count("rero_logins_total", 'result="throttled"')
         logger.debug("login throttled for %s from %s", username, address, extra={**fields, "status": 429})
-        wait = exc.retry_after
-        raise HTTPException(429, f"Too many failed logins; try again in {wait} seconds",
-                            {"Retry-After": str(wait)}) from None
+        raise
     except InvalidCredentials:
         state["metrics"].count("rero_logins_total", 'result="invalid"')
         logger.info("login refused for %s from %s", username, address, extra={**fields, "status": 401})
-        raise HTTPException(401, "Invalid credentials") from None
+        raise
     except AuthUnavailable as exc:
         state["metrics"].count("rero_logins_total", 'result="upstream_error"')
         if isinstance(exc, AuthBusy):
@@ -1160,8 +1189,7 @@ async def profile_of(state: State, username: str, password: str, address: str) -
         else:
             logger.warning("PESU auth unavailable at %s: %s", public_url(state["settings"].pesu_auth_url), exc,
                            extra={**fields, "status": 503})
-        wait = str(exc.retry_after)
-        raise HTTPException(503, "Authentication service unavailable", {"Retry-After": wait}) from None
+        raise
     state["metrics"].count("rero_logins_total", 'result="ok"')
     return profile
 
@@ -1232,16 +1260,13 @@ class SlotList:
     """GET /slots (``?date=`` for another day): the day's ready-encoded bytes.
 
     The route every open page polls, so it is a plain ASGI app: no Request, no per-request wrappers,
-    just a cache lookup and two sends. A bad date still raises HTTPException, answered by the app.
+    just a cache lookup and two sends. A bad date still raises SlotError, answered by the app.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         board: Board = scope["state"]["board"]
         query = scope["query_string"]
-        try:
-            date = board.resolve(QueryParams(query).get("date") if query else None)
-        except SlotError as exc:
-            raise HTTPException(400, str(exc)) from None
+        date = board.resolve(QueryParams(query).get("date") if query else None)  # (a SlotError is a 400)
         body = (await board.day(date)).slots_json
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -1294,12 +1319,7 @@ async def parse(request: Request[State], *, slot: bool) -> Ask:
     """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
     token = bearer_token(request)
     data = await read_json(request, empty_ok=token is not None)
-    try:
-        return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
-    except BadInput as exc:
-        raise HTTPException(422, str(exc)) from None
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
+    return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
 
 
 async def login(request: Request[State]) -> Response:
@@ -1310,7 +1330,7 @@ async def login(request: Request[State]) -> Response:
     state = request.state
     ask = await parse(request, slot=False)
     if ask.token is not None:
-        claims = claims_of(state, ask.token)
+        claims = state["sessions"].claims(ask.token)
         expires_in = int(claims["exp"] - state["sessions"].clock())
         user, token = {"srn": claims["srn"]}, ask.token
     else:
@@ -1327,10 +1347,10 @@ async def logout(request: Request[State]) -> Response:
     if token is None:
         token = (await read_json(request)).get("token")
         if not isinstance(token, str):
-            raise HTTPException(422, "token is required (Authorization: Bearer, or in the body)")
-    claims = claims_of(state, token)
+            raise BadInput("token is required (Authorization: Bearer, or in the body)")
+    claims = state["sessions"].claims(token)
     state["sessions"].revoke(claims["jti"], claims["exp"])
-    await state["board"].store.revoke(claims["jti"], claims["exp"], state["sessions"].clock())
+    await state["board"].revoke_token(claims["jti"], claims["exp"], state["sessions"].clock())
     logger.info("logout of %s", claims["srn"], extra={"srn": claims["srn"], "action": "logout"})
     return JSONResponse({"success": True, "message": "Logged out"})
 
@@ -1371,14 +1391,12 @@ async def me(request: Request[State]) -> Response:
     token = bearer_token(request)
     if token is None:
         raise HTTPException(401, "A Bearer token is required")
-    srn = claims_of(state, token)["srn"]
+    srn = state["sessions"].claims(token)["srn"]
     board = state["board"]
     current = (await board.current())["current"]
     held = current is not None and current["holder"] == srn
-    upcoming = [b for b in orjson.loads(await board.bookings_body(srn))["bookings"]
-                if not (held and (b["date"], b["id"]) == (current["date"], current["id"]))]  # type: ignore[index]
     return JSONResponse({"srn": srn, "holds_current_slot": held, "current": current if held else None,
-                         "next_booking": upcoming[0] if upcoming else None})
+                         "next_booking": await board.next_booking(srn, current if held else None)})
 
 
 async def my_bookings(request: Request[State]) -> Response:
@@ -1391,7 +1409,7 @@ async def my_bookings(request: Request[State]) -> Response:
 def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:
     value = data.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise HTTPException(422, f"{name} must be an integer from 1 to {most}")
+        raise BadInput(f"{name} must be an integer from 1 to {most}")
     return value
 
 
@@ -1401,13 +1419,10 @@ async def forgive_no_show(request: Request[State]) -> Response:
     ask = await parse(request, slot=True)
     who = ask.data.get("srn")
     if not isinstance(who, str) or not who.strip():
-        raise HTTPException(422, "srn is required")
+        raise BadInput("srn is required")
     admin = await identify(state, ask)
     member = who.strip().upper()
-    try:
-        await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
-    except SlotError as exc:  # (Forbidden too: 403)
-        raise refusal(exc) from None
+    await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
     logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
                 extra={"srn": admin, "slot": ask.slot_id, "date": ask.date, "action": "forgive"})
     return JSONResponse({"success": True, "message": f"No-show of {member} on slot {ask.slot_id} forgiven",
@@ -1419,19 +1434,13 @@ async def admin_history(request: Request[State]) -> Response:
     ask = await parse(request, slot=False)
     data, board = ask.data, request.state["board"]
     page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 50, 500)
-    try:
-        since = None if data.get("from") is None else board.resolve(data["from"])
-        until = None if data.get("to") is None else board.resolve(data["to"])
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
+    since = None if data.get("from") is None else board.resolve(data["from"])
+    until = None if data.get("to") is None else board.resolve(data["to"])
     who = data.get("srn")
     if who is not None and not isinstance(who, str):
-        raise HTTPException(422, "srn must be a string")
+        raise BadInput("srn must be a string")
     srn = await identify(request.state, ask)
-    try:
-        total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
-    except Forbidden as exc:
-        raise HTTPException(403, str(exc)) from None
+    total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
     return JSONResponse(
         {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
     )
@@ -1484,17 +1493,9 @@ async def admin_series(request: Request[State]) -> Response:
     ``dry_run``, what would happen, changing nothing."""
     state = request.state
     ask = await parse(request, slot=False)
-    try:
-        spec = series_of(ask.data)
-    except BadInput as exc:
-        raise HTTPException(422, str(exc)) from None
-    except SlotError as exc:
-        raise HTTPException(400, str(exc)) from None
+    spec = series_of(ask.data)
     admin = await identify(state, ask)
-    try:
-        result = await state["board"].add_series(admin, via="http", **spec)
-    except SlotError as exc:
-        raise refusal(exc) from None
+    result = await state["board"].add_series(admin, via="http", **spec)
     done = [step for step in result.steps if step[2] in ("closed", "reserved")]
     conflicts = [step for step in result.steps if step[2] == "conflict"]
     verb = "closed" if spec["action"] == "close" else f"reserved for {spec['srn']}"
@@ -1523,12 +1524,9 @@ async def admin_series_cancel(request: Request[State]) -> Response:
     ask = await parse(request, slot=False)
     series = ask.data.get("series_id")
     if not isinstance(series, int) or isinstance(series, bool) or not 1 <= series < 2**63:
-        raise HTTPException(422, "series_id must be a series' id (see GET /admin/series)")
+        raise BadInput("series_id must be a series' id (see GET /admin/series)")
     admin = await identify(state, ask)
-    try:
-        result = await state["board"].cancel_series(admin, series, "http")
-    except SlotError as exc:
-        raise refusal(exc) from None
+    result = await state["board"].cancel_series(admin, series, "http")
     logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
                 extra={"srn": admin, "action": "series_cancel", "via": "http"})
     return JSONResponse({
@@ -1546,10 +1544,7 @@ async def admin_series_list(request: Request[State]) -> Response:
     token = bearer_token(request)
     if token is None:
         raise HTTPException(401, "A Bearer token is required (POST /auth/login gives one)")
-    try:
-        series = await state["board"].series_list(claims_of(state, token)["srn"])
-    except SlotError as exc:
-        raise refusal(exc) from None
+    series = await state["board"].series_list(state["sessions"].claims(token)["srn"])
     return JSONResponse({"success": True, "series": series})
 
 
@@ -1559,7 +1554,7 @@ async def admin_series_list(request: Request[State]) -> Response:
 def feed_kind(data: dict[str, Any]) -> str:
     kind = data.get("feed", "member")
     if kind not in ("member", "lab"):
-        raise HTTPException(422, 'feed must be "member" (your bookings) or "lab" (every slot, for admins)')
+        raise BadInput('feed must be "member" (your bookings) or "lab" (every slot, for admins)')
     return kind
 
 
@@ -1570,10 +1565,7 @@ async def calendar_link(request: Request[State]) -> Response:
     ask = await parse(request, slot=False)
     kind = feed_kind(ask.data)
     srn = await identify(state, ask)
-    try:
-        secret = await state["board"].link_calendar(srn, kind)
-    except SlotError as exc:
-        raise refusal(exc) from None
+    secret = await state["board"].link_calendar(srn, kind)
     path = f"/calendar/{secret}.ics"
     url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
     logger.info("calendar link (%s) made for %s", kind, srn, extra={"srn": srn, "action": "calendar_link"})
@@ -1617,25 +1609,22 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     """Book, cancel, close, reopen, join or leave a waitlist; the sentence that answers it (the board hands
     the new state to the hub, which broadcasts it).
 
-    A refusal is a 400 with the rules' own sentence (403 where only admins may).
+    A refusal is the rules' SlotError (Forbidden where only admins may), answered by REFUSALS.
     """
     board = state["board"]
     message = MESSAGES[action].format(ask.slot_id)
-    try:
-        if action == "book":
-            await board.book(ask.date, ask.slot_id, srn, via)
-        elif action == "cancel":
-            await board.cancel(ask.date, ask.slot_id, srn, via)
-        elif action == "join":
-            message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
-        elif action == "leave":
-            await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
-        elif action == "check_in":
-            await board.check_in(ask.date, ask.slot_id, srn, via)
-        else:
-            await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
-    except SlotError as exc:  # (Forbidden too: 403)
-        raise refusal(exc) from None
+    if action == "book":
+        await board.book(ask.date, ask.slot_id, srn, via)
+    elif action == "cancel":
+        await board.cancel(ask.date, ask.slot_id, srn, via)
+    elif action == "join":
+        message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
+    elif action == "leave":
+        await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
+    elif action == "check_in":
+        await board.check_in(ask.date, ask.slot_id, srn, via)
+    else:
+        await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
     state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
     logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
@@ -1656,10 +1645,7 @@ class EventStream:
         request: Request[State] = Request(scope, receive)
         state = request.state
         board, hub = state["board"], state["hub"]
-        try:
-            date = watched_date(request.query_params.get("date"))
-        except SlotError as exc:
-            raise HTTPException(400, str(exc)) from None
+        date = watched_date(request.query_params.get("date"))  # (a SlotError is a 400)
         if not origin_allowed(state["settings"], request):
             raise HTTPException(403, "Origin not allowed")
         address = address_of(request)
@@ -1794,17 +1780,17 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         token = data.get("token")
         try:
             ask = ask_of(board, data, None if token is None else str(token), peer.address, slot=False)
-            srn = await identify(state, ask)
+            if ask.token is not None:  # the token checked once: whose it is, and until when
+                claims = state["sessions"].claims(ask.token)
+                srn, peer.jti, peer.expires = claims["srn"], claims["jti"], claims["exp"]
+            else:
+                srn, peer.jti = await identify(state, ask), None
         except BadInput as exc:
             return error(str(exc))
-        except HTTPException as exc:
-            return hub.reply(peer, {"type": "identify_response", "success": False, "message": str(exc.detail)})
+        except REFUSED as exc:
+            message = socket_sentence(exc, booking=False)
+            return hub.reply(peer, {"type": "identify_response", "success": False, "message": message})
         hub.identify(peer, srn)
-        if ask.token is not None:
-            claims = state["sessions"].claims(ask.token)
-            peer.jti, peer.expires = claims["jti"], claims["exp"]
-        else:
-            peer.jti = None
         return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
                                 "message": f"Messages for {srn} will come here too"})
     if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
@@ -1828,12 +1814,8 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
         # and it leaves to the pump any listener with replies waiting, so the booker hears first.
         message = await change(state, action, ask, srn, via="websocket")
-    except HTTPException as exc:
-        if exc.status_code == 401 and ask.token is None:
-            return respond(False, "Authentication failed. Invalid credentials.")
-        if exc.status_code == 503:
-            return respond(False, "Authentication service unavailable. Please try again later.")
-        return respond(False, str(exc.detail))
+    except REFUSED as exc:
+        return respond(False, socket_sentence(exc, booking=True))
     respond(True, message)
 
 
@@ -2103,37 +2085,25 @@ async def docs(request: Request) -> Response:
 
 
 async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
-    """Pick up what other worker processes commit to the same file (changed days, signed-out tokens),
-    and the club's midnight."""
-    current = board.today()
-    revoked = 0
-    told, _ = await board.store.notices_since(-1)  # the newest event id: tell nobody of the past
+    """Every ``interval``, hand what the board's housekeeping found (Board.poll) to those it concerns: the
+    new day to the hub, signed-out tokens to the sessions, notices to the members' sockets."""
     while True:
         await asyncio.sleep(interval)
         try:
-            today = board.today()
-            if today != current:  # first, so that what follows is broadcast under the new day
-                hub.roll_over(await board.day(today))
-                current = today  # only once the new day's state is in hand: a failed read is tried again
-            board.expire()
-            if await board.releases_due():
-                for date, slot_id, holder, promoted in await board.release_no_shows():
-                    logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
-                                f"; {promoted} had it from the waitlist" if promoted else "",
-                                extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
-            changes = await board.store.changes_since(board.seen, revoked)
-            if changes is not None:
-                revoked = changes.revoked
-                for jti, expires in changes.tokens:
-                    sessions.revoke(jti, expires)
-                await board.refresh(changes)  # the board broadcasts each new state
-            if changes is not None or board.notices_pending:  # promotions and releases, by any process
-                board.notices_pending = False
-                told, notices = await board.store.notices_since(told)  # each event looked at once
-                for action, srn, date, slot_id in notices:
-                    hub.tell(srn, notice(action, date, slot_id), sessions.live)
+            found = await board.poll()
         except Exception:  # a locked or busy database must not end the watch
             logger.exception("could not read the database for changes")
+            continue
+        if found.today is not None:
+            hub.roll_over(found.today)
+        for date, slot_id, holder, promoted in found.released:
+            logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
+                        f"; {promoted} had it from the waitlist" if promoted else "",
+                        extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
+        for jti, expires in found.signed_out:
+            sessions.revoke(jti, expires)
+        for action, srn, date, slot_id in found.notices:
+            hub.tell(srn, notice(action, date, slot_id), sessions.live)
 
 
 def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:
@@ -2273,11 +2243,6 @@ def create_app(
         # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
-        store = SlotStore(settings.database_path, settings.hours)
-        board = Board(store, settings.rules(), clock)
-        await board.open()
-        guard_store = db.GuardStore(settings.database_path)
-        await guard_store.open()
         # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
         files = raise_fd_limit()
         pesu_places = min(settings.pesu_max_concurrency, max(1, (files - RESERVED_FDS) // 4))  # a socket each
@@ -2287,9 +2252,13 @@ def create_app(
             listeners = min(listeners, settings.max_connections)
         door = Door(connections, settings.request_timeout, settings.send_timeout)
         hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
+        store = SlotStore(settings.database_path, settings.hours)
+        board = Board(store, settings.rules(), clock, watched=hub.watching,  # (days kept however many are read)
+                      on_change=lambda day: hub.broadcast(day, board.today()))
+        await board.open()
         hub.start(settings.heartbeat_seconds)
-        board.on_change = lambda day: hub.broadcast(day, board.today())
-        board.watched = hub.watching  # the days kept in memory however many others are read
+        guard_store = db.GuardStore(settings.database_path)
+        await guard_store.open()
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)
@@ -2298,6 +2267,7 @@ def create_app(
         async with pesu.clients(pesu_places, transport=transport, timeout=timeout) as client:
             guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
                           seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
+            counters = Metrics()
             checker = PesuChecker(
                 client,
                 settings.pesu_auth_url,
@@ -2307,9 +2277,8 @@ def create_app(
                 guard=guard,
                 max_concurrency=pesu_places,
                 max_queue=settings.pesu_max_queue,
+                on_upstream=counters.observe_upstream,
             )
-            counters = Metrics()
-            checker.on_upstream = counters.observe_upstream
             watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
             # (not the address: uvicorn names the one it really listens on, whichever way it was started)
             logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
@@ -2375,7 +2344,7 @@ def create_app(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: http_error, **dict.fromkeys(REFUSALS, refused), Exception: server_error},
     )
 
 

@@ -89,6 +89,7 @@ class PesuChecker:
         guard: Guard | None = None,
         max_concurrency: int = 200,
         max_queue: int = 200,
+        on_upstream: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         # Checks in flight by client: each goes to the least busy (see clients()), so no pool is asked
         # for more connections than it has.
@@ -114,7 +115,7 @@ class PesuChecker:
         self.upstream_calls = 0
         self.cache_hits = 0
         self.cache_misses = 0
-        self.on_upstream: Callable[[float], None] = lambda seconds: None  # each PESU call's duration
+        self.on_upstream = on_upstream  # told each PESU call's duration (the app's metrics)
 
     def _key(self, username: str, password: str) -> bytes:
         message = username.encode() + b"\x00" + password.encode()

@@ -16,7 +16,7 @@ import hashlib
 import re
 import secrets
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime, time, timedelta, timezone
 from typing import Any
@@ -132,6 +132,18 @@ FEED_CACHE_BYTES = 32 * 1024 * 1024  # feeds kept ready, rotated links' included
 FEED_ENTRY_BYTES = 512  # what a kept feed costs besides its body (its key, ETag, tuples; measured ~450)
 
 
+@dataclass
+class Polled:
+    """What Board.poll() found: the new day's state when the club's date changed, bookings released as
+    no-shows (date, slot_id, holder, who had it from the waitlist), tokens other processes signed out
+    (jti, expires), and (action, srn, date, slot_id) of events to tell a member of."""
+
+    today: Day | None = None
+    released: list[tuple[str, int, str, str | None]] = field(default_factory=list)
+    signed_out: list[tuple[str, float]] = field(default_factory=list)
+    notices: list[tuple[str, str, str, int]] = field(default_factory=list)
+
+
 class Board:
     """The rules for changing slots, and each day's state, rebuilt once per change.
 
@@ -139,16 +151,21 @@ class Board:
     """
 
     def __init__(self, store: SlotStore, rules: Rules, clock: Callable[[], datetime],
-                 watched: Container[str] = ()) -> None:
+                 watched: Container[str] = (), on_change: Callable[[Day], None] = lambda day: None) -> None:
         self.store = store
         self.rules = rules
         self.clock = clock
+        self.on_change = on_change  # every new state of a day (the app broadcasts it)
         self.seen = 0  # the newest event id whose change this process has taken in
         self.watched = watched  # the days listeners watch (the hub's count of them)
         self.kept: dict[str, Day] = {}  # today's state and those of watched days
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)  # other days read lately
         self.serial = 0  # states built so far
-        self.notices_pending = False  # this process wrote an event a member is to be told of (see watch)
+        self.notices_pending = False  # this process wrote an event a member is to be told of (see poll)
+        self._polled = Polled()  # what poll() has found and not yet handed over
+        self._date = ""  # the club's date poll() last saw
+        self._revoked = 0  # the newest signed-out token's id taken in
+        self._told = 0  # the newest event id looked at for notices
         # srn -> ((the store's generation, today, hour), body of POST /my-bookings)
         self.bookings: LRUCache[str, tuple[tuple[bytes | None, str, int], bytes]] = LRUCache(maxsize=10_000)
         # secret's hash -> ((the store's generation, today), the feed), at most FEED_CACHE_BYTES in all (an
@@ -156,7 +173,6 @@ class Board:
         self.feeds: LRUCache[str, tuple[tuple[bytes | None, str], Feed]] = LRUCache(
             maxsize=FEED_CACHE_BYTES, getsizeof=lambda entry: FEED_ENTRY_BYTES + len(entry[1].body))
         self._building: dict[str, tuple[tuple[bytes | None, str], asyncio.Future[Feed | None]]] = {}
-        self.on_change: Callable[[Day], None] = lambda day: None  # every new state (the app broadcasts it)
         # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
         self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
 
@@ -194,6 +210,40 @@ class Board:
 
     async def open(self) -> None:
         self.seen = await self.store.open(self.today(), self.stamp())
+        self._date = self.today()
+        self._told, _ = await self.store.notices_since(-1)  # the newest event id: tell nobody of the past
+
+    async def poll(self) -> Polled:
+        """The board's housekeeping, every WATCH_INTERVAL: the club's midnight, states the clock changed,
+        bookings whose check-in was missed, and what other processes (other workers on the same file)
+        committed: changed days (broadcast through ``on_change``), signed-out tokens, and the events a
+        member is to be told of. What it found is returned once; if a read fails midway (a locked database),
+        what was found so far comes with the next poll."""
+        found = self._polled
+        today = self.today()
+        if today != self._date:  # first, and on its own, so that what follows is broadcast under the new day
+            found.today = await self.day(today)
+            self._date = today  # only once the new day's state is in hand: a failed read is tried again
+            self._polled = Polled()
+            return found
+        self.expire()
+        if await self.releases_due():
+            found.released += await self.release_no_shows()
+        changes = await self.store.changes_since(self.seen, self._revoked)
+        if changes is not None:
+            self._revoked = changes.revoked
+            found.signed_out += changes.tokens
+            await self.refresh(changes)  # each new state goes to on_change
+        if changes is not None or self.notices_pending:  # promotions and releases, by any process
+            self.notices_pending = False
+            self._told, notices = await self.store.notices_since(self._told)  # each event looked at once
+            found.notices += notices
+        self._polled = Polled()
+        return found
+
+    async def revoke_token(self, jti: str, expires: float, now: float) -> None:
+        """Record a signed-out session token, so every worker refuses it for the rest of its life."""
+        await self.store.revoke(jti, expires, now)
 
     async def day(self, date: str) -> Day:
         """The state of one day, from memory when it has not changed."""
@@ -470,6 +520,13 @@ class Board:
             version, rows = await self.store.day(today)
             self._remember(today, version, rows)
         return released
+
+    async def next_booking(self, srn: str, current: dict[str, Any] | None) -> dict[str, Any] | None:
+        """srn's next booking that has not ended, besides ``current`` (the slot under way, when they hold it)."""
+        for booking in orjson.loads(await self.bookings_body(srn))["bookings"]:
+            if current is None or (booking["date"], booking["id"]) != (current["date"], current["id"]):
+                return booking
+        return None
 
     async def current(self) -> dict[str, Any]:
         """GET /now: the slot under way (None between slots) and the next one, each with its holder and
