@@ -2,6 +2,12 @@
 
 Run with ``python app.py`` (reads HOST, PORT, WORKERS, ... from the environment); ``uvicorn app:app``
 serves the same routes without the connection guards (see README).
+
+Read top to bottom, in sections: settings; errors and responses (every refusal answered once); input;
+identity; the socket hub; the handlers, grouped as the route table groups them; live listeners (the SSE
+feed and the WebSocket endpoint); the route table, with the API documentation keyed by it; start-up;
+serving under uvicorn (the seam: every uvicorn internal we rely on, in one place); logging and metrics;
+the command line. The booking rules themselves live in slots.py (Board) and db.py (the SQL that decides).
 """
 
 from __future__ import annotations
@@ -60,13 +66,12 @@ from slots import WEEKDAYS, Board, Day, Forbidden, Rules, SlotError, parse_date,
 __version__ = "0.6.0"
 logger = logging.getLogger("rero")
 
-MAX_BODY_BYTES = 64 * 1024
-MAX_SOCKET_MESSAGE_BYTES = 16 * 1024
-SWITCH_INTERVAL = 0.0001  # seconds; see lifespan
+
+# -- settings ------------------------------------------------------------------------------------------------
+
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what uvicorn knows
-
-
-# -- configuration ---------------------------------------------------------------------------------------
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,7 @@ class Settings:
         return range(self.slot_start_hour, self.slot_end_hour)
 
 
-# -- responses and input -----------------------------------------------------------------------------------
+# -- errors and responses ------------------------------------------------------------------------------------
 
 
 class JSONResponse(Response):
@@ -267,40 +272,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "Internal Server Error"}, 500)
-
-
-async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object, refusing (413) anything over MAX_BODY_BYTES before reading it all.
-
-    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
-    if declared.isdigit():  # the server stops the body at its declared length: take it as it comes
-        message = await request.receive()
-        body = message.get("body", b"")
-        while message.get("more_body", False):
-            message = await request.receive()
-            body += message.get("body", b"")
-    else:  # chunked: count as it comes
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
-        except ClientDisconnect:  # gone mid-body: no error of ours (it was logged with a traceback)
-            raise HTTPException(400, "The request body was cut short") from None
-    if empty_ok and not body.strip():
-        return {}
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise HTTPException(400, "Request body must be valid JSON") from None
-    if not isinstance(data, dict):
-        raise HTTPException(400, "Request body must be a JSON object")
-    return data
 
 
 class BadInput(ValueError):
@@ -320,7 +291,11 @@ REFUSALS: dict[type[Exception], tuple[int, Callable[[Any], str]]] = {
     Throttled: (429, lambda exc: f"Too many failed logins; try again in {exc.retry_after} seconds"),  # (pesu.Guard)
     AuthUnavailable: (503, lambda exc: "Authentication service unavailable"),  # PESU could not be asked (pesu)
 }
+
+
 REFUSED = tuple(REFUSALS)  # for except: every refusal
+
+
 SOCKET_SENTENCES = {  # the original socket's own answers to a booking whose login failed
     InvalidCredentials: "Authentication failed. Invalid credentials.",
     AuthUnavailable: "Authentication service unavailable. Please try again later.",
@@ -347,29 +322,6 @@ def socket_sentence(exc: Exception, *, booking: bool) -> str:
             if kind in SOCKET_SENTENCES:
                 return SOCKET_SENTENCES[kind]
     return refusal_of(exc)[1]
-
-
-def slot_id_of(data: dict[str, Any]) -> int:
-    value = data.get("slot_id")
-    if value is None:
-        raise BadInput("slot_id is required")
-    # Accept 5 and "5" (the original's pydantic did); refuse true, 5.5, "abc" and absurd lengths.
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise BadInput("slot_id must be an integer")
-
-
-def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
-    username, password = data.get("username"), data.get("password")
-    if username is None or password is None:
-        raise BadInput("username and password are required")
-    if not isinstance(username, str) or not username.strip() or len(username) > 64:
-        raise BadInput("username must be a non-empty string")
-    if not isinstance(password, str) or not password or len(password) > 256:
-        raise BadInput("password must be a non-empty string")
-    return username.strip(), password
 
 
 NO_STORE = (b"cache-control", b"no-store")
@@ -417,7 +369,228 @@ class Edge:
         await (self.cors if from_browser else self.app)(scope, receive, send_with_headers)
 
 
-# -- the socket hub ----------------------------------------------------------------------------------------
+# -- input: a request's fields, checked before anyone asks PESU ----------------------------------------------
+
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object, refusing (413) anything over MAX_BODY_BYTES before reading it all.
+
+    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+    if declared.isdigit():  # the server stops the body at its declared length: take it as it comes
+        message = await request.receive()
+        body = message.get("body", b"")
+        while message.get("more_body", False):
+            message = await request.receive()
+            body += message.get("body", b"")
+    else:  # chunked: count as it comes
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
+        except ClientDisconnect:  # gone mid-body: no error of ours (it was logged with a traceback)
+            raise HTTPException(400, "The request body was cut short") from None
+    if empty_ok and not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise HTTPException(400, "Request body must be valid JSON") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, "Request body must be a JSON object")
+    return data
+
+
+def slot_id_of(data: dict[str, Any]) -> int:
+    value = data.get("slot_id")
+    if value is None:
+        raise BadInput("slot_id is required")
+    # Accept 5 and "5" (the original's pydantic did); refuse true, 5.5, "abc" and absurd lengths.
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise BadInput("slot_id must be an integer")
+
+
+def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
+    username, password = data.get("username"), data.get("password")
+    if username is None or password is None:
+        raise BadInput("username and password are required")
+    if not isinstance(username, str) or not username.strip() or len(username) > 64:
+        raise BadInput("username must be a non-empty string")
+    if not isinstance(password, str) or not password or len(password) > 256:
+        raise BadInput("password must be a non-empty string")
+    return username.strip(), password
+
+
+class Ask(NamedTuple):  # a tuple: built on every request, and cheaper to build than a frozen dataclass
+    """A request's fields, checked: the member's credentials and, where the route takes them, date and slot
+    (empty and 0 where it does not)."""
+
+    username: str
+    password: str
+    token: str | None  # a session token, used instead of username and password
+    address: str  # the client's address (the real one behind a trusted proxy)
+    date: str
+    slot_id: int
+    data: dict[str, Any]
+
+
+def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, *, slot: bool) -> Ask:
+    """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
+    slot_id = slot_id_of(data) if slot else 0
+    username, password = ("", "") if token is not None else credentials_of(data)
+    date = board.resolve(data.get("date")) if slot else ""
+    return Ask(username, password, token, address, date, slot_id, data)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (any other scheme counts as a bad token)."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else header
+
+
+def origin_allowed(settings: Settings, connection: Request | WebSocket) -> bool:
+    """Whether a page may open a socket or stream here. Browsers always send ``Origin`` with these, and no
+    CORS check guards a WebSocket or a GET, so with an explicit CORS_ORIGINS another site's page is refused
+    here; a client that sends no Origin (curl, a native app, the device gateway) is not a page, and may."""
+    origin = connection.headers.get("origin")
+    return origin is None or "*" in settings.cors_origins or origin in settings.cors_origins
+
+
+def address_of(connection: Request | WebSocket) -> str:
+    return connection.client.host if connection.client else "unknown"
+
+
+async def parse(request: Request[State], *, slot: bool) -> Ask:
+    """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
+    token = bearer_token(request)
+    data = await read_json(request, empty_ok=token is not None)
+    return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
+
+
+def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:
+    value = data.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise BadInput(f"{name} must be an integer from 1 to {most}")
+    return value
+
+
+def watched_date(value: Any) -> str | None:
+    """The day a listener asks to watch: a checked date, or None for "today, whichever day that is"."""
+    return None if value is None else parse_date(value)
+
+
+def feed_kind(data: dict[str, Any]) -> str:
+    kind = data.get("feed", "member")
+    if kind not in ("member", "lab"):
+        raise BadInput('feed must be "member" (your bookings) or "lab" (every slot, for admins)')
+    return kind
+
+
+SRN = re.compile(r"[A-Z0-9]{1,32}")
+
+
+WEEKDAY_NAMES = dict(zip(WEEKDAYS, WEEKDAYS)) | {  # "tue", "Tue", "tuesday" and "TUESDAY" all say Tuesday
+    "monday": "mon", "tuesday": "tue", "wednesday": "wed", "thursday": "thu", "friday": "fri", "saturday": "sat",
+    "sunday": "sun"}
+
+
+def series_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of POST /admin/series, checked for kind (BadInput: 422) and as dates (SlotError: 400)."""
+    action = data.get("action")
+    if action not in ("close", "reserve"):
+        raise BadInput('action must be "close" or "reserve"')
+    slots = data.get("slots")
+    if not isinstance(slots, list) or not slots or len(slots) > 24 or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in slots):
+        raise BadInput("slots must be a list of slot ids, e.g. [14, 15]")
+    weekdays = data.get("weekdays")
+    if not isinstance(weekdays, list) or not weekdays or not all(
+            isinstance(w, str) and w.strip().lower() in WEEKDAY_NAMES for w in weekdays):
+        raise BadInput('weekdays must be a list of "mon", "tue", "wed", "thu", "fri", "sat", "sun"')
+    if data.get("from") is None or data.get("until") is None:
+        raise BadInput("from and until are required (YYYY-MM-DD)")
+    srn = data.get("srn")
+    if action == "reserve":
+        if not isinstance(srn, str) or not SRN.fullmatch(srn.strip().upper()):
+            raise BadInput("srn is required for reserve: the member's SRN")
+        srn = srn.strip().upper()
+    elif srn is not None:
+        raise BadInput("srn is only for reserve")
+    title = data.get("title")
+    if title is not None and (not isinstance(title, str) or len(title) > 100 or CONTROL_CHARACTERS.search(title)):
+        raise BadInput("title must be a line of text of at most 100 characters")
+    dry_run = data.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadInput("dry_run must be true or false")
+    chosen = {WEEKDAY_NAMES[w.strip().lower()] for w in weekdays}
+    return {"action": action, "srn": srn, "slots": sorted(set(slots)), "title": (title or "").strip() or None,
+            "weekdays": [w for w in WEEKDAYS if w in chosen], "first": parse_date(data["from"]),
+            "last": parse_date(data["until"]), "dry_run": dry_run}
+
+
+# -- identity: who is asking ---------------------------------------------------------------------------------
+
+
+class State(TypedDict):
+    settings: Settings
+    board: Board
+    door: Door  # read by the protocols (GuardedHttp, GuardedWebSocket) from uvicorn's copy of this state
+    hub: Hub
+    pesu: PesuChecker
+    sessions: Sessions
+    metrics: Metrics
+
+
+async def identify(state: State, ask: Ask) -> str:
+    """The member's SRN, from a session token or from PESU; else InvalidToken, or profile_of's refusals."""
+    if ask.token is not None:
+        return state["sessions"].claims(ask.token)["srn"]
+    return (await profile_of(state, ask.username, ask.password, ask.address))["srn"]
+
+
+async def profile_of(state: State, username: str, password: str, address: str) -> dict[str, Any]:
+    """PESU's answer for these credentials; InvalidCredentials if it refuses them, Throttled while guessing
+    at this username from this address (or from this address at all) is being slowed, AuthUnavailable if
+    PESU could not be asked. The limits themselves live in the checker (pesu.Guard), where the upstream
+    call is made; here each outcome is counted and logged (the refusal itself is answered by REFUSALS)."""
+    fields = {"username": username, "address": address, "action": "login"}
+    try:
+        profile = await state["pesu"].check(username, password, address)
+    except Throttled:
+        state["metrics"].count("rero_logins_total", 'result="throttled"')
+        logger.debug("login throttled for %s from %s", username, address, extra={**fields, "status": 429})
+        raise
+    except InvalidCredentials:
+        state["metrics"].count("rero_logins_total", 'result="invalid"')
+        logger.info("login refused for %s from %s", username, address, extra={**fields, "status": 401})
+        raise
+    except AuthUnavailable as exc:
+        state["metrics"].count("rero_logins_total", 'result="upstream_error"')
+        if isinstance(exc, AuthBusy):
+            logger.debug("PESU checks queue full: %s", exc, extra={**fields, "status": 503})
+        else:
+            logger.warning("PESU auth unavailable at %s: %s", public_url(state["settings"].pesu_auth_url), exc,
+                           extra={**fields, "status": 503})
+        raise
+    state["metrics"].count("rero_logins_total", 'result="ok"')
+    return profile
+
+
+# -- the socket hub ------------------------------------------------------------------------------------------
 
 
 class Peer:
@@ -759,7 +932,993 @@ class Hub:
             self._drop(peer)
 
 
-# -- the door: connections as uvicorn's protocols see them ----------------------------------------------------
+# -- handlers: slots, bookings and the lab now ---------------------------------------------------------------
+
+
+async def today(state: State) -> Day:
+    board = state["board"]
+    return await board.day(board.today())
+
+
+def db_summary(state: State, day: Day) -> dict[str, Any]:
+    return {
+        "total_slots": len(day.slots),
+        "booked_slots": len(day.booked),
+        "available_slots": len(day.available),
+        "database_path": state["settings"].database_path,
+    }
+
+
+async def root(request: Request[State]) -> Response:
+    state = request.state
+    day = await today(state)
+    return JSONResponse(
+        {
+            "message": "Slot Booking API is running",
+            "websocket_endpoint": "/slot-booking",
+            "active_connections": state["hub"].sockets,
+            "booked_slots": day.booked,
+        }
+    )
+
+
+async def health(request: Request[State]) -> Response:
+    state = request.state
+    day = await today(state)
+    return JSONResponse(
+        {
+            "status": "healthy",
+            "timestamp": state["board"].now().isoformat(),
+            "active_connections": state["hub"].sockets,
+            "total_slots": len(day.slots),
+            "booked_slots_count": len(day.booked),
+            "available_slots_count": len(day.available),
+            "database": db_summary(state, day),
+        }
+    )
+
+
+async def stats(request: Request[State]) -> Response:
+    state = request.state
+    summary = db_summary(state, await today(state))
+    return JSONResponse(
+        {
+            "database": summary,
+            "websocket": {"active_connections": state["hub"].sockets},
+            "slots": {
+                "total": summary["total_slots"],
+                "booked": summary["booked_slots"],
+                "available": summary["available_slots"],
+            },
+        }
+    )
+
+
+class SlotList:
+    """GET /slots (``?date=`` for another day): the day's ready-encoded bytes.
+
+    The route every open page polls, so it is a plain ASGI app: no Request, no per-request wrappers,
+    just a cache lookup and two sends. A bad date still raises SlotError, answered by the app.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        board: Board = scope["state"]["board"]
+        query = scope["query_string"]
+        date = board.resolve(QueryParams(query).get("date") if query else None)  # (a SlotError is a 400)
+        body = (await board.day(date)).slots_json
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+MESSAGES = {
+    "book": "Slot {} booked successfully",
+    "cancel": "Slot {} booking cancelled successfully",
+    "close": "Slot {} closed",
+    "open": "Slot {} reopened",
+    "check_in": "Slot {} checked in",
+    "join": "In line for slot {}",  # the board says where
+    "leave": "Left the waitlist for slot {}",
+}
+
+
+async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> str:
+    """Book, cancel, close, reopen, join or leave a waitlist; the sentence that answers it (the board hands
+    the new state to the hub, which broadcasts it).
+
+    A refusal is the rules' SlotError (Forbidden where only admins may), answered by REFUSALS.
+    """
+    board = state["board"]
+    message = MESSAGES[action].format(ask.slot_id)
+    if action == "book":
+        await board.book(ask.date, ask.slot_id, srn, via)
+    elif action == "cancel":
+        await board.cancel(ask.date, ask.slot_id, srn, via)
+    elif action == "join":
+        message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
+    elif action == "leave":
+        await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
+    elif action == "check_in":
+        await board.check_in(ask.date, ask.slot_id, srn, via)
+    else:
+        await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
+    state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
+    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
+                extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
+    return message
+
+
+def slot_route(action: str) -> Callable[[Request[State]], Any]:
+    """POST /book-slot, /cancel-slot, /admin/close-slot, /admin/open-slot: the same steps, another action."""
+
+    async def endpoint(request: Request[State]) -> Response:
+        ask = await parse(request, slot=True)
+        srn = await identify(request.state, ask)
+        message = await change(request.state, action, ask, srn, via="http")
+        return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
+
+    endpoint.__name__ = f"{action}_slot"
+    return endpoint
+
+
+async def my_bookings(request: Request[State]) -> Response:
+    state = request.state
+    ask = await parse(request, slot=False)
+    body = await state["board"].bookings_body(await identify(state, ask))
+    return Response(body, media_type="application/json")
+
+
+async def now(request: Request[State]) -> Response:
+    """Who holds the lab now, and next: for the lab's device gateway and livestream (cheap: from memory)."""
+    return JSONResponse(await request.state["board"].current())
+
+
+async def me(request: Request[State]) -> Response:
+    """The member a Bearer token belongs to: whether they hold the slot under way, and their next booking.
+    A device gateway admits exactly the current holder with the member's own token."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPException(401, "A Bearer token is required")
+    srn = state["sessions"].claims(token)["srn"]
+    board = state["board"]
+    current = (await board.current())["current"]
+    held = current is not None and current["holder"] == srn
+    return JSONResponse({"srn": srn, "holds_current_slot": held, "current": current if held else None,
+                         "next_booking": await board.next_booking(srn, current if held else None)})
+
+
+# -- handlers: sessions --------------------------------------------------------------------------------------
+
+
+async def login(request: Request[State]) -> Response:
+    """Check credentials with PESU; the answer carries a session token to use instead of them.
+
+    With a Bearer token instead, it says whose the token is and how long it has left (no new token).
+    """
+    state = request.state
+    ask = await parse(request, slot=False)
+    if ask.token is not None:
+        claims = state["sessions"].claims(ask.token)
+        expires_in = int(claims["exp"] - state["sessions"].clock())
+        user, token = {"srn": claims["srn"]}, ask.token
+    else:
+        user = await profile_of(state, ask.username, ask.password, ask.address)
+        token, expires_in = state["sessions"].issue(user["srn"])
+    body = {"success": True, "message": "Login successful", "user": user, "token": token, "expires_in": expires_in}
+    return JSONResponse(body)
+
+
+async def logout(request: Request[State]) -> Response:
+    """Revoke a session token (Bearer, or ``{"token": ...}``) for the rest of its life, on every worker."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        token = (await read_json(request)).get("token")
+        if not isinstance(token, str):
+            raise BadInput("token is required (Authorization: Bearer, or in the body)")
+    claims = state["sessions"].claims(token)
+    state["sessions"].revoke(claims["jti"], claims["exp"])
+    await state["board"].revoke_token(claims["jti"], claims["exp"], state["sessions"].clock())
+    logger.info("logout of %s", claims["srn"], extra={"srn": claims["srn"], "action": "logout"})
+    return JSONResponse({"success": True, "message": "Logged out"})
+
+
+# -- handlers: admins ----------------------------------------------------------------------------------------
+
+
+async def forgive_no_show(request: Request[State]) -> Response:
+    """An admin forgives a member's no-show ({"srn", "date", "slot_id"} beside the admin's credentials)."""
+    state = request.state
+    ask = await parse(request, slot=True)
+    who = ask.data.get("srn")
+    if not isinstance(who, str) or not who.strip():
+        raise BadInput("srn is required")
+    admin = await identify(state, ask)
+    member = who.strip().upper()
+    await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
+    logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
+                extra={"srn": admin, "slot": ask.slot_id, "date": ask.date, "action": "forgive"})
+    return JSONResponse({"success": True, "message": f"No-show of {member} on slot {ask.slot_id} forgiven",
+                         "slot_id": ask.slot_id})
+
+
+async def admin_history(request: Request[State]) -> Response:
+    """The change log, newest first, for admins: filter by date range (from, to) and srn; paged."""
+    ask = await parse(request, slot=False)
+    data, board = ask.data, request.state["board"]
+    page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 50, 500)
+    since = None if data.get("from") is None else board.resolve(data["from"])
+    until = None if data.get("to") is None else board.resolve(data["to"])
+    who = data.get("srn")
+    if who is not None and not isinstance(who, str):
+        raise BadInput("srn must be a string")
+    srn = await identify(request.state, ask)
+    total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
+    return JSONResponse(
+        {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
+    )
+
+
+# -- handlers: series, an admin's recurring closures and reservations ----------------------------------------
+
+
+async def admin_series(request: Request[State]) -> Response:
+    """Close (or reserve for a member) the same slots on chosen weekdays between two dates; with
+    ``dry_run``, what would happen, changing nothing."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    spec = series_of(ask.data)
+    admin = await identify(state, ask)
+    result = await state["board"].add_series(admin, via="http", **spec)
+    done = [step for step in result.steps if step[2] in ("closed", "reserved")]
+    conflicts = [step for step in result.steps if step[2] == "conflict"]
+    verb = "closed" if spec["action"] == "close" else f"reserved for {spec['srn']}"
+    summary = (f"{len(done)} slot(s) {verb} over {len({s[0] for s in done})} date(s); {len(conflicts)} conflict(s)"
+               f" left with their members; {len(result.steps) - len(done) - len(conflicts)} skipped")
+    dates: dict[str, list[dict[str, Any]]] = {}
+    for date, slot_id, outcome, member in result.steps:
+        step: dict[str, Any] = {"slot_id": slot_id, "result": outcome}
+        if outcome in ("conflict", "already_theirs"):
+            step["booked_by"] = member
+        dates.setdefault(date, []).append(step)
+    if not spec["dry_run"]:
+        logger.info("series %d by %s: %s", result.series, admin, summary,
+                    extra={"srn": admin, "action": "series", "via": "http"})
+    return JSONResponse({
+        "success": True, "dry_run": spec["dry_run"], "series_id": None if spec["dry_run"] else result.series,
+        "message": ("Dry run, nothing changed: " if spec["dry_run"] else f"Series {result.series}: ") + summary,
+        "done": len(done), "conflicts": len(conflicts), "skipped": len(result.steps) - len(done) - len(conflicts),
+        "dates": [{"date": date, "slots": steps} for date, steps in dates.items()],
+    })
+
+
+async def admin_series_cancel(request: Request[State]) -> Response:
+    """Cancel what is left of a series: its slots that have not started are freed (``{"series_id": 3}``)."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    series = ask.data.get("series_id")
+    if not isinstance(series, int) or isinstance(series, bool) or not 1 <= series < 2**63:
+        raise BadInput("series_id must be a series' id (see GET /admin/series)")
+    admin = await identify(state, ask)
+    result = await state["board"].cancel_series(admin, series, "http")
+    logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
+                extra={"srn": admin, "action": "series_cancel", "via": "http"})
+    return JSONResponse({
+        "success": True, "message": f"Series {series} cancelled: {len(result.freed)} slot(s) freed"
+                                    + (f", {len(result.handed)} handed to other series" if result.handed else ""),
+        "series_id": series, "freed": [{"date": date, "slot_id": slot_id} for date, slot_id in result.freed],
+        "promoted": [{"date": date, "slot_id": slot_id, "srn": srn} for date, slot_id, srn in result.promoted],
+        "handed_over": [{"date": date, "slot_id": slot_id, "series_id": to} for date, slot_id, to in result.handed],
+    })
+
+
+async def admin_series_list(request: Request[State]) -> Response:
+    """Every series, newest first (admins, with a Bearer token)."""
+    state = request.state
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPException(401, "A Bearer token is required (POST /auth/login gives one)")
+    series = await state["board"].series_list(state["sessions"].claims(token)["srn"])
+    return JSONResponse({"success": True, "series": series})
+
+
+# -- handlers: calendar feeds --------------------------------------------------------------------------------
+
+
+async def calendar_link(request: Request[State]) -> Response:
+    """A private calendar feed URL: the member's bookings (``{"feed": "lab"}``: every slot, for admins).
+    Asking again gives a new secret, and the old URL stops working."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    kind = feed_kind(ask.data)
+    srn = await identify(state, ask)
+    secret = await state["board"].link_calendar(srn, kind)
+    path = f"/calendar/{secret}.ics"
+    url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
+    logger.info("calendar link (%s) made for %s", kind, srn, extra={"srn": srn, "action": "calendar_link"})
+    return JSONResponse({"success": True, "message": "Subscribe to this URL in your calendar app; keep it private",
+                         "feed": kind, "url": url, "webcal": "webcal://" + url.partition("://")[2], "path": path})
+
+
+async def calendar_unlink(request: Request[State]) -> Response:
+    """Remove the member's calendar feed URL (``{"feed": "lab"}``: their lab feed): it answers 404 from now."""
+    state = request.state
+    ask = await parse(request, slot=False)
+    kind = feed_kind(ask.data)
+    srn = await identify(state, ask)
+    removed = await state["board"].unlink_calendar(srn, kind)
+    logger.info("calendar link (%s) removed for %s", kind, srn, extra={"srn": srn, "action": "calendar_unlink"})
+    return JSONResponse({"success": True, "feed": kind,
+                         "message": "Calendar link removed" if removed else "There was no calendar link to remove"})
+
+
+def etag_matches(header: str | None, etag: str) -> bool:
+    """Whether If-None-Match names this ETag (weak comparison, RFC 9110 13.1.2), or is ``*``."""
+    if header is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+async def calendar_feed(request: Request[State]) -> Response:
+    """GET /calendar/<secret>.ics: the iCalendar feed (304 while the ETag asked about is current)."""
+    feed = await request.state["board"].feed(request.path_params["secret"])
+    if feed is None:
+        raise HTTPException(404, "No such calendar (the link was replaced or removed)")
+    # private: the URL is a secret, so no shared cache keeps it; no-cache: ask (with the ETag) every time
+    headers = {"etag": feed.etag, "cache-control": "private, no-cache"}
+    if etag_matches(request.headers.get("if-none-match"), feed.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(feed.body, media_type="text/calendar", headers=headers)
+
+
+# -- handlers: metrics and API documentation -----------------------------------------------------------------
+
+
+async def metrics(request: Request[State]) -> Response:
+    state = request.state
+    if not state["settings"].metrics:
+        raise HTTPException(404, "Not Found")
+    return Response(state["metrics"].render(state), media_type="text/plain; version=0.0.4")
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(docs_page())
+
+
+# -- live listeners: the SSE feed for curl and EventSource ---------------------------------------------------
+
+
+class EventStream:
+    """GET /events: every slots_update as a Server-Sent Event (``id:`` = version), starting with the current
+    state; ``?date=`` watches that day instead of today. Slow readers are treated as slow sockets are.
+
+    A plain ASGI app rather than a request handler, because the stream's sends are paced by the hub's pump.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request: Request[State] = Request(scope, receive)
+        state = request.state
+        board, hub = state["board"], state["hub"]
+        date = watched_date(request.query_params.get("date"))  # (a SlotError is a 400)
+        if not origin_allowed(state["settings"], request):
+            raise HTTPException(403, "Origin not allowed")
+        address = address_of(request)
+        if not hub.admits(address):
+            raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
+        headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        peer = StreamPeer(send, address)
+        hub.join(peer)
+        hub.watch(peer, date)
+        peer.send_state(await board.day(date or board.today()))
+        assert peer.task is not None
+        disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
+            await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            await hub.leave(peer)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- live listeners: the WebSocket endpoint ------------------------------------------------------------------
+
+
+MAX_SOCKET_MESSAGE_BYTES = 16 * 1024
+
+
+class RateLimit:
+    """A token bucket: ``rate`` messages a second on average, ``burst`` at once; rate 0 = no limit.
+
+    ``refused`` counts the messages refused in a row, so a client can be warned once and then dropped.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, max(1, burst), clock
+        self.tokens, self.at = float(self.burst), clock()
+        self.refused = 0
+
+    def allows(self) -> bool:
+        if not self.rate:
+            return True
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.refused = 0
+            return True
+        self.refused += 1
+        return False
+
+
+SOCKET_ACTIONS = {
+    "book_slot": ("book", "booking_response", "booking"),
+    "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
+    "join_waitlist": ("join", "waitlist_response", "waitlist"),
+    "leave_waitlist": ("leave", "waitlist_response", "waitlist"),
+    "check_in": ("check_in", "check_in_response", "check-in"),
+}
+
+
+async def slot_socket(websocket: WebSocket[State]) -> None:
+    state = websocket.state
+    hub, settings = state["hub"], state["settings"]
+    address = address_of(websocket)
+    if not origin_allowed(settings, websocket):
+        await websocket.close(1008)  # before the handshake: the page gets HTTP 403
+        return
+    await websocket.accept()
+    if not hub.admits(address):
+        logger.warning("refusing a socket from %s: too many connections", address)
+        await websocket.close(1013, "Too many connections; try again later")
+        return
+    peer = SocketPeer(websocket, address)
+    hub.join(peer)
+    peer.send_state(await today(state))
+    bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
+    try:
+        while peer.close_code is None:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if not bucket.allows():
+                if bucket.refused == 1:
+                    hub.reply(peer, {"type": "error", "message": "Too many messages; slow down"})
+                elif bucket.refused > settings.ws_rate_burst:  # it went on: another burst, unread warnings
+                    logger.warning("closing a socket from %s that kept flooding", address)
+                    peer.close(1008)
+                continue
+            text = message.get("text")
+            if text is None:
+                hub.reply(peer, {"type": "error", "message": "Binary frames are not supported; send JSON text"})
+            elif len(text) > MAX_SOCKET_MESSAGE_BYTES:
+                peer.close(1009)
+            else:
+                await on_message(state, peer, text)
+        else:  # we are closing it: what it is owed goes first, then the close frame; nothing more is read
+            await hub.closed(peer)
+    finally:
+        await hub.leave(peer)
+
+
+async def on_message(state: State, peer: SocketPeer, text: str) -> None:
+    """Answer one client message; a bad one gets an ``error`` reply and the socket stays open."""
+    hub, board = state["hub"], state["board"]
+
+    def error(message: str) -> None:
+        hub.reply(peer, {"type": "error", "message": message})
+
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return error("Invalid JSON format")
+    if not isinstance(data, dict):
+        return error('Message must be a JSON object with a "type"')
+    kind = data.get("type")
+    if kind == "get_slots":
+        try:
+            date = watched_date(data.get("date"))
+        except SlotError as exc:
+            return error(str(exc))
+        hub.watch(peer, date)  # watch that day from now on; without a date, watch today
+        return hub.reply_state(peer, await board.day(date or board.today()))
+    if kind == "identify":
+        token = data.get("token")
+        try:
+            ask = ask_of(board, data, None if token is None else str(token), peer.address, slot=False)
+            if ask.token is not None:  # the token checked once: whose it is, and until when
+                claims = state["sessions"].claims(ask.token)
+                srn, peer.jti, peer.expires = claims["srn"], claims["jti"], claims["exp"]
+            else:
+                srn, peer.jti = await identify(state, ask), None
+        except BadInput as exc:
+            return error(str(exc))
+        except REFUSED as exc:
+            message = socket_sentence(exc, booking=False)
+            return hub.reply(peer, {"type": "identify_response", "success": False, "message": message})
+        hub.identify(peer, srn)
+        return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
+                                "message": f"Messages for {srn} will come here too"})
+    if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
+        return error(f"Unknown message type: {preview(kind)[:64]}")
+
+    action, response_type, noun = SOCKET_ACTIONS[kind]
+    token = data.get("token")
+    needed = ("slot_id",) if token is not None else ("slot_id", "username", "password")
+    if any(data.get(name) is None for name in needed):
+        return error(f"Missing slot_id, username, or password in {noun} request")
+    try:
+        ask = ask_of(board, data, token if token is None else str(token), peer.address, slot=True)
+    except (BadInput, SlotError) as exc:
+        return error(str(exc))
+
+    def respond(ok: bool, message: str) -> None:
+        hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": ask.slot_id})
+
+    try:
+        srn = await identify(state, ask)
+        # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
+        # and it leaves to the pump any listener with replies waiting, so the booker hears first.
+        message = await change(state, action, ask, srn, via="websocket")
+    except REFUSED as exc:
+        return respond(False, socket_sentence(exc, booking=True))
+    respond(True, message)
+
+
+# -- the route table, and the API documentation keyed by it --------------------------------------------------
+
+
+def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+STRING, INTEGER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+NULLABLE_STRING = {"type": ["string", "null"]}
+USERNAME = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"\S"}
+PASSWORD = {"type": "string", "minLength": 1, "maxLength": 256, "format": "password"}
+DATE = {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj(["detail"], detail=STRING),
+    "Credentials": _obj([], username=USERNAME, password=PASSWORD),
+    "SlotRequest": _obj(["slot_id"], slot_id={"oneOf": [INTEGER, {"type": "string", "pattern": "^[0-9]{1,6}$"}],
+                                              "examples": [9]},
+                        date=DATE, username=USERNAME, password=PASSWORD),
+    "HistoryRequest": _obj([], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
+                           srn=STRING, page={"type": "integer", "minimum": 1},
+                           page_size={"type": "integer", "minimum": 1, "maximum": 500}),
+    "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "status",
+                  "waiting", "checked_in", "date"],
+                 id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
+                 booked_at=NULLABLE_STRING, closed=BOOLEAN,
+                 status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
+                 checked_in=BOOLEAN, date=STRING),
+    "NowSlot": {"type": ["object", "null"],
+                "required": ["date", "id", "start_time", "end_time", "holder", "checked_in"],
+                "properties": {"date": STRING, "id": INTEGER, "start_time": STRING, "end_time": STRING,
+                               "holder": NULLABLE_STRING, "checked_in": BOOLEAN}},
+    "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
+                  available_slots={"type": "array", "items": INTEGER}, booked_slots={"type": "array", "items": INTEGER}),
+    "Root": _obj(["message", "websocket_endpoint", "active_connections", "booked_slots"], message=STRING,
+                 websocket_endpoint=STRING, active_connections=INTEGER, booked_slots={"type": "array", "items": INTEGER}),
+    "DatabaseSummary": _obj(["total_slots", "booked_slots", "available_slots", "database_path"], total_slots=INTEGER,
+                            booked_slots=INTEGER, available_slots=INTEGER, database_path=STRING),
+    "Health": _obj(["status", "timestamp", "active_connections", "total_slots", "booked_slots_count",
+                    "available_slots_count", "database"], status=STRING, timestamp=STRING,
+                   active_connections=INTEGER, total_slots=INTEGER, booked_slots_count=INTEGER,
+                   available_slots_count=INTEGER, database=_ref("DatabaseSummary")),
+    "Stats": _obj(["database", "websocket", "slots"], database=_ref("DatabaseSummary"),
+                  websocket=_obj(["active_connections"], active_connections=INTEGER),
+                  slots=_obj(["total", "booked", "available"], total=INTEGER, booked=INTEGER, available=INTEGER)),
+    "Login": _obj(["success", "message", "user", "token", "expires_in"], success=BOOLEAN, message=STRING,
+                  user=_obj(["srn"], srn=STRING, name=NULLABLE_STRING, prn=NULLABLE_STRING, program=NULLABLE_STRING,
+                            branch=NULLABLE_STRING, campus=NULLABLE_STRING),
+                  token=STRING, expires_in=INTEGER),
+    "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
+    "Now": _obj(["now", "current", "next"], now=STRING, current=_ref("NowSlot"), next=_ref("NowSlot")),
+    "Me": _obj(["srn", "holds_current_slot", "current", "next_booking"], srn=STRING, holds_current_slot=BOOLEAN,
+               current=_ref("NowSlot"), next_booking={"type": ["object", "null"]}),
+    "TokenBody": _obj([], token=STRING),
+    "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
+    "MyBookings": _obj(["success", "bookings", "total_bookings", "waitlist"], success=BOOLEAN,
+                       total_bookings=INTEGER,
+                       bookings={"type": "array", "items": _obj(["id", "start_time", "end_time", "booked_at", "date"],
+                                                                id=INTEGER, start_time=STRING, end_time=STRING,
+                                                                booked_at=STRING, date=STRING)},
+                       waitlist={"type": "array", "items": _obj(["id", "start_time", "end_time", "date", "position"],
+                                                                id=INTEGER, start_time=STRING, end_time=STRING,
+                                                                date=STRING, position=INTEGER)}),
+    "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
+                    page=INTEGER, page_size=INTEGER,
+                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via",
+                                                            "note", "series"],
+                                                           id=INTEGER, at=STRING, srn=NULLABLE_STRING, action=STRING,
+                                                           date=NULLABLE_STRING, slot_id={"type": ["integer", "null"]},
+                                                           via=STRING, note=NULLABLE_STRING,
+                                                           series={"type": ["integer", "null"]})}),
+    "SeriesRequest": _obj(["action", "slots", "weekdays", "from", "until"], username=USERNAME, password=PASSWORD,
+                          action={"enum": ["close", "reserve"]},
+                          slots={"type": "array", "items": INTEGER, "minItems": 1, "examples": [[14, 15]]},
+                          weekdays={"type": "array", "minItems": 1, "examples": [["tue", "thu"]], "items": {
+                              "type": "string", "description": "mon ... sun, or the day's full name, in any case"}},
+                          **{"from": DATE, "until": DATE},
+                          srn={**STRING, "description": "required for reserve: the member the slots are held for"},
+                          title={"type": "string", "maxLength": 100}, dry_run=BOOLEAN),
+    "SeriesDone": _obj(["success", "dry_run", "series_id", "message", "done", "conflicts", "skipped", "dates"],
+                       success=BOOLEAN, dry_run=BOOLEAN, series_id={"type": ["integer", "null"]}, message=STRING,
+                       done=INTEGER, conflicts=INTEGER, skipped=INTEGER,
+                       dates={"type": "array", "items": _obj(["date", "slots"], date=STRING, slots={
+                           "type": "array", "items": _obj(["slot_id", "result"], slot_id=INTEGER, result={"enum": [
+                               "closed", "reserved", "conflict", "already_closed", "already_theirs", "started"]},
+                               booked_by=NULLABLE_STRING)})}),
+    "SeriesCancelRequest": _obj(["series_id"], username=USERNAME, password=PASSWORD, series_id=INTEGER),
+    "SeriesCancelled": _obj(["success", "message", "series_id", "freed", "promoted", "handed_over"], success=BOOLEAN,
+                            message=STRING, series_id=INTEGER,
+                            freed={"type": "array", "items": _obj(["date", "slot_id"], date=STRING, slot_id=INTEGER)},
+                            promoted={"type": "array", "items": _obj(["date", "slot_id", "srn"], date=STRING,
+                                                                     slot_id=INTEGER, srn=STRING)},
+                            handed_over={"type": "array", "items": _obj(["date", "slot_id", "series_id"], date=STRING,
+                                                                        slot_id=INTEGER, series_id=INTEGER)}),
+    "SeriesList": _obj(["success", "series"], success=BOOLEAN, series={"type": "array", "items": _obj(
+        ["id", "action", "srn", "slots", "weekdays", "from", "until", "title", "created_by", "created_at",
+         "cancelled_by", "cancelled_at", "upcoming"],
+        id=INTEGER, action=STRING, srn=NULLABLE_STRING, slots={"type": "array", "items": INTEGER},
+        weekdays={"type": "array", "items": STRING}, **{"from": STRING}, until=STRING, title=NULLABLE_STRING,
+        created_by=STRING, created_at=STRING, cancelled_by=NULLABLE_STRING, cancelled_at=NULLABLE_STRING,
+        upcoming={**INTEGER, "description": "its slots still held that have not started"})}),
+    "CalendarRequest": _obj([], username=USERNAME, password=PASSWORD, feed={"enum": ["member", "lab"]}),
+    "CalendarLink": _obj(["success", "message", "feed", "url", "webcal", "path"], success=BOOLEAN, message=STRING,
+                         feed={"enum": ["member", "lab"]}, url=STRING, webcal=STRING, path=STRING),
+    "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING,
+                             feed={"enum": ["member", "lab"]}),
+}
+
+
+ERRORS = {
+    "400": "Not JSON, or the rules refuse (the detail says which rule)",
+    "401": "Invalid credentials, or an invalid or expired token",
+    "403": "Admins only",
+    "413": "Body over 64 KiB",
+    "422": "A field is missing or of the wrong kind",
+    "429": "Too many failed logins for this username or address (see Retry-After)",
+    "503": "PESU could not be asked; the password was not judged",
+}
+
+
+SOCKET_PROTOCOL = """Live updates: WebSocket `/slot-booking`. On connect the server sends the day's state:
+`{"type": "slots_update", "data": {Slots, "date", "version"}, "timestamp"}`. Client messages (JSON text):
+`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot" | "join_waitlist" |
+"leave_waitlist" | "check_in", "slot_id", "date"?, "username", "password"}` or with `"token"` instead of
+username and password, and `{"type": "identify", "token"}` (or username and password). Answers:
+`{"type": "booking_response" | "cancellation_response" | "waitlist_response" | "check_in_response", "success",
+"message", "slot_id"}`, `{"type": "identify_response", "success", "srn"?, "message"}`, or
+`{"type": "error", "message"}` for a bad message (the socket stays open). An identified socket also gets
+`{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member.
+Close codes: 1009 message over
+16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
+The same slots_update messages stream as Server-Sent Events from `GET /events`."""
+
+
+def json_answer(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str | None = None,
+              secured: bool = False, body_required: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": json_answer(answer)}}
+    for code in errors:
+        op["responses"][code] = json_answer("Error", ERRORS[code])
+    if body:
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": _ref(body)}}}
+    if secured:
+        op["security"] = [{}, {"bearer": []}]  # username and password in the body, or a Bearer token
+    return op
+
+
+@functools.cache  # fixed for the life of the process: built on first request, not at start-up
+def openapi_document() -> dict[str, Any]:
+    """The HTTP API as OpenAPI 3.1; the WebSocket protocol is in the description (OpenAPI has no sockets)."""
+    member = ("400", "401", "413", "422", "429", "503")
+    slot = ("400", "401", "403", "413", "422", "429", "503")
+    date_query = [{"name": "date", "in": "query", "required": False, "schema": DATE}]
+    paths = {
+        "/": {"get": operation("Service summary", "Root")},
+        "/health": {"get": operation("Health and today's counts", "Health")},
+        "/stats": {"get": operation("Counts and open sockets", "Stats")},
+        "/slots": {"get": {**operation("A day's slots (today without ?date)", "Slots", ("400",)), "parameters": date_query}},
+        "/events": {"get": {"summary": "slots_update messages as Server-Sent Events (id = version)",
+                            "parameters": date_query,
+                            "responses": {"200": {"description": "An endless event stream",
+                                                  "content": {"text/event-stream": {"schema": STRING}}},
+                                          "400": json_answer("Error", ERRORS["400"]),
+                                          "503": json_answer("Error", "Too many connections")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (METRICS=1; 404 otherwise)",
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {"schema": STRING}}},
+                                           "404": json_answer("Error", "Metrics are off")}}},
+        "/auth/login": {"post": operation("Check PESU credentials; returns a session token", "Login", member,
+                                          "Credentials", secured=True)},
+        "/auth/logout": {"post": operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
+                                           "TokenBody", secured=True)},
+        "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
+        "/cancel-slot": {"post": operation("Cancel your booking (the slot goes to the first in its waitlist who "
+                                           "may take it)", "SlotDone", member, "SlotRequest", secured=True)},
+        "/now": {"get": operation("Who holds the lab now, and next (poll it every second)", "Now")},
+        "/me": {"get": {**operation("Whose token this is; whether they hold the slot under way; their next booking",
+                                    "Me", ("401",)), "security": [{"bearer": []}]}},
+        "/check-in": {"post": operation("Check in to your slot (from 10 min before to 15 min after its start)",
+                                        "SlotDone", member, "SlotRequest", secured=True)},
+        "/waitlist/join": {"post": operation("Wait in line for a booked slot (a free one is booked at once)",
+                                             "SlotDone", member, "SlotRequest", secured=True)},
+        "/waitlist/leave": {"post": operation("Leave a slot's waitlist", "SlotDone", member, "SlotRequest",
+                                              secured=True)},
+        "/my-bookings": {"post": operation("Your bookings that have not ended", "MyBookings", member, "Credentials",
+                                           secured=True)},
+        "/admin/close-slot": {"post": operation("Close a free slot (admins)", "SlotDone", slot, "SlotRequest",
+                                                secured=True)},
+        "/admin/open-slot": {"post": operation("Reopen a closed slot (admins)", "SlotDone", slot, "SlotRequest",
+                                               secured=True)},
+        "/admin/forgive-no-show": {"post": operation("Forgive a member's no-show (admins); body: srn, date, slot_id",
+                                                     "SlotDone", slot, "SlotRequest", secured=True)},
+        "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
+                                             "HistoryRequest", secured=True)},
+        "/admin/series": {
+            "post": operation("Close, or reserve for a member, the same slots on chosen weekdays between two dates "
+                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest",
+                              secured=True),
+            "get": {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
+                    "security": [{"bearer": []}]}},
+        "/admin/series/cancel": {"post": operation("Cancel what is left of a series: its slots that have not started "
+                                                   "are freed (admins)", "SeriesCancelled", slot, "SeriesCancelRequest",
+                                                   secured=True)},
+        "/calendar/link": {"post": operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
+                                             "admins); asking again replaces it", "CalendarLink", slot,
+                                             "CalendarRequest", secured=True, body_required=False)},
+        "/calendar/unlink": {"post": operation("Remove your calendar feed URL", "CalendarUnlinked", member,
+                                               "CalendarRequest", secured=True, body_required=False)},
+        "/calendar/{secret}.ics": {"get": {
+            "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
+            "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},
+                           {"name": "If-None-Match", "in": "header", "required": False, "schema": STRING}],
+            "responses": {"200": {"description": "The feed", "headers": {"ETag": {"schema": STRING}},
+                                  "content": {"text/calendar": {"schema": STRING}}},
+                          "304": {"description": "Not modified since the ETag given"},
+                          "404": json_answer("Error", "No such feed (never made, replaced or removed)")}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/docs": {"get": {"summary": "Interactive API documentation", "responses": {"200": {
+                  "description": "HTML", "content": {"text/html": {"schema": STRING}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rero-slots", "version": __version__, "description": SOCKET_PROTOCOL},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>rero-slots API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"><h1>rero-slots API</h1>
+<p>The interactive page needs the Swagger UI from a CDN, which could not be loaded. The routes
+(full detail in <a href="/openapi.json">/openapi.json</a>):</p><ul>%s</ul></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
+
+
+@functools.cache
+def docs_page() -> str:
+    """Swagger UI from a CDN; until (or unless) it loads, the page lists the routes in plain HTML."""
+    items = "".join(
+        f"<li><code>{method.upper()} {html.escape(path)}</code>: {html.escape(op['summary'])}</li>"
+        for path, ops in openapi_document()["paths"].items() for method, op in ops.items()
+    )
+    items += "<li><code>WebSocket /slot-booking</code>: live updates, booking and cancelling</li>"
+    return DOCS_PAGE % items
+
+
+# -- start-up ------------------------------------------------------------------------------------------------
+
+
+SWITCH_INTERVAL = 0.0001  # seconds; see lifespan
+
+
+async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
+    """Every ``interval``, hand what the board's housekeeping found (Board.poll) to those it concerns: the
+    new day to the hub, signed-out tokens to the sessions, notices to the members' sockets."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            found = await board.poll()
+        except Exception:  # a locked or busy database must not end the watch
+            logger.exception("could not read the database for changes")
+            continue
+        if found.today is not None:
+            hub.roll_over(found.today)
+        for date, slot_id, holder, promoted in found.released:
+            logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
+                        f"; {promoted} had it from the waitlist" if promoted else "",
+                        extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
+        for jti, expires in found.signed_out:
+            sessions.revoke(jti, expires)
+        for action, srn, date, slot_id in found.notices:
+            hub.tell(srn, notice(action, date, slot_id), sessions.live)
+
+
+def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:
+    """The personal message for an event: a promotion from a waitlist, or a release as a no-show."""
+    if action == "promote":
+        return {"type": "booking_promoted", "date": date, "slot_id": slot_id,
+                "message": f"Slot {slot_id} on {date} is yours: it came free and you were first in line"}
+    return {"type": "booking_released", "date": date, "slot_id": slot_id,
+            "message": f"Your booking of slot {slot_id} on {date} was released: you did not check in in time"}
+
+
+def close_sockets_on_sigterm(hub: Hub) -> Callable[[], None]:
+    """Chain onto the server's SIGTERM handler so open sockets hear 1001 (going away) before it stops.
+
+    Uvicorn itself would close them with 1012; clients expect 1001 when the club's server shuts down.
+    Returns the function that puts the previous handler back.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(hub.close_all, 1001)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    pesu_timer: Callable[[], float] | None = None,
+) -> Starlette:
+    """Build the app; tests pass their own settings, a fake PESU transport and clock."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        configure_logging(settings.log_level, settings.log_format)
+        # The database thread needs the GIL back after every SQLite call; by default it may wait 5 ms for
+        # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
+        files = raise_fd_limit()
+        pesu_places = min(settings.pesu_max_concurrency, max(1, (files - RESERVED_FDS) // 4))  # a socket each
+        connections = max(16, files - RESERVED_FDS - pesu_places)
+        listeners = connections - max(8, connections // 10)
+        if settings.max_connections:
+            listeners = min(listeners, settings.max_connections)
+        door = Door(connections, settings.request_timeout, settings.send_timeout)
+        hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
+        store = SlotStore(settings.database_path, settings.hours)
+        board = Board(store, settings.rules(), clock, watched=hub.watching,  # (days kept however many are read)
+                      on_change=lambda day: hub.broadcast(day, board.today()))
+        await board.open()
+        hub.start(settings.heartbeat_seconds)
+        guard_store = db.GuardStore(settings.database_path)
+        await guard_store.open()
+        seconds = lambda: clock().timestamp()  # noqa: E731
+        secret = settings.session_secret.encode() or os.urandom(32)
+        sessions = Sessions(secret, settings.session_minutes * 60, seconds)
+        window = settings.login_fail_window_minutes * 60
+        timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
+        async with pesu.clients(pesu_places, transport=transport, timeout=timeout) as client:
+            guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
+                          seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
+            counters = Metrics()
+            checker = PesuChecker(
+                client,
+                settings.pesu_auth_url,
+                settings.cache_minutes * 60,
+                timer=pesu_timer,
+                deadline=1.5 * settings.pesu_timeout,
+                guard=guard,
+                max_concurrency=pesu_places,
+                max_queue=settings.pesu_max_queue,
+                on_upstream=counters.observe_upstream,
+            )
+            watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
+            # (not the address: uvicorn names the one it really listens on, whichever way it was started)
+            logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
+                        public_url(settings.pesu_auth_url))
+            if not settings.session_secret:
+                logger.info("SESSION_SECRET is not set: tokens end when this process does (see README)")
+            logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d;"
+                        " PESU checks at most %d at once", files, connections, listeners, pesu_places)
+            restore_sigterm = close_sockets_on_sigterm(hub)
+            try:
+                yield {
+                    "settings": settings,
+                    "board": board,
+                    "door": door,
+                    "hub": hub,
+                    "pesu": checker,
+                    "sessions": sessions,
+                    "metrics": counters,
+                }
+            finally:
+                restore_sigterm()
+                watcher.cancel()
+                hub.close_all(1001)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                await guard_store.close()
+                await store.close()
+                sys.setswitchinterval(switch_interval)
+
+    routes = [  # the routes pages poll most come first: Starlette tries each in turn (a regex match each)
+        Route("/slots", SlotList(), methods=["GET"]),
+        Route("/my-bookings", my_bookings, methods=["POST"]),
+        Route("/book-slot", slot_route("book"), methods=["POST"]),
+        Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
+        Route("/auth/login", login, methods=["POST"]),
+        Route("/now", now, methods=["GET"]),
+        Route("/me", me, methods=["GET"]),
+        Route("/check-in", slot_route("check_in"), methods=["POST"]),
+        Route("/waitlist/join", slot_route("join"), methods=["POST"]),
+        Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
+        Route("/health", health),
+        Route("/", root),
+        Route("/stats", stats),
+        Route("/auth/logout", logout, methods=["POST"]),
+        Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
+        Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
+        Route("/admin/history", admin_history, methods=["POST"]),
+        Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
+        Route("/admin/series", admin_series, methods=["POST"]),
+        Route("/admin/series", admin_series_list, methods=["GET"]),
+        Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
+        Route("/calendar/link", calendar_link, methods=["POST"]),
+        Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
+        Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
+        Route("/events", EventStream(), methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+        WebSocketRoute("/slot-booking", slot_socket),
+    ]
+    middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, **dict.fromkeys(REFUSALS, refused), Exception: server_error},
+    )
+
+
+SETTINGS = Settings.from_env()
+app = create_app(SETTINGS)
+
+
+# -- serving under uvicorn: the seam -------------------------------------------------------------------------
 #
 # The guarded protocols below subclass uvicorn's and rely on these internals of theirs (requirements.txt
 # starts at the first release that has them all, and test_the_uvicorn_internals_we_rely_on_are_there
@@ -1080,1039 +2239,32 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
                 self.transport.resume_reading()
 
 
-# -- metrics ---------------------------------------------------------------------------------------------
+def uvicorn_log_config(form: str) -> dict[str, Any]:
+    """Uvicorn's own logging set-up, with every line as JSON from the first one when LOG_FORMAT=json."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    if form != "json":
+        return LOGGING_CONFIG
+    return {**LOGGING_CONFIG, "formatters": {name: {"()": JsonFormatter} for name in LOGGING_CONFIG["formatters"]}}
 
 
-UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-
-class Metrics:
-    """Counters and one histogram, rendered in the Prometheus text format. Labels are kinds and results,
-    never members: nothing here names an SRN."""
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.upstream = [0] * (len(UPSTREAM_BUCKETS) + 1)
-        self.upstream_sum = 0.0
-
-    def count(self, name: str, labels: str) -> None:
-        self.counts[name, labels] += 1
-
-    def observe_upstream(self, seconds: float) -> None:
-        self.upstream_sum += seconds
-        self.upstream[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
-
-    def render(self, state: State) -> str:
-        hub, pesu_ = state["hub"], state["pesu"]
-        lines = [
-            "# HELP rero_open_sockets Open WebSockets.", "# TYPE rero_open_sockets gauge",
-            f"rero_open_sockets {hub.sockets}",
-            "# HELP rero_open_listeners Open WebSockets and /events streams.", "# TYPE rero_open_listeners gauge",
-            f"rero_open_listeners {len(hub.peers)}",
-            "# HELP rero_open_connections TCP connections of this process.", "# TYPE rero_open_connections gauge",
-            f"rero_open_connections {len(state['door'].open)}",
-            "# HELP rero_connections_refused_total Connections closed at once or evicted for want of room.",
-            "# TYPE rero_connections_refused_total counter",
-            f"rero_connections_refused_total {state['door'].refused}",
-        ]
-        helps = {"rero_slot_changes_total": "Bookings, cancellations, closings and reopenings, by route kind.",
-                 "rero_logins_total": "Password checks by result."}
-        for name, help_ in helps.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
-            lines += [f"{name}{{{labels}}} {n}" for (metric, labels), n in sorted(self.counts.items()) if metric == name]
-        lines += ["# HELP rero_pesu_upstream_seconds Time PESU took to answer.",
-                  "# TYPE rero_pesu_upstream_seconds histogram"]
-        total = 0
-        for bound, n in zip([*map(str, UPSTREAM_BUCKETS), "+Inf"], self.upstream):
-            total += n
-            lines.append(f'rero_pesu_upstream_seconds_bucket{{le="{bound}"}} {total}')
-        lines += [f"rero_pesu_upstream_seconds_sum {self.upstream_sum:.6f}", f"rero_pesu_upstream_seconds_count {total}",
-                  "# HELP rero_auth_cache_total Password checks answered from the cache, or not.",
-                  "# TYPE rero_auth_cache_total counter",
-                  f'rero_auth_cache_total{{result="hit"}} {pesu_.cache_hits}',
-                  f'rero_auth_cache_total{{result="miss"}} {pesu_.cache_misses}',
-                  "# HELP rero_broadcasts_total Broadcast rounds.", "# TYPE rero_broadcasts_total counter",
-                  f"rero_broadcasts_total {hub.rounds}",
-                  "# HELP rero_broadcast_seconds_total Time spent handing states to listeners.",
-                  "# TYPE rero_broadcast_seconds_total counter",
-                  f"rero_broadcast_seconds_total {hub.round_seconds:.6f}"]
-        return "\n".join(lines) + "\n"
-
-
-async def metrics(request: Request[State]) -> Response:
-    state = request.state
-    if not state["settings"].metrics:
-        raise HTTPException(404, "Not Found")
-    return Response(state["metrics"].render(state), media_type="text/plain; version=0.0.4")
-
-
-# -- application state ----------------------------------------------------------------------------------------
-
-
-class State(TypedDict):
-    settings: Settings
-    board: Board
-    door: Door  # read by the protocols (GuardedHttp, GuardedWebSocket) from uvicorn's copy of this state
-    hub: Hub
-    pesu: PesuChecker
-    sessions: Sessions
-    metrics: Metrics
-
-
-async def identify(state: State, ask: Ask) -> str:
-    """The member's SRN, from a session token or from PESU; else InvalidToken, or profile_of's refusals."""
-    if ask.token is not None:
-        return state["sessions"].claims(ask.token)["srn"]
-    return (await profile_of(state, ask.username, ask.password, ask.address))["srn"]
-
-
-async def profile_of(state: State, username: str, password: str, address: str) -> dict[str, Any]:
-    """PESU's answer for these credentials; InvalidCredentials if it refuses them, Throttled while guessing
-    at this username from this address (or from this address at all) is being slowed, AuthUnavailable if
-    PESU could not be asked. The limits themselves live in the checker (pesu.Guard), where the upstream
-    call is made; here each outcome is counted and logged (the refusal itself is answered by REFUSALS)."""
-    fields = {"username": username, "address": address, "action": "login"}
-    try:
-        profile = await state["pesu"].check(username, password, address)
-    except Throttled:
-        state["metrics"].count("rero_logins_total", 'result="throttled"')
-        logger.debug("login throttled for %s from %s", username, address, extra={**fields, "status": 429})
-        raise
-    except InvalidCredentials:
-        state["metrics"].count("rero_logins_total", 'result="invalid"')
-        logger.info("login refused for %s from %s", username, address, extra={**fields, "status": 401})
-        raise
-    except AuthUnavailable as exc:
-        state["metrics"].count("rero_logins_total", 'result="upstream_error"')
-        if isinstance(exc, AuthBusy):
-            logger.debug("PESU checks queue full: %s", exc, extra={**fields, "status": 503})
-        else:
-            logger.warning("PESU auth unavailable at %s: %s", public_url(state["settings"].pesu_auth_url), exc,
-                           extra={**fields, "status": 503})
-        raise
-    state["metrics"].count("rero_logins_total", 'result="ok"')
-    return profile
-
-
-async def today(state: State) -> Day:
-    board = state["board"]
-    return await board.day(board.today())
-
-
-def db_summary(state: State, day: Day) -> dict[str, Any]:
+def server_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn must serve this app (``python app.py``, and the tests' servers): the guarded protocols,
+    the socket message cap, and a short graceful shutdown."""
     return {
-        "total_slots": len(day.slots),
-        "booked_slots": len(day.booked),
-        "available_slots": len(day.available),
-        "database_path": state["settings"].database_path,
+        "http": GuardedHttp,
+        "ws": GuardedWebSocket,
+        "ws_max_size": MAX_SOCKET_MESSAGE_BYTES,
+        # Off unless asked for: each socket would deflate every state again with a compressor of its own
+        # (about 45 KiB more per idle socket, and 1.5x the time to reach 1000 of them).
+        "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ws_ping_seconds or None,
+        "ws_ping_timeout": settings.ws_ping_seconds or None,
+        "timeout_graceful_shutdown": 5,
     }
 
 
-# -- HTTP handlers --------------------------------------------------------------------------------------------
-
-
-async def root(request: Request[State]) -> Response:
-    state = request.state
-    day = await today(state)
-    return JSONResponse(
-        {
-            "message": "Slot Booking API is running",
-            "websocket_endpoint": "/slot-booking",
-            "active_connections": state["hub"].sockets,
-            "booked_slots": day.booked,
-        }
-    )
-
-
-async def health(request: Request[State]) -> Response:
-    state = request.state
-    day = await today(state)
-    return JSONResponse(
-        {
-            "status": "healthy",
-            "timestamp": state["board"].now().isoformat(),
-            "active_connections": state["hub"].sockets,
-            "total_slots": len(day.slots),
-            "booked_slots_count": len(day.booked),
-            "available_slots_count": len(day.available),
-            "database": db_summary(state, day),
-        }
-    )
-
-
-async def stats(request: Request[State]) -> Response:
-    state = request.state
-    summary = db_summary(state, await today(state))
-    return JSONResponse(
-        {
-            "database": summary,
-            "websocket": {"active_connections": state["hub"].sockets},
-            "slots": {
-                "total": summary["total_slots"],
-                "booked": summary["booked_slots"],
-                "available": summary["available_slots"],
-            },
-        }
-    )
-
-
-class SlotList:
-    """GET /slots (``?date=`` for another day): the day's ready-encoded bytes.
-
-    The route every open page polls, so it is a plain ASGI app: no Request, no per-request wrappers,
-    just a cache lookup and two sends. A bad date still raises SlotError, answered by the app.
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        board: Board = scope["state"]["board"]
-        query = scope["query_string"]
-        date = board.resolve(QueryParams(query).get("date") if query else None)  # (a SlotError is a 400)
-        body = (await board.day(date)).slots_json
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-class Ask(NamedTuple):  # a tuple: built on every request, and cheaper to build than a frozen dataclass
-    """A request's fields, checked: the member's credentials and, where the route takes them, date and slot
-    (empty and 0 where it does not)."""
-
-    username: str
-    password: str
-    token: str | None  # a session token, used instead of username and password
-    address: str  # the client's address (the real one behind a trusted proxy)
-    date: str
-    slot_id: int
-    data: dict[str, Any]
-
-
-def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, *, slot: bool) -> Ask:
-    """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
-    slot_id = slot_id_of(data) if slot else 0
-    username, password = ("", "") if token is not None else credentials_of(data)
-    date = board.resolve(data.get("date")) if slot else ""
-    return Ask(username, password, token, address, date, slot_id, data)
-
-
-def bearer_token(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (any other scheme counts as a bad token)."""
-    header = request.headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else header
-
-
-def origin_allowed(settings: Settings, connection: Request | WebSocket) -> bool:
-    """Whether a page may open a socket or stream here. Browsers always send ``Origin`` with these, and no
-    CORS check guards a WebSocket or a GET, so with an explicit CORS_ORIGINS another site's page is refused
-    here; a client that sends no Origin (curl, a native app, the device gateway) is not a page, and may."""
-    origin = connection.headers.get("origin")
-    return origin is None or "*" in settings.cors_origins or origin in settings.cors_origins
-
-
-def address_of(connection: Request | WebSocket) -> str:
-    return connection.client.host if connection.client else "unknown"
-
-
-async def parse(request: Request[State], *, slot: bool) -> Ask:
-    """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
-    token = bearer_token(request)
-    data = await read_json(request, empty_ok=token is not None)
-    return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
-
-
-async def login(request: Request[State]) -> Response:
-    """Check credentials with PESU; the answer carries a session token to use instead of them.
-
-    With a Bearer token instead, it says whose the token is and how long it has left (no new token).
-    """
-    state = request.state
-    ask = await parse(request, slot=False)
-    if ask.token is not None:
-        claims = state["sessions"].claims(ask.token)
-        expires_in = int(claims["exp"] - state["sessions"].clock())
-        user, token = {"srn": claims["srn"]}, ask.token
-    else:
-        user = await profile_of(state, ask.username, ask.password, ask.address)
-        token, expires_in = state["sessions"].issue(user["srn"])
-    body = {"success": True, "message": "Login successful", "user": user, "token": token, "expires_in": expires_in}
-    return JSONResponse(body)
-
-
-async def logout(request: Request[State]) -> Response:
-    """Revoke a session token (Bearer, or ``{"token": ...}``) for the rest of its life, on every worker."""
-    state = request.state
-    token = bearer_token(request)
-    if token is None:
-        token = (await read_json(request)).get("token")
-        if not isinstance(token, str):
-            raise BadInput("token is required (Authorization: Bearer, or in the body)")
-    claims = state["sessions"].claims(token)
-    state["sessions"].revoke(claims["jti"], claims["exp"])
-    await state["board"].revoke_token(claims["jti"], claims["exp"], state["sessions"].clock())
-    logger.info("logout of %s", claims["srn"], extra={"srn": claims["srn"], "action": "logout"})
-    return JSONResponse({"success": True, "message": "Logged out"})
-
-
-MESSAGES = {
-    "book": "Slot {} booked successfully",
-    "cancel": "Slot {} booking cancelled successfully",
-    "close": "Slot {} closed",
-    "open": "Slot {} reopened",
-    "check_in": "Slot {} checked in",
-    "join": "In line for slot {}",  # the board says where
-    "leave": "Left the waitlist for slot {}",
-}
-
-
-def slot_route(action: str) -> Callable[[Request[State]], Any]:
-    """POST /book-slot, /cancel-slot, /admin/close-slot, /admin/open-slot: the same steps, another action."""
-
-    async def endpoint(request: Request[State]) -> Response:
-        ask = await parse(request, slot=True)
-        srn = await identify(request.state, ask)
-        message = await change(request.state, action, ask, srn, via="http")
-        return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
-
-    endpoint.__name__ = f"{action}_slot"
-    return endpoint
-
-
-async def now(request: Request[State]) -> Response:
-    """Who holds the lab now, and next: for the lab's device gateway and livestream (cheap: from memory)."""
-    return JSONResponse(await request.state["board"].current())
-
-
-async def me(request: Request[State]) -> Response:
-    """The member a Bearer token belongs to: whether they hold the slot under way, and their next booking.
-    A device gateway admits exactly the current holder with the member's own token."""
-    state = request.state
-    token = bearer_token(request)
-    if token is None:
-        raise HTTPException(401, "A Bearer token is required")
-    srn = state["sessions"].claims(token)["srn"]
-    board = state["board"]
-    current = (await board.current())["current"]
-    held = current is not None and current["holder"] == srn
-    return JSONResponse({"srn": srn, "holds_current_slot": held, "current": current if held else None,
-                         "next_booking": await board.next_booking(srn, current if held else None)})
-
-
-async def my_bookings(request: Request[State]) -> Response:
-    state = request.state
-    ask = await parse(request, slot=False)
-    body = await state["board"].bookings_body(await identify(state, ask))
-    return Response(body, media_type="application/json")
-
-
-def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:
-    value = data.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
-        raise BadInput(f"{name} must be an integer from 1 to {most}")
-    return value
-
-
-async def forgive_no_show(request: Request[State]) -> Response:
-    """An admin forgives a member's no-show ({"srn", "date", "slot_id"} beside the admin's credentials)."""
-    state = request.state
-    ask = await parse(request, slot=True)
-    who = ask.data.get("srn")
-    if not isinstance(who, str) or not who.strip():
-        raise BadInput("srn is required")
-    admin = await identify(state, ask)
-    member = who.strip().upper()
-    await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
-    logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
-                extra={"srn": admin, "slot": ask.slot_id, "date": ask.date, "action": "forgive"})
-    return JSONResponse({"success": True, "message": f"No-show of {member} on slot {ask.slot_id} forgiven",
-                         "slot_id": ask.slot_id})
-
-
-async def admin_history(request: Request[State]) -> Response:
-    """The change log, newest first, for admins: filter by date range (from, to) and srn; paged."""
-    ask = await parse(request, slot=False)
-    data, board = ask.data, request.state["board"]
-    page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 50, 500)
-    since = None if data.get("from") is None else board.resolve(data["from"])
-    until = None if data.get("to") is None else board.resolve(data["to"])
-    who = data.get("srn")
-    if who is not None and not isinstance(who, str):
-        raise BadInput("srn must be a string")
-    srn = await identify(request.state, ask)
-    total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
-    return JSONResponse(
-        {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
-    )
-
-
-# -- series: an admin's recurring closures and reservations ---------------------------------------------------
-
-SRN = re.compile(r"[A-Z0-9]{1,32}")
-WEEKDAY_NAMES = dict(zip(WEEKDAYS, WEEKDAYS)) | {  # "tue", "Tue", "tuesday" and "TUESDAY" all say Tuesday
-    "monday": "mon", "tuesday": "tue", "wednesday": "wed", "thursday": "thu", "friday": "fri", "saturday": "sat",
-    "sunday": "sun"}
-
-
-def series_of(data: dict[str, Any]) -> dict[str, Any]:
-    """The fields of POST /admin/series, checked for kind (BadInput: 422) and as dates (SlotError: 400)."""
-    action = data.get("action")
-    if action not in ("close", "reserve"):
-        raise BadInput('action must be "close" or "reserve"')
-    slots = data.get("slots")
-    if not isinstance(slots, list) or not slots or len(slots) > 24 or not all(
-            isinstance(s, int) and not isinstance(s, bool) for s in slots):
-        raise BadInput("slots must be a list of slot ids, e.g. [14, 15]")
-    weekdays = data.get("weekdays")
-    if not isinstance(weekdays, list) or not weekdays or not all(
-            isinstance(w, str) and w.strip().lower() in WEEKDAY_NAMES for w in weekdays):
-        raise BadInput('weekdays must be a list of "mon", "tue", "wed", "thu", "fri", "sat", "sun"')
-    if data.get("from") is None or data.get("until") is None:
-        raise BadInput("from and until are required (YYYY-MM-DD)")
-    srn = data.get("srn")
-    if action == "reserve":
-        if not isinstance(srn, str) or not SRN.fullmatch(srn.strip().upper()):
-            raise BadInput("srn is required for reserve: the member's SRN")
-        srn = srn.strip().upper()
-    elif srn is not None:
-        raise BadInput("srn is only for reserve")
-    title = data.get("title")
-    if title is not None and (not isinstance(title, str) or len(title) > 100 or CONTROL_CHARACTERS.search(title)):
-        raise BadInput("title must be a line of text of at most 100 characters")
-    dry_run = data.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise BadInput("dry_run must be true or false")
-    chosen = {WEEKDAY_NAMES[w.strip().lower()] for w in weekdays}
-    return {"action": action, "srn": srn, "slots": sorted(set(slots)), "title": (title or "").strip() or None,
-            "weekdays": [w for w in WEEKDAYS if w in chosen], "first": parse_date(data["from"]),
-            "last": parse_date(data["until"]), "dry_run": dry_run}
-
-
-async def admin_series(request: Request[State]) -> Response:
-    """Close (or reserve for a member) the same slots on chosen weekdays between two dates; with
-    ``dry_run``, what would happen, changing nothing."""
-    state = request.state
-    ask = await parse(request, slot=False)
-    spec = series_of(ask.data)
-    admin = await identify(state, ask)
-    result = await state["board"].add_series(admin, via="http", **spec)
-    done = [step for step in result.steps if step[2] in ("closed", "reserved")]
-    conflicts = [step for step in result.steps if step[2] == "conflict"]
-    verb = "closed" if spec["action"] == "close" else f"reserved for {spec['srn']}"
-    summary = (f"{len(done)} slot(s) {verb} over {len({s[0] for s in done})} date(s); {len(conflicts)} conflict(s)"
-               f" left with their members; {len(result.steps) - len(done) - len(conflicts)} skipped")
-    dates: dict[str, list[dict[str, Any]]] = {}
-    for date, slot_id, outcome, member in result.steps:
-        step: dict[str, Any] = {"slot_id": slot_id, "result": outcome}
-        if outcome in ("conflict", "already_theirs"):
-            step["booked_by"] = member
-        dates.setdefault(date, []).append(step)
-    if not spec["dry_run"]:
-        logger.info("series %d by %s: %s", result.series, admin, summary,
-                    extra={"srn": admin, "action": "series", "via": "http"})
-    return JSONResponse({
-        "success": True, "dry_run": spec["dry_run"], "series_id": None if spec["dry_run"] else result.series,
-        "message": ("Dry run, nothing changed: " if spec["dry_run"] else f"Series {result.series}: ") + summary,
-        "done": len(done), "conflicts": len(conflicts), "skipped": len(result.steps) - len(done) - len(conflicts),
-        "dates": [{"date": date, "slots": steps} for date, steps in dates.items()],
-    })
-
-
-async def admin_series_cancel(request: Request[State]) -> Response:
-    """Cancel what is left of a series: its slots that have not started are freed (``{"series_id": 3}``)."""
-    state = request.state
-    ask = await parse(request, slot=False)
-    series = ask.data.get("series_id")
-    if not isinstance(series, int) or isinstance(series, bool) or not 1 <= series < 2**63:
-        raise BadInput("series_id must be a series' id (see GET /admin/series)")
-    admin = await identify(state, ask)
-    result = await state["board"].cancel_series(admin, series, "http")
-    logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
-                extra={"srn": admin, "action": "series_cancel", "via": "http"})
-    return JSONResponse({
-        "success": True, "message": f"Series {series} cancelled: {len(result.freed)} slot(s) freed"
-                                    + (f", {len(result.handed)} handed to other series" if result.handed else ""),
-        "series_id": series, "freed": [{"date": date, "slot_id": slot_id} for date, slot_id in result.freed],
-        "promoted": [{"date": date, "slot_id": slot_id, "srn": srn} for date, slot_id, srn in result.promoted],
-        "handed_over": [{"date": date, "slot_id": slot_id, "series_id": to} for date, slot_id, to in result.handed],
-    })
-
-
-async def admin_series_list(request: Request[State]) -> Response:
-    """Every series, newest first (admins, with a Bearer token)."""
-    state = request.state
-    token = bearer_token(request)
-    if token is None:
-        raise HTTPException(401, "A Bearer token is required (POST /auth/login gives one)")
-    series = await state["board"].series_list(state["sessions"].claims(token)["srn"])
-    return JSONResponse({"success": True, "series": series})
-
-
-# -- calendar feeds ----------------------------------------------------------------------------------------
-
-
-def feed_kind(data: dict[str, Any]) -> str:
-    kind = data.get("feed", "member")
-    if kind not in ("member", "lab"):
-        raise BadInput('feed must be "member" (your bookings) or "lab" (every slot, for admins)')
-    return kind
-
-
-async def calendar_link(request: Request[State]) -> Response:
-    """A private calendar feed URL: the member's bookings (``{"feed": "lab"}``: every slot, for admins).
-    Asking again gives a new secret, and the old URL stops working."""
-    state = request.state
-    ask = await parse(request, slot=False)
-    kind = feed_kind(ask.data)
-    srn = await identify(state, ask)
-    secret = await state["board"].link_calendar(srn, kind)
-    path = f"/calendar/{secret}.ics"
-    url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
-    logger.info("calendar link (%s) made for %s", kind, srn, extra={"srn": srn, "action": "calendar_link"})
-    return JSONResponse({"success": True, "message": "Subscribe to this URL in your calendar app; keep it private",
-                         "feed": kind, "url": url, "webcal": "webcal://" + url.partition("://")[2], "path": path})
-
-
-async def calendar_unlink(request: Request[State]) -> Response:
-    """Remove the member's calendar feed URL (``{"feed": "lab"}``: their lab feed): it answers 404 from now."""
-    state = request.state
-    ask = await parse(request, slot=False)
-    kind = feed_kind(ask.data)
-    srn = await identify(state, ask)
-    removed = await state["board"].unlink_calendar(srn, kind)
-    logger.info("calendar link (%s) removed for %s", kind, srn, extra={"srn": srn, "action": "calendar_unlink"})
-    return JSONResponse({"success": True, "feed": kind,
-                         "message": "Calendar link removed" if removed else "There was no calendar link to remove"})
-
-
-def etag_matches(header: str | None, etag: str) -> bool:
-    """Whether If-None-Match names this ETag (weak comparison, RFC 9110 13.1.2), or is ``*``."""
-    if header is None:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
-    return "*" in tags or etag in tags
-
-
-async def calendar_feed(request: Request[State]) -> Response:
-    """GET /calendar/<secret>.ics: the iCalendar feed (304 while the ETag asked about is current)."""
-    feed = await request.state["board"].feed(request.path_params["secret"])
-    if feed is None:
-        raise HTTPException(404, "No such calendar (the link was replaced or removed)")
-    # private: the URL is a secret, so no shared cache keeps it; no-cache: ask (with the ETag) every time
-    headers = {"etag": feed.etag, "cache-control": "private, no-cache"}
-    if etag_matches(request.headers.get("if-none-match"), feed.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(feed.body, media_type="text/calendar", headers=headers)
-
-
-async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> str:
-    """Book, cancel, close, reopen, join or leave a waitlist; the sentence that answers it (the board hands
-    the new state to the hub, which broadcasts it).
-
-    A refusal is the rules' SlotError (Forbidden where only admins may), answered by REFUSALS.
-    """
-    board = state["board"]
-    message = MESSAGES[action].format(ask.slot_id)
-    if action == "book":
-        await board.book(ask.date, ask.slot_id, srn, via)
-    elif action == "cancel":
-        await board.cancel(ask.date, ask.slot_id, srn, via)
-    elif action == "join":
-        message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
-    elif action == "leave":
-        await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
-    elif action == "check_in":
-        await board.check_in(ask.date, ask.slot_id, srn, via)
-    else:
-        await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
-    state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
-    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
-                extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
-    return message
-
-
-# -- the live feed for curl and EventSource ----------------------------------------------------------------
-
-
-class EventStream:
-    """GET /events: every slots_update as a Server-Sent Event (``id:`` = version), starting with the current
-    state; ``?date=`` watches that day instead of today. Slow readers are treated as slow sockets are.
-
-    A plain ASGI app rather than a request handler, because the stream's sends are paced by the hub's pump.
-    """
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request: Request[State] = Request(scope, receive)
-        state = request.state
-        board, hub = state["board"], state["hub"]
-        date = watched_date(request.query_params.get("date"))  # (a SlotError is a 400)
-        if not origin_allowed(state["settings"], request):
-            raise HTTPException(403, "Origin not allowed")
-        address = address_of(request)
-        if not hub.admits(address):
-            raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
-        headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        peer = StreamPeer(send, address)
-        hub.join(peer)
-        hub.watch(peer, date)
-        peer.send_state(await board.day(date or board.today()))
-        assert peer.task is not None
-        disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
-        try:
-            # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
-            await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnected.cancel()
-            await hub.leave(peer)
-
-
-def watched_date(value: Any) -> str | None:
-    """The day a listener asks to watch: a checked date, or None for "today, whichever day that is"."""
-    return None if value is None else parse_date(value)
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-# -- the WebSocket endpoint ------------------------------------------------------------------------------------
-
-
-class RateLimit:
-    """A token bucket: ``rate`` messages a second on average, ``burst`` at once; rate 0 = no limit.
-
-    ``refused`` counts the messages refused in a row, so a client can be warned once and then dropped.
-    """
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, max(1, burst), clock
-        self.tokens, self.at = float(self.burst), clock()
-        self.refused = 0
-
-    def allows(self) -> bool:
-        if not self.rate:
-            return True
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.refused = 0
-            return True
-        self.refused += 1
-        return False
-
-
-SOCKET_ACTIONS = {
-    "book_slot": ("book", "booking_response", "booking"),
-    "cancel_slot": ("cancel", "cancellation_response", "cancellation"),
-    "join_waitlist": ("join", "waitlist_response", "waitlist"),
-    "leave_waitlist": ("leave", "waitlist_response", "waitlist"),
-    "check_in": ("check_in", "check_in_response", "check-in"),
-}
-
-
-async def slot_socket(websocket: WebSocket[State]) -> None:
-    state = websocket.state
-    hub, settings = state["hub"], state["settings"]
-    address = address_of(websocket)
-    if not origin_allowed(settings, websocket):
-        await websocket.close(1008)  # before the handshake: the page gets HTTP 403
-        return
-    await websocket.accept()
-    if not hub.admits(address):
-        logger.warning("refusing a socket from %s: too many connections", address)
-        await websocket.close(1013, "Too many connections; try again later")
-        return
-    peer = SocketPeer(websocket, address)
-    hub.join(peer)
-    peer.send_state(await today(state))
-    bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
-    try:
-        while peer.close_code is None:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            if not bucket.allows():
-                if bucket.refused == 1:
-                    hub.reply(peer, {"type": "error", "message": "Too many messages; slow down"})
-                elif bucket.refused > settings.ws_rate_burst:  # it went on: another burst, unread warnings
-                    logger.warning("closing a socket from %s that kept flooding", address)
-                    peer.close(1008)
-                continue
-            text = message.get("text")
-            if text is None:
-                hub.reply(peer, {"type": "error", "message": "Binary frames are not supported; send JSON text"})
-            elif len(text) > MAX_SOCKET_MESSAGE_BYTES:
-                peer.close(1009)
-            else:
-                await on_message(state, peer, text)
-        else:  # we are closing it: what it is owed goes first, then the close frame; nothing more is read
-            await hub.closed(peer)
-    finally:
-        await hub.leave(peer)
-
-
-async def on_message(state: State, peer: SocketPeer, text: str) -> None:
-    """Answer one client message; a bad one gets an ``error`` reply and the socket stays open."""
-    hub, board = state["hub"], state["board"]
-
-    def error(message: str) -> None:
-        hub.reply(peer, {"type": "error", "message": message})
-
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return error("Invalid JSON format")
-    if not isinstance(data, dict):
-        return error('Message must be a JSON object with a "type"')
-    kind = data.get("type")
-    if kind == "get_slots":
-        try:
-            date = watched_date(data.get("date"))
-        except SlotError as exc:
-            return error(str(exc))
-        hub.watch(peer, date)  # watch that day from now on; without a date, watch today
-        return hub.reply_state(peer, await board.day(date or board.today()))
-    if kind == "identify":
-        token = data.get("token")
-        try:
-            ask = ask_of(board, data, None if token is None else str(token), peer.address, slot=False)
-            if ask.token is not None:  # the token checked once: whose it is, and until when
-                claims = state["sessions"].claims(ask.token)
-                srn, peer.jti, peer.expires = claims["srn"], claims["jti"], claims["exp"]
-            else:
-                srn, peer.jti = await identify(state, ask), None
-        except BadInput as exc:
-            return error(str(exc))
-        except REFUSED as exc:
-            message = socket_sentence(exc, booking=False)
-            return hub.reply(peer, {"type": "identify_response", "success": False, "message": message})
-        hub.identify(peer, srn)
-        return hub.reply(peer, {"type": "identify_response", "success": True, "srn": srn,
-                                "message": f"Messages for {srn} will come here too"})
-    if not isinstance(kind, str) or kind not in SOCKET_ACTIONS:
-        return error(f"Unknown message type: {preview(kind)[:64]}")
-
-    action, response_type, noun = SOCKET_ACTIONS[kind]
-    token = data.get("token")
-    needed = ("slot_id",) if token is not None else ("slot_id", "username", "password")
-    if any(data.get(name) is None for name in needed):
-        return error(f"Missing slot_id, username, or password in {noun} request")
-    try:
-        ask = ask_of(board, data, token if token is None else str(token), peer.address, slot=True)
-    except (BadInput, SlotError) as exc:
-        return error(str(exc))
-
-    def respond(ok: bool, message: str) -> None:
-        hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": ask.slot_id})
-
-    try:
-        srn = await identify(state, ask)
-        # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
-        # and it leaves to the pump any listener with replies waiting, so the booker hears first.
-        message = await change(state, action, ask, srn, via="websocket")
-    except REFUSED as exc:
-        return respond(False, socket_sentence(exc, booking=True))
-    respond(True, message)
-
-
-# -- API documentation ---------------------------------------------------------------------------------------
-
-
-def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": properties}
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-STRING, INTEGER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
-NULLABLE_STRING = {"type": ["string", "null"]}
-USERNAME = {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"\S"}
-PASSWORD = {"type": "string", "minLength": 1, "maxLength": 256, "format": "password"}
-DATE = {"type": "string", "format": "date", "pattern": r"^\d{4}-\d{2}-\d{2}$"}
-SCHEMAS: dict[str, Any] = {
-    "Error": _obj(["detail"], detail=STRING),
-    "Credentials": _obj([], username=USERNAME, password=PASSWORD),
-    "SlotRequest": _obj(["slot_id"], slot_id={"oneOf": [INTEGER, {"type": "string", "pattern": "^[0-9]{1,6}$"}],
-                                              "examples": [9]},
-                        date=DATE, username=USERNAME, password=PASSWORD),
-    "HistoryRequest": _obj([], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
-                           srn=STRING, page={"type": "integer", "minimum": 1},
-                           page_size={"type": "integer", "minimum": 1, "maximum": 500}),
-    "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "status",
-                  "waiting", "checked_in", "date"],
-                 id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
-                 booked_at=NULLABLE_STRING, closed=BOOLEAN,
-                 status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
-                 checked_in=BOOLEAN, date=STRING),
-    "NowSlot": {"type": ["object", "null"],
-                "required": ["date", "id", "start_time", "end_time", "holder", "checked_in"],
-                "properties": {"date": STRING, "id": INTEGER, "start_time": STRING, "end_time": STRING,
-                               "holder": NULLABLE_STRING, "checked_in": BOOLEAN}},
-    "Slots": _obj(["slots", "available_slots", "booked_slots"], slots={"type": "array", "items": _ref("Slot")},
-                  available_slots={"type": "array", "items": INTEGER}, booked_slots={"type": "array", "items": INTEGER}),
-    "Root": _obj(["message", "websocket_endpoint", "active_connections", "booked_slots"], message=STRING,
-                 websocket_endpoint=STRING, active_connections=INTEGER, booked_slots={"type": "array", "items": INTEGER}),
-    "DatabaseSummary": _obj(["total_slots", "booked_slots", "available_slots", "database_path"], total_slots=INTEGER,
-                            booked_slots=INTEGER, available_slots=INTEGER, database_path=STRING),
-    "Health": _obj(["status", "timestamp", "active_connections", "total_slots", "booked_slots_count",
-                    "available_slots_count", "database"], status=STRING, timestamp=STRING,
-                   active_connections=INTEGER, total_slots=INTEGER, booked_slots_count=INTEGER,
-                   available_slots_count=INTEGER, database=_ref("DatabaseSummary")),
-    "Stats": _obj(["database", "websocket", "slots"], database=_ref("DatabaseSummary"),
-                  websocket=_obj(["active_connections"], active_connections=INTEGER),
-                  slots=_obj(["total", "booked", "available"], total=INTEGER, booked=INTEGER, available=INTEGER)),
-    "Login": _obj(["success", "message", "user", "token", "expires_in"], success=BOOLEAN, message=STRING,
-                  user=_obj(["srn"], srn=STRING, name=NULLABLE_STRING, prn=NULLABLE_STRING, program=NULLABLE_STRING,
-                            branch=NULLABLE_STRING, campus=NULLABLE_STRING),
-                  token=STRING, expires_in=INTEGER),
-    "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
-    "Now": _obj(["now", "current", "next"], now=STRING, current=_ref("NowSlot"), next=_ref("NowSlot")),
-    "Me": _obj(["srn", "holds_current_slot", "current", "next_booking"], srn=STRING, holds_current_slot=BOOLEAN,
-               current=_ref("NowSlot"), next_booking={"type": ["object", "null"]}),
-    "TokenBody": _obj([], token=STRING),
-    "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
-    "MyBookings": _obj(["success", "bookings", "total_bookings", "waitlist"], success=BOOLEAN,
-                       total_bookings=INTEGER,
-                       bookings={"type": "array", "items": _obj(["id", "start_time", "end_time", "booked_at", "date"],
-                                                                id=INTEGER, start_time=STRING, end_time=STRING,
-                                                                booked_at=STRING, date=STRING)},
-                       waitlist={"type": "array", "items": _obj(["id", "start_time", "end_time", "date", "position"],
-                                                                id=INTEGER, start_time=STRING, end_time=STRING,
-                                                                date=STRING, position=INTEGER)}),
-    "History": _obj(["success", "events", "total", "page", "page_size"], success=BOOLEAN, total=INTEGER,
-                    page=INTEGER, page_size=INTEGER,
-                    events={"type": "array", "items": _obj(["id", "at", "srn", "action", "date", "slot_id", "via",
-                                                            "note", "series"],
-                                                           id=INTEGER, at=STRING, srn=NULLABLE_STRING, action=STRING,
-                                                           date=NULLABLE_STRING, slot_id={"type": ["integer", "null"]},
-                                                           via=STRING, note=NULLABLE_STRING,
-                                                           series={"type": ["integer", "null"]})}),
-    "SeriesRequest": _obj(["action", "slots", "weekdays", "from", "until"], username=USERNAME, password=PASSWORD,
-                          action={"enum": ["close", "reserve"]},
-                          slots={"type": "array", "items": INTEGER, "minItems": 1, "examples": [[14, 15]]},
-                          weekdays={"type": "array", "minItems": 1, "examples": [["tue", "thu"]], "items": {
-                              "type": "string", "description": "mon ... sun, or the day's full name, in any case"}},
-                          **{"from": DATE, "until": DATE},
-                          srn={**STRING, "description": "required for reserve: the member the slots are held for"},
-                          title={"type": "string", "maxLength": 100}, dry_run=BOOLEAN),
-    "SeriesDone": _obj(["success", "dry_run", "series_id", "message", "done", "conflicts", "skipped", "dates"],
-                       success=BOOLEAN, dry_run=BOOLEAN, series_id={"type": ["integer", "null"]}, message=STRING,
-                       done=INTEGER, conflicts=INTEGER, skipped=INTEGER,
-                       dates={"type": "array", "items": _obj(["date", "slots"], date=STRING, slots={
-                           "type": "array", "items": _obj(["slot_id", "result"], slot_id=INTEGER, result={"enum": [
-                               "closed", "reserved", "conflict", "already_closed", "already_theirs", "started"]},
-                               booked_by=NULLABLE_STRING)})}),
-    "SeriesCancelRequest": _obj(["series_id"], username=USERNAME, password=PASSWORD, series_id=INTEGER),
-    "SeriesCancelled": _obj(["success", "message", "series_id", "freed", "promoted", "handed_over"], success=BOOLEAN,
-                            message=STRING, series_id=INTEGER,
-                            freed={"type": "array", "items": _obj(["date", "slot_id"], date=STRING, slot_id=INTEGER)},
-                            promoted={"type": "array", "items": _obj(["date", "slot_id", "srn"], date=STRING,
-                                                                     slot_id=INTEGER, srn=STRING)},
-                            handed_over={"type": "array", "items": _obj(["date", "slot_id", "series_id"], date=STRING,
-                                                                        slot_id=INTEGER, series_id=INTEGER)}),
-    "SeriesList": _obj(["success", "series"], success=BOOLEAN, series={"type": "array", "items": _obj(
-        ["id", "action", "srn", "slots", "weekdays", "from", "until", "title", "created_by", "created_at",
-         "cancelled_by", "cancelled_at", "upcoming"],
-        id=INTEGER, action=STRING, srn=NULLABLE_STRING, slots={"type": "array", "items": INTEGER},
-        weekdays={"type": "array", "items": STRING}, **{"from": STRING}, until=STRING, title=NULLABLE_STRING,
-        created_by=STRING, created_at=STRING, cancelled_by=NULLABLE_STRING, cancelled_at=NULLABLE_STRING,
-        upcoming={**INTEGER, "description": "its slots still held that have not started"})}),
-    "CalendarRequest": _obj([], username=USERNAME, password=PASSWORD, feed={"enum": ["member", "lab"]}),
-    "CalendarLink": _obj(["success", "message", "feed", "url", "webcal", "path"], success=BOOLEAN, message=STRING,
-                         feed={"enum": ["member", "lab"]}, url=STRING, webcal=STRING, path=STRING),
-    "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING,
-                             feed={"enum": ["member", "lab"]}),
-}
-ERRORS = {
-    "400": "Not JSON, or the rules refuse (the detail says which rule)",
-    "401": "Invalid credentials, or an invalid or expired token",
-    "403": "Admins only",
-    "413": "Body over 64 KiB",
-    "422": "A field is missing or of the wrong kind",
-    "429": "Too many failed logins for this username or address (see Retry-After)",
-    "503": "PESU could not be asked; the password was not judged",
-}
-SOCKET_PROTOCOL = """Live updates: WebSocket `/slot-booking`. On connect the server sends the day's state:
-`{"type": "slots_update", "data": {Slots, "date", "version"}, "timestamp"}`. Client messages (JSON text):
-`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot" | "join_waitlist" |
-"leave_waitlist" | "check_in", "slot_id", "date"?, "username", "password"}` or with `"token"` instead of
-username and password, and `{"type": "identify", "token"}` (or username and password). Answers:
-`{"type": "booking_response" | "cancellation_response" | "waitlist_response" | "check_in_response", "success",
-"message", "slot_id"}`, `{"type": "identify_response", "success", "srn"?, "message"}`, or
-`{"type": "error", "message"}` for a bad message (the socket stays open). An identified socket also gets
-`{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member.
-Close codes: 1009 message over
-16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
-The same slots_update messages stream as Server-Sent Events from `GET /events`."""
-
-
-def json_answer(schema: str, description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
-
-
-def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str | None = None,
-              secured: bool = False, body_required: bool = True) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {"200": json_answer(answer)}}
-    for code in errors:
-        op["responses"][code] = json_answer("Error", ERRORS[code])
-    if body:
-        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": _ref(body)}}}
-    if secured:
-        op["security"] = [{}, {"bearer": []}]  # username and password in the body, or a Bearer token
-    return op
-
-
-@functools.cache  # fixed for the life of the process: built on first request, not at start-up
-def openapi_document() -> dict[str, Any]:
-    """The HTTP API as OpenAPI 3.1; the WebSocket protocol is in the description (OpenAPI has no sockets)."""
-    member = ("400", "401", "413", "422", "429", "503")
-    slot = ("400", "401", "403", "413", "422", "429", "503")
-    date_query = [{"name": "date", "in": "query", "required": False, "schema": DATE}]
-    paths = {
-        "/": {"get": operation("Service summary", "Root")},
-        "/health": {"get": operation("Health and today's counts", "Health")},
-        "/stats": {"get": operation("Counts and open sockets", "Stats")},
-        "/slots": {"get": {**operation("A day's slots (today without ?date)", "Slots", ("400",)), "parameters": date_query}},
-        "/events": {"get": {"summary": "slots_update messages as Server-Sent Events (id = version)",
-                            "parameters": date_query,
-                            "responses": {"200": {"description": "An endless event stream",
-                                                  "content": {"text/event-stream": {"schema": STRING}}},
-                                          "400": json_answer("Error", ERRORS["400"]),
-                                          "503": json_answer("Error", "Too many connections")}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics (METRICS=1; 404 otherwise)",
-                             "responses": {"200": {"description": "Prometheus text format",
-                                                   "content": {"text/plain": {"schema": STRING}}},
-                                           "404": json_answer("Error", "Metrics are off")}}},
-        "/auth/login": {"post": operation("Check PESU credentials; returns a session token", "Login", member,
-                                          "Credentials", secured=True)},
-        "/auth/logout": {"post": operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
-                                           "TokenBody", secured=True)},
-        "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
-        "/cancel-slot": {"post": operation("Cancel your booking (the slot goes to the first in its waitlist who "
-                                           "may take it)", "SlotDone", member, "SlotRequest", secured=True)},
-        "/now": {"get": operation("Who holds the lab now, and next (poll it every second)", "Now")},
-        "/me": {"get": {**operation("Whose token this is; whether they hold the slot under way; their next booking",
-                                    "Me", ("401",)), "security": [{"bearer": []}]}},
-        "/check-in": {"post": operation("Check in to your slot (from 10 min before to 15 min after its start)",
-                                        "SlotDone", member, "SlotRequest", secured=True)},
-        "/waitlist/join": {"post": operation("Wait in line for a booked slot (a free one is booked at once)",
-                                             "SlotDone", member, "SlotRequest", secured=True)},
-        "/waitlist/leave": {"post": operation("Leave a slot's waitlist", "SlotDone", member, "SlotRequest",
-                                              secured=True)},
-        "/my-bookings": {"post": operation("Your bookings that have not ended", "MyBookings", member, "Credentials",
-                                           secured=True)},
-        "/admin/close-slot": {"post": operation("Close a free slot (admins)", "SlotDone", slot, "SlotRequest",
-                                                secured=True)},
-        "/admin/open-slot": {"post": operation("Reopen a closed slot (admins)", "SlotDone", slot, "SlotRequest",
-                                               secured=True)},
-        "/admin/forgive-no-show": {"post": operation("Forgive a member's no-show (admins); body: srn, date, slot_id",
-                                                     "SlotDone", slot, "SlotRequest", secured=True)},
-        "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
-                                             "HistoryRequest", secured=True)},
-        "/admin/series": {
-            "post": operation("Close, or reserve for a member, the same slots on chosen weekdays between two dates "
-                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest",
-                              secured=True),
-            "get": {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
-                    "security": [{"bearer": []}]}},
-        "/admin/series/cancel": {"post": operation("Cancel what is left of a series: its slots that have not started "
-                                                   "are freed (admins)", "SeriesCancelled", slot, "SeriesCancelRequest",
-                                                   secured=True)},
-        "/calendar/link": {"post": operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
-                                             "admins); asking again replaces it", "CalendarLink", slot,
-                                             "CalendarRequest", secured=True, body_required=False)},
-        "/calendar/unlink": {"post": operation("Remove your calendar feed URL", "CalendarUnlinked", member,
-                                               "CalendarRequest", secured=True, body_required=False)},
-        "/calendar/{secret}.ics": {"get": {
-            "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
-            "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},
-                           {"name": "If-None-Match", "in": "header", "required": False, "schema": STRING}],
-            "responses": {"200": {"description": "The feed", "headers": {"ETag": {"schema": STRING}},
-                                  "content": {"text/calendar": {"schema": STRING}}},
-                          "304": {"description": "Not modified since the ETag given"},
-                          "404": json_answer("Error", "No such feed (never made, replaced or removed)")}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        "/docs": {"get": {"summary": "Interactive API documentation", "responses": {"200": {
-                  "description": "HTML", "content": {"text/html": {"schema": STRING}}}}}},
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "rero-slots", "version": __version__, "description": SOCKET_PROTOCOL},
-        "paths": paths,
-        "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-    }
-
-
-DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>rero-slots API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
-<body><div id="swagger-ui"><h1>rero-slots API</h1>
-<p>The interactive page needs the Swagger UI from a CDN, which could not be loaded. The routes
-(full detail in <a href="/openapi.json">/openapi.json</a>):</p><ul>%s</ul></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>
-"""
-
-
-@functools.cache
-def docs_page() -> str:
-    """Swagger UI from a CDN; until (or unless) it loads, the page lists the routes in plain HTML."""
-    items = "".join(
-        f"<li><code>{method.upper()} {html.escape(path)}</code>: {html.escape(op['summary'])}</li>"
-        for path, ops in openapi_document()["paths"].items() for method, op in ops.items()
-    )
-    items += "<li><code>WebSocket /slot-booking</code>: live updates, booking and cancelling</li>"
-    return DOCS_PAGE % items
-
-
-async def openapi_json(request: Request) -> Response:
-    return JSONResponse(openapi_document())
-
-
-async def docs(request: Request) -> Response:
-    return HTMLResponse(docs_page())
-
-
-# -- lifetime ------------------------------------------------------------------------------------------------
-
-
-async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
-    """Every ``interval``, hand what the board's housekeeping found (Board.poll) to those it concerns: the
-    new day to the hub, signed-out tokens to the sessions, notices to the members' sockets."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            found = await board.poll()
-        except Exception:  # a locked or busy database must not end the watch
-            logger.exception("could not read the database for changes")
-            continue
-        if found.today is not None:
-            hub.roll_over(found.today)
-        for date, slot_id, holder, promoted in found.released:
-            logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
-                        f"; {promoted} had it from the waitlist" if promoted else "",
-                        extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
-        for jti, expires in found.signed_out:
-            sessions.revoke(jti, expires)
-        for action, srn, date, slot_id in found.notices:
-            hub.tell(srn, notice(action, date, slot_id), sessions.live)
-
-
-def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:
-    """The personal message for an event: a promotion from a waitlist, or a release as a no-show."""
-    if action == "promote":
-        return {"type": "booking_promoted", "date": date, "slot_id": slot_id,
-                "message": f"Slot {slot_id} on {date} is yours: it came free and you were first in line"}
-    return {"type": "booking_released", "date": date, "slot_id": slot_id,
-            "message": f"Your booking of slot {slot_id} on {date} was released: you did not check in in time"}
+# -- logging and metrics -------------------------------------------------------------------------------------
 
 
 LOG_FIELDS = ("srn", "username", "address", "slot", "date", "action", "via", "route", "status", "duration")
@@ -2141,9 +2293,6 @@ def public_url(url: str) -> str:
     """A URL fit for a log line: any user:password@ taken out."""
     parts = urllib.parse.urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class TextFormatter(logging.Formatter):
@@ -2208,148 +2357,63 @@ def configure_logging(level: str, form: str = "text") -> None:
                 handler.setFormatter(formatter)
 
 
-def close_sockets_on_sigterm(hub: Hub) -> Callable[[], None]:
-    """Chain onto the server's SIGTERM handler so open sockets hear 1001 (going away) before it stops.
-
-    Uvicorn itself would close them with 1012; clients expect 1001 when the club's server shuts down.
-    Returns the function that puts the previous handler back.
-    """
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        return lambda: None
-    loop = asyncio.get_running_loop()
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(hub.close_all, 1001)
-        previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-    pesu_timer: Callable[[], float] | None = None,
-) -> Starlette:
-    """Build the app; tests pass their own settings, a fake PESU transport and clock."""
+class Metrics:
+    """Counters and one histogram, rendered in the Prometheus text format. Labels are kinds and results,
+    never members: nothing here names an SRN."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        configure_logging(settings.log_level, settings.log_format)
-        # The database thread needs the GIL back after every SQLite call; by default it may wait 5 ms for
-        # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL)
-        # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
-        files = raise_fd_limit()
-        pesu_places = min(settings.pesu_max_concurrency, max(1, (files - RESERVED_FDS) // 4))  # a socket each
-        connections = max(16, files - RESERVED_FDS - pesu_places)
-        listeners = connections - max(8, connections // 10)
-        if settings.max_connections:
-            listeners = min(listeners, settings.max_connections)
-        door = Door(connections, settings.request_timeout, settings.send_timeout)
-        hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
-        store = SlotStore(settings.database_path, settings.hours)
-        board = Board(store, settings.rules(), clock, watched=hub.watching,  # (days kept however many are read)
-                      on_change=lambda day: hub.broadcast(day, board.today()))
-        await board.open()
-        hub.start(settings.heartbeat_seconds)
-        guard_store = db.GuardStore(settings.database_path)
-        await guard_store.open()
-        seconds = lambda: clock().timestamp()  # noqa: E731
-        secret = settings.session_secret.encode() or os.urandom(32)
-        sessions = Sessions(secret, settings.session_minutes * 60, seconds)
-        window = settings.login_fail_window_minutes * 60
-        timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
-        async with pesu.clients(pesu_places, transport=transport, timeout=timeout) as client:
-            guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
-                          seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
-            counters = Metrics()
-            checker = PesuChecker(
-                client,
-                settings.pesu_auth_url,
-                settings.cache_minutes * 60,
-                timer=pesu_timer,
-                deadline=1.5 * settings.pesu_timeout,
-                guard=guard,
-                max_concurrency=pesu_places,
-                max_queue=settings.pesu_max_queue,
-                on_upstream=counters.observe_upstream,
-            )
-            watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
-            # (not the address: uvicorn names the one it really listens on, whichever way it was started)
-            logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
-                        public_url(settings.pesu_auth_url))
-            if not settings.session_secret:
-                logger.info("SESSION_SECRET is not set: tokens end when this process does (see README)")
-            logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d;"
-                        " PESU checks at most %d at once", files, connections, listeners, pesu_places)
-            restore_sigterm = close_sockets_on_sigterm(hub)
-            try:
-                yield {
-                    "settings": settings,
-                    "board": board,
-                    "door": door,
-                    "hub": hub,
-                    "pesu": checker,
-                    "sessions": sessions,
-                    "metrics": counters,
-                }
-            finally:
-                restore_sigterm()
-                watcher.cancel()
-                hub.close_all(1001)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-                await guard_store.close()
-                await store.close()
-                sys.setswitchinterval(switch_interval)
+    def __init__(self) -> None:
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.upstream = [0] * (len(UPSTREAM_BUCKETS) + 1)
+        self.upstream_sum = 0.0
 
-    routes = [  # the routes pages poll most come first: Starlette tries each in turn (a regex match each)
-        Route("/slots", SlotList(), methods=["GET"]),
-        Route("/my-bookings", my_bookings, methods=["POST"]),
-        Route("/book-slot", slot_route("book"), methods=["POST"]),
-        Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
-        Route("/auth/login", login, methods=["POST"]),
-        Route("/now", now, methods=["GET"]),
-        Route("/me", me, methods=["GET"]),
-        Route("/check-in", slot_route("check_in"), methods=["POST"]),
-        Route("/waitlist/join", slot_route("join"), methods=["POST"]),
-        Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
-        Route("/health", health),
-        Route("/", root),
-        Route("/stats", stats),
-        Route("/auth/logout", logout, methods=["POST"]),
-        Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
-        Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
-        Route("/admin/history", admin_history, methods=["POST"]),
-        Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
-        Route("/admin/series", admin_series, methods=["POST"]),
-        Route("/admin/series", admin_series_list, methods=["GET"]),
-        Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
-        Route("/calendar/link", calendar_link, methods=["POST"]),
-        Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
-        Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
-        Route("/events", EventStream(), methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        WebSocketRoute("/slot-booking", slot_socket),
-    ]
-    middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]
-    return Starlette(
-        routes=routes,
-        middleware=middleware,
-        lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, **dict.fromkeys(REFUSALS, refused), Exception: server_error},
-    )
+    def count(self, name: str, labels: str) -> None:
+        self.counts[name, labels] += 1
+
+    def observe_upstream(self, seconds: float) -> None:
+        self.upstream_sum += seconds
+        self.upstream[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
+
+    def render(self, state: State) -> str:
+        hub, pesu_ = state["hub"], state["pesu"]
+        lines = [
+            "# HELP rero_open_sockets Open WebSockets.", "# TYPE rero_open_sockets gauge",
+            f"rero_open_sockets {hub.sockets}",
+            "# HELP rero_open_listeners Open WebSockets and /events streams.", "# TYPE rero_open_listeners gauge",
+            f"rero_open_listeners {len(hub.peers)}",
+            "# HELP rero_open_connections TCP connections of this process.", "# TYPE rero_open_connections gauge",
+            f"rero_open_connections {len(state['door'].open)}",
+            "# HELP rero_connections_refused_total Connections closed at once or evicted for want of room.",
+            "# TYPE rero_connections_refused_total counter",
+            f"rero_connections_refused_total {state['door'].refused}",
+        ]
+        helps = {"rero_slot_changes_total": "Bookings, cancellations, closings and reopenings, by route kind.",
+                 "rero_logins_total": "Password checks by result."}
+        for name, help_ in helps.items():
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            lines += [f"{name}{{{labels}}} {n}" for (metric, labels), n in sorted(self.counts.items()) if metric == name]
+        lines += ["# HELP rero_pesu_upstream_seconds Time PESU took to answer.",
+                  "# TYPE rero_pesu_upstream_seconds histogram"]
+        total = 0
+        for bound, n in zip([*map(str, UPSTREAM_BUCKETS), "+Inf"], self.upstream):
+            total += n
+            lines.append(f'rero_pesu_upstream_seconds_bucket{{le="{bound}"}} {total}')
+        lines += [f"rero_pesu_upstream_seconds_sum {self.upstream_sum:.6f}", f"rero_pesu_upstream_seconds_count {total}",
+                  "# HELP rero_auth_cache_total Password checks answered from the cache, or not.",
+                  "# TYPE rero_auth_cache_total counter",
+                  f'rero_auth_cache_total{{result="hit"}} {pesu_.cache_hits}',
+                  f'rero_auth_cache_total{{result="miss"}} {pesu_.cache_misses}',
+                  "# HELP rero_broadcasts_total Broadcast rounds.", "# TYPE rero_broadcasts_total counter",
+                  f"rero_broadcasts_total {hub.rounds}",
+                  "# HELP rero_broadcast_seconds_total Time spent handing states to listeners.",
+                  "# TYPE rero_broadcast_seconds_total counter",
+                  f"rero_broadcast_seconds_total {hub.round_seconds:.6f}"]
+        return "\n".join(lines) + "\n"
 
 
-SETTINGS = Settings.from_env()
-app = create_app(SETTINGS)
+# -- command line --------------------------------------------------------------------------------------------
 
 
 USAGE = """usage: python app.py            run the server (settings from the environment; see README)
@@ -2384,15 +2448,6 @@ def maintain(argv: list[str]) -> int:
         return 1
     print(USAGE, file=sys.stderr)
     return 2
-
-
-def uvicorn_log_config(form: str) -> dict[str, Any]:
-    """Uvicorn's own logging set-up, with every line as JSON from the first one when LOG_FORMAT=json."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    if form != "json":
-        return LOGGING_CONFIG
-    return {**LOGGING_CONFIG, "formatters": {name: {"()": JsonFormatter} for name in LOGGING_CONFIG["formatters"]}}
 
 
 def preflight(settings: Settings) -> None:
@@ -2431,21 +2486,6 @@ def main(argv: list[str]) -> None:
     )
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
-    """How uvicorn must serve this app (``python app.py``, and the tests' servers): the guarded protocols,
-    the socket message cap, and a short graceful shutdown."""
-    return {
-        "http": GuardedHttp,
-        "ws": GuardedWebSocket,
-        "ws_max_size": MAX_SOCKET_MESSAGE_BYTES,
-        # Off unless asked for: each socket would deflate every state again with a compressor of its own
-        # (about 45 KiB more per idle socket, and 1.5x the time to reach 1000 of them).
-        "ws_per_message_deflate": settings.ws_compression,
-        "ws_ping_interval": settings.ws_ping_seconds or None,
-        "ws_ping_timeout": settings.ws_ping_seconds or None,
-        "timeout_graceful_shutdown": 5,
-    }
-
-
 if __name__ == "__main__":
     main(sys.argv[1:])
+
