@@ -1480,6 +1480,39 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
 # -- the route table, and the API documentation keyed by it --------------------------------------------------
 
 
+ROUTES = [  # the routes pages poll most come first: Starlette tries each in turn (a regex match each)
+    Route("/slots", SlotList(), methods=["GET"]),
+    Route("/my-bookings", my_bookings, methods=["POST"]),
+    Route("/book-slot", slot_route("book"), methods=["POST"]),
+    Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
+    Route("/auth/login", login, methods=["POST"]),
+    Route("/now", now, methods=["GET"]),
+    Route("/me", me, methods=["GET"]),
+    Route("/check-in", slot_route("check_in"), methods=["POST"]),
+    Route("/waitlist/join", slot_route("join"), methods=["POST"]),
+    Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
+    Route("/health", health),
+    Route("/", root),
+    Route("/stats", stats),
+    Route("/auth/logout", logout, methods=["POST"]),
+    Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
+    Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
+    Route("/admin/history", admin_history, methods=["POST"]),
+    Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
+    Route("/admin/series", admin_series, methods=["POST"]),
+    Route("/admin/series", admin_series_list, methods=["GET"]),
+    Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
+    Route("/calendar/link", calendar_link, methods=["POST"]),
+    Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
+    Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
+    Route("/events", EventStream(), methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/docs", docs, methods=["GET"]),
+    WebSocketRoute("/slot-booking", slot_socket),
+]
+
+
 def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
 
@@ -1604,16 +1637,17 @@ ERRORS = {
 
 SOCKET_PROTOCOL = """Live updates: WebSocket `/slot-booking`. On connect the server sends the day's state:
 `{"type": "slots_update", "data": {Slots, "date", "version"}, "timestamp"}`. Client messages (JSON text):
-`{"type": "get_slots", "date"?}` (watch that day), `{"type": "book_slot" | "cancel_slot" | "join_waitlist" |
-"leave_waitlist" | "check_in", "slot_id", "date"?, "username", "password"}` or with `"token"` instead of
-username and password, and `{"type": "identify", "token"}` (or username and password). Answers:
-`{"type": "booking_response" | "cancellation_response" | "waitlist_response" | "check_in_response", "success",
-"message", "slot_id"}`, `{"type": "identify_response", "success", "srn"?, "message"}`, or
+`{"type": "get_slots", "date"?}` (watch that day), `{"type": %s, "slot_id", "date"?, "username",
+"password"}` or with `"token"` instead of username and password, and `{"type": "identify", "token"}` (or
+username and password). Answers: `{"type": %s, "success", "message", "slot_id"}`,
+`{"type": "identify_response", "success", "srn"?, "message"}`, or
 `{"type": "error", "message"}` for a bad message (the socket stays open). An identified socket also gets
 `{"type": "booking_promoted" | "booking_released", "date", "slot_id", "message"}` for its member.
 Close codes: 1009 message over
 16 KiB, 1008 too slow a reader or a flood, 1013 too many connections, 1001 server shutting down.
-The same slots_update messages stream as Server-Sent Events from `GET /events`."""
+The same slots_update messages stream as Server-Sent Events from `GET /events`.""" % (
+    " | ".join(f'"{kind}"' for kind in SOCKET_ACTIONS),
+    " | ".join(dict.fromkeys(f'"{answer}"' for _, answer, _ in SOCKET_ACTIONS.values())))
 
 
 def json_answer(schema: str, description: str = "OK") -> dict[str, Any]:
@@ -1632,80 +1666,95 @@ def operation(summary: str, answer: str, errors: tuple[str, ...] = (), body: str
     return op
 
 
+MEMBER_ERRORS = ("400", "401", "413", "422", "429", "503")
+ADMIN_ERRORS = ("400", "401", "403", "413", "422", "429", "503")
+DATE_QUERY = [{"name": "date", "in": "query", "required": False, "schema": DATE}]
+# Each route's entry in the OpenAPI document, keyed by (method, path) as ROUTES has them: a route without
+# one, or one without a route, fails test_every_route_has_its_documentation by name.
+DOCS: dict[tuple[str, str], dict[str, Any]] = {
+    ("GET", "/slots"): {**operation("A day's slots (today without ?date)", "Slots", ("400",)),
+                        "parameters": DATE_QUERY},
+    ("POST", "/my-bookings"): operation("Your bookings that have not ended", "MyBookings", MEMBER_ERRORS,
+                                        "Credentials", secured=True),
+    ("POST", "/book-slot"): operation("Book a slot", "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/cancel-slot"): operation("Cancel your booking (the slot goes to the first in its waitlist who "
+                                        "may take it)", "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/auth/login"): operation("Check PESU credentials; returns a session token", "Login", MEMBER_ERRORS,
+                                       "Credentials", secured=True),
+    ("GET", "/now"): operation("Who holds the lab now, and next (poll it every second)", "Now"),
+    ("GET", "/me"): {**operation("Whose token this is; whether they hold the slot under way; their next booking",
+                                 "Me", ("401",)), "security": [{"bearer": []}]},
+    ("POST", "/check-in"): operation("Check in to your slot (from 10 min before to 15 min after its start)",
+                                     "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/waitlist/join"): operation("Wait in line for a booked slot (a free one is booked at once)",
+                                          "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/waitlist/leave"): operation("Leave a slot's waitlist", "SlotDone", MEMBER_ERRORS, "SlotRequest",
+                                           secured=True),
+    ("GET", "/health"): operation("Health and today's counts", "Health"),
+    ("GET", "/"): operation("Service summary", "Root"),
+    ("GET", "/stats"): operation("Counts and open sockets", "Stats"),
+    ("POST", "/auth/logout"): operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
+                                        "TokenBody", secured=True),
+    ("POST", "/admin/close-slot"): operation("Close a free slot (admins)", "SlotDone", ADMIN_ERRORS, "SlotRequest",
+                                             secured=True),
+    ("POST", "/admin/open-slot"): operation("Reopen a closed slot (admins)", "SlotDone", ADMIN_ERRORS,
+                                            "SlotRequest", secured=True),
+    ("POST", "/admin/history"): operation("The change log, newest first (admins)", "History", ADMIN_ERRORS,
+                                          "HistoryRequest", secured=True),
+    ("POST", "/admin/forgive-no-show"): operation("Forgive a member's no-show (admins); body: srn, date, slot_id",
+                                                  "SlotDone", ADMIN_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/admin/series"): operation("Close, or reserve for a member, the same slots on chosen weekdays between "
+                                         "two dates (admins; dry_run: what would happen)", "SeriesDone",
+                                         ADMIN_ERRORS, "SeriesRequest", secured=True),
+    ("GET", "/admin/series"): {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
+                               "security": [{"bearer": []}]},
+    ("POST", "/admin/series/cancel"): operation("Cancel what is left of a series: its slots that have not started "
+                                                "are freed (admins)", "SeriesCancelled", ADMIN_ERRORS,
+                                                "SeriesCancelRequest", secured=True),
+    ("POST", "/calendar/link"): operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
+                                          "admins); asking again replaces it", "CalendarLink", ADMIN_ERRORS,
+                                          "CalendarRequest", secured=True, body_required=False),
+    ("POST", "/calendar/unlink"): operation("Remove your calendar feed URL", "CalendarUnlinked", MEMBER_ERRORS,
+                                            "CalendarRequest", secured=True, body_required=False),
+    ("GET", "/calendar/{secret}.ics"): {
+        "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
+        "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},
+                       {"name": "If-None-Match", "in": "header", "required": False, "schema": STRING}],
+        "responses": {"200": {"description": "The feed", "headers": {"ETag": {"schema": STRING}},
+                              "content": {"text/calendar": {"schema": STRING}}},
+                      "304": {"description": "Not modified since the ETag given"},
+                      "404": json_answer("Error", "No such feed (never made, replaced or removed)")}},
+    ("GET", "/events"): {"summary": "slots_update messages as Server-Sent Events (id = version)",
+                         "parameters": DATE_QUERY,
+                         "responses": {"200": {"description": "An endless event stream",
+                                               "content": {"text/event-stream": {"schema": STRING}}},
+                                       "400": json_answer("Error", ERRORS["400"]),
+                                       "503": json_answer("Error", "Too many connections")}},
+    ("GET", "/metrics"): {"summary": "Prometheus metrics (METRICS=1; 404 otherwise)",
+                          "responses": {"200": {"description": "Prometheus text format",
+                                                "content": {"text/plain": {"schema": STRING}}},
+                                        "404": json_answer("Error", "Metrics are off")}},
+    ("GET", "/openapi.json"): {"summary": "This document", "responses": {"200": {
+        "description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}},
+    ("GET", "/docs"): {"summary": "Interactive API documentation", "responses": {"200": {
+        "description": "HTML", "content": {"text/html": {"schema": STRING}}}}},
+}
+
+
+def route_methods(route: Route) -> list[str]:
+    """The methods a route answers as its documentation names them (HEAD comes with GET)."""
+    return sorted((route.methods or {"GET"}) - {"HEAD"})
+
+
 @functools.cache  # fixed for the life of the process: built on first request, not at start-up
 def openapi_document() -> dict[str, Any]:
-    """The HTTP API as OpenAPI 3.1; the WebSocket protocol is in the description (OpenAPI has no sockets)."""
-    member = ("400", "401", "413", "422", "429", "503")
-    slot = ("400", "401", "403", "413", "422", "429", "503")
-    date_query = [{"name": "date", "in": "query", "required": False, "schema": DATE}]
-    paths = {
-        "/": {"get": operation("Service summary", "Root")},
-        "/health": {"get": operation("Health and today's counts", "Health")},
-        "/stats": {"get": operation("Counts and open sockets", "Stats")},
-        "/slots": {"get": {**operation("A day's slots (today without ?date)", "Slots", ("400",)), "parameters": date_query}},
-        "/events": {"get": {"summary": "slots_update messages as Server-Sent Events (id = version)",
-                            "parameters": date_query,
-                            "responses": {"200": {"description": "An endless event stream",
-                                                  "content": {"text/event-stream": {"schema": STRING}}},
-                                          "400": json_answer("Error", ERRORS["400"]),
-                                          "503": json_answer("Error", "Too many connections")}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics (METRICS=1; 404 otherwise)",
-                             "responses": {"200": {"description": "Prometheus text format",
-                                                   "content": {"text/plain": {"schema": STRING}}},
-                                           "404": json_answer("Error", "Metrics are off")}}},
-        "/auth/login": {"post": operation("Check PESU credentials; returns a session token", "Login", member,
-                                          "Credentials", secured=True)},
-        "/auth/logout": {"post": operation("Revoke a session token", "Done", ("400", "401", "413", "422"),
-                                           "TokenBody", secured=True)},
-        "/book-slot": {"post": operation("Book a slot", "SlotDone", member, "SlotRequest", secured=True)},
-        "/cancel-slot": {"post": operation("Cancel your booking (the slot goes to the first in its waitlist who "
-                                           "may take it)", "SlotDone", member, "SlotRequest", secured=True)},
-        "/now": {"get": operation("Who holds the lab now, and next (poll it every second)", "Now")},
-        "/me": {"get": {**operation("Whose token this is; whether they hold the slot under way; their next booking",
-                                    "Me", ("401",)), "security": [{"bearer": []}]}},
-        "/check-in": {"post": operation("Check in to your slot (from 10 min before to 15 min after its start)",
-                                        "SlotDone", member, "SlotRequest", secured=True)},
-        "/waitlist/join": {"post": operation("Wait in line for a booked slot (a free one is booked at once)",
-                                             "SlotDone", member, "SlotRequest", secured=True)},
-        "/waitlist/leave": {"post": operation("Leave a slot's waitlist", "SlotDone", member, "SlotRequest",
-                                              secured=True)},
-        "/my-bookings": {"post": operation("Your bookings that have not ended", "MyBookings", member, "Credentials",
-                                           secured=True)},
-        "/admin/close-slot": {"post": operation("Close a free slot (admins)", "SlotDone", slot, "SlotRequest",
-                                                secured=True)},
-        "/admin/open-slot": {"post": operation("Reopen a closed slot (admins)", "SlotDone", slot, "SlotRequest",
-                                               secured=True)},
-        "/admin/forgive-no-show": {"post": operation("Forgive a member's no-show (admins); body: srn, date, slot_id",
-                                                     "SlotDone", slot, "SlotRequest", secured=True)},
-        "/admin/history": {"post": operation("The change log, newest first (admins)", "History", slot,
-                                             "HistoryRequest", secured=True)},
-        "/admin/series": {
-            "post": operation("Close, or reserve for a member, the same slots on chosen weekdays between two dates "
-                              "(admins; dry_run: what would happen)", "SeriesDone", slot, "SeriesRequest",
-                              secured=True),
-            "get": {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
-                    "security": [{"bearer": []}]}},
-        "/admin/series/cancel": {"post": operation("Cancel what is left of a series: its slots that have not started "
-                                                   "are freed (admins)", "SeriesCancelled", slot, "SeriesCancelRequest",
-                                                   secured=True)},
-        "/calendar/link": {"post": operation("A private calendar feed URL for your bookings (feed=lab: every slot, "
-                                             "admins); asking again replaces it", "CalendarLink", slot,
-                                             "CalendarRequest", secured=True, body_required=False)},
-        "/calendar/unlink": {"post": operation("Remove your calendar feed URL", "CalendarUnlinked", member,
-                                               "CalendarRequest", secured=True, body_required=False)},
-        "/calendar/{secret}.ics": {"get": {
-            "summary": "An iCalendar feed (RFC 5545); the URL is its only key. 304 for a current If-None-Match",
-            "parameters": [{"name": "secret", "in": "path", "required": True, "schema": STRING},
-                           {"name": "If-None-Match", "in": "header", "required": False, "schema": STRING}],
-            "responses": {"200": {"description": "The feed", "headers": {"ETag": {"schema": STRING}},
-                                  "content": {"text/calendar": {"schema": STRING}}},
-                          "304": {"description": "Not modified since the ETag given"},
-                          "404": json_answer("Error", "No such feed (never made, replaced or removed)")}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
-                                  "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        "/docs": {"get": {"summary": "Interactive API documentation", "responses": {"200": {
-                  "description": "HTML", "content": {"text/html": {"schema": STRING}}}}}},
-    }
+    """The HTTP API as OpenAPI 3.1, route by route in ROUTES' order; the WebSocket protocol is in the
+    description (OpenAPI has no sockets)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        if isinstance(route, Route):
+            for method in route_methods(route):
+                paths.setdefault(route.path, {})[method.lower()] = DOCS[method, route.path]
     return {
         "openapi": "3.1.0",
         "info": {"title": "rero-slots", "version": __version__, "description": SOCKET_PROTOCOL},
@@ -1874,40 +1923,9 @@ def create_app(
                 await store.close()
                 sys.setswitchinterval(switch_interval)
 
-    routes = [  # the routes pages poll most come first: Starlette tries each in turn (a regex match each)
-        Route("/slots", SlotList(), methods=["GET"]),
-        Route("/my-bookings", my_bookings, methods=["POST"]),
-        Route("/book-slot", slot_route("book"), methods=["POST"]),
-        Route("/cancel-slot", slot_route("cancel"), methods=["POST"]),
-        Route("/auth/login", login, methods=["POST"]),
-        Route("/now", now, methods=["GET"]),
-        Route("/me", me, methods=["GET"]),
-        Route("/check-in", slot_route("check_in"), methods=["POST"]),
-        Route("/waitlist/join", slot_route("join"), methods=["POST"]),
-        Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
-        Route("/health", health),
-        Route("/", root),
-        Route("/stats", stats),
-        Route("/auth/logout", logout, methods=["POST"]),
-        Route("/admin/close-slot", slot_route("close"), methods=["POST"]),
-        Route("/admin/open-slot", slot_route("open"), methods=["POST"]),
-        Route("/admin/history", admin_history, methods=["POST"]),
-        Route("/admin/forgive-no-show", forgive_no_show, methods=["POST"]),
-        Route("/admin/series", admin_series, methods=["POST"]),
-        Route("/admin/series", admin_series_list, methods=["GET"]),
-        Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
-        Route("/calendar/link", calendar_link, methods=["POST"]),
-        Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
-        Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
-        Route("/events", EventStream(), methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-        WebSocketRoute("/slot-booking", slot_socket),
-    ]
     middleware = [Middleware(Edge, cors_origins=settings.cors_origins)]
     return Starlette(
-        routes=routes,
+        routes=ROUTES,
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, **dict.fromkeys(REFUSALS, refused), Exception: server_error},

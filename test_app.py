@@ -2961,6 +2961,16 @@ def conforms(value: Any, schema: dict[str, Any], document: dict[str, Any], where
             conforms(item, schema["items"], document, f"{where}[{i}]")
 
 
+def test_every_route_has_its_documentation() -> None:
+    """The API docs are keyed by the route table: a route added without its entry is named here."""
+    routes = {(method, route.path) for route in app_module.ROUTES if isinstance(route, Route)
+              for method in app_module.route_methods(route)}
+    assert not routes - set(app_module.DOCS), f"routes without documentation: {sorted(routes - set(app_module.DOCS))}"
+    assert not set(app_module.DOCS) - routes, f"documentation of no route: {sorted(set(app_module.DOCS) - routes)}"
+    for kind in app_module.SOCKET_ACTIONS:  # and the socket protocol names every message the socket takes
+        assert f'"{kind}"' in app_module.SOCKET_PROTOCOL, kind
+
+
 def test_the_openapi_document_covers_every_route_and_real_answers_match_it(settings: Settings) -> None:
     with running(replace(settings, metrics=True, admin_srns=frozenset({ALICE}))) as service:
         document = service.http.get("/openapi.json").json()
