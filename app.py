@@ -37,7 +37,7 @@ import urllib.parse
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -74,149 +74,138 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # what 
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def flag(value: str) -> bool:
+    if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(value)
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+def url(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(value)
+    return value
+
+
+def base_url(value: str) -> str:
+    return url(value).rstrip("/")
+
+
+def line_of_text(value: str) -> str:
+    if len(value) > 64 or CONTROL_CHARACTERS.search(value):
+        raise ValueError(value)
+    return value
+
+
+def words(value: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in value.split(",") if word.strip())
+
+
+def srns(value: str) -> frozenset[str]:
+    return frozenset(word.upper() for word in words(value))
+
+
+def setting(default: Any, env: str, read: Callable[[str], Any] = str, low: float | None = None,
+            high: float | None = None, *, rule: str = "", secret: bool = False) -> Any:
+    """A field of Settings, declared once: its default, the environment variable that sets it, how to read
+    one (and, for a number, its range), and its name in slots.Rules where the booking rules use it.
+    ``secret``: kept out of repr (uvicorn's trace log prints app state, these settings included)."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "read": read, "low": low, "high": high, "rule": rule})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once from the environment at start-up (tests build their own)."""
 
-    host: str = "0.0.0.0"
-    port: int = 8000
-    log_level: str = "info"
-    log_format: str = "text"  # or "json": one object per line
-    workers: int = 1
-    # repr=False: uvicorn's trace log prints every request's scope, app state (these settings) included
-    pesu_auth_url: str = field(default=pesu.DEFAULT_URL, repr=False)  # it may carry user:password@
-    cache_minutes: float = 30
-    pesu_timeout: float = pesu.TIMEOUT_SECONDS
-    database_path: str = "data/rero.db"
-    cors_origins: tuple[str, ...] = ("*",)
-    slot_start_hour: int = 3
-    slot_end_hour: int = 15
-    timezone: str = "Asia/Kolkata"
-    booking_days_ahead: int = 7
-    booking_grace_minutes: int = 30
-    max_bookings_per_day: int = 0  # 0 = no limit
-    max_upcoming_bookings: int = 0  # 0 = no limit
-    waitlist_per_slot: int = 5  # members waiting for one slot; 0 = no limit
-    waitlist_per_member: int = 3  # slots one member may wait for at once; 0 = no limit
-    checkin_opens_minutes: int = 10  # check-in opens this long before a slot starts
-    checkin_minutes: int = 15  # ... and closes this long after
-    checkin_required: bool = False  # release bookings not checked in by then (no-shows)
-    no_show_limit: int = 0  # no-shows in the window that bar new bookings; 0 = off
-    no_show_window_days: int = 30
-    admin_srns: frozenset[str] = frozenset()
-    send_timeout: float = 10.0  # a listener whose send takes longer than this is dropped
-    request_timeout: float = 10.0  # a connection that sends no whole request head within this is closed
+    host: str = setting("0.0.0.0", "HOST")
+    port: int = setting(8000, "PORT", int, 1, 65535)
+    log_level: str = setting("info", "LOG_LEVEL", str.lower)
+    log_format: str = setting("text", "LOG_FORMAT", str.lower)  # or "json": one object per line
+    workers: int = setting(1, "WORKERS", int, 1, 64)
+    pesu_auth_url: str = setting(pesu.DEFAULT_URL, "PESU_AUTH_URL", url, secret=True)  # it may carry user:password@
+    cache_minutes: float = setting(30, "CACHE_DURATION_MINUTES", float, 0, 24 * 60)
+    pesu_timeout: float = setting(pesu.TIMEOUT_SECONDS, "PESU_TIMEOUT_SECONDS", float, 0.1, 300)
+    # PESU checks in flight at once, for the whole process (and as file descriptors allow) ...
+    pesu_max_concurrency: int = setting(200, "PESU_MAX_CONCURRENCY", int, 1, 1000)
+    pesu_max_queue: int = setting(200, "PESU_MAX_QUEUE", int, 0, 100_000)  # ... waiting for a place; then 503
+    database_path: str = setting("data/rero.db", "DATABASE_PATH")
+    cors_origins: tuple[str, ...] = setting(("*",), "CORS_ORIGINS", words)
+    slot_start_hour: int = setting(3, "SLOT_START_HOUR", int, 0, 23)
+    slot_end_hour: int = setting(15, "SLOT_END_HOUR", int, 1, 24)
+    timezone: str = setting("Asia/Kolkata", "TIMEZONE")
+    booking_days_ahead: int = setting(7, "BOOKING_DAYS_AHEAD", int, 0, 3650, rule="days_ahead")
+    booking_grace_minutes: int = setting(30, "BOOKING_GRACE_MINUTES", int, 0, 60, rule="grace_minutes")
+    max_bookings_per_day: int = setting(0, "MAX_BOOKINGS_PER_DAY", int, 0, 24, rule="max_per_day")  # 0 = no limit
+    max_upcoming_bookings: int = setting(0, "MAX_UPCOMING_BOOKINGS", int, 0, 100_000, rule="max_upcoming")
+    # members waiting for one slot, and slots one member may wait for at once; 0 = no limit
+    waitlist_per_slot: int = setting(5, "WAITLIST_PER_SLOT", int, 0, 1000, rule="waitlist_per_slot")
+    waitlist_per_member: int = setting(3, "WAITLIST_PER_MEMBER", int, 0, 1000, rule="waitlist_per_member")
+    # check-in opens this long before a slot starts, and closes this long after
+    checkin_opens_minutes: int = setting(10, "CHECKIN_OPENS_MINUTES", int, 0, 120, rule="checkin_opens_minutes")
+    checkin_minutes: int = setting(15, "CHECKIN_MINUTES", int, 1, 59, rule="checkin_minutes")
+    # release bookings not checked in by then (no-shows)
+    checkin_required: bool = setting(False, "CHECKIN_REQUIRED", flag, rule="checkin_required")
+    # no-shows in the window that bar new bookings; 0 = off
+    no_show_limit: int = setting(0, "NO_SHOW_LIMIT", int, 0, 1000, rule="no_show_limit")
+    no_show_window_days: int = setting(30, "NO_SHOW_WINDOW_DAYS", int, 1, 3650, rule="no_show_window_days")
+    admin_srns: frozenset[str] = setting(frozenset(), "ADMIN_SRNS", srns, rule="admins")
+    # empty: a random one per start-up (tokens die with it)
+    session_secret: str = setting("", "SESSION_SECRET", secret=True)
+    session_minutes: float = setting(60, "SESSION_MINUTES", float, 1, 366 * 24 * 60)
+    # failed checks per (username, address) before delays begin (0 = off), within the window
+    login_fails_per_username: int = setting(5, "LOGIN_FAILS_PER_USERNAME", int, 0, 1000)
+    login_fail_window_minutes: float = setting(15, "LOGIN_FAIL_WINDOW_MINUTES", float, 1, 24 * 60)
+    # failed checks per address per window (members' successes earn some back)
+    login_fails_per_address: int = setting(100, "LOGIN_FAILS_PER_ADDRESS", int, 0, 1_000_000)
+    # the longest delay between guesses at one username from one address
+    login_max_delay_seconds: float = setting(30, "LOGIN_MAX_DELAY_SECONDS", float, 0, 3600)
+    ws_rate_per_second: float = setting(20, "WS_RATE_PER_SECOND", float, 0, 10_000)  # per socket; 0 = off
+    ws_rate_burst: int = setting(40, "WS_RATE_BURST", int, 1, 10_000)
+    # open sockets and event streams in all (0 = off), and from one address (0 = off)
+    max_connections: int = setting(5000, "MAX_CONNECTIONS", int, 0, 1_000_000)
+    max_connections_per_address: int = setting(0, "MAX_CONNECTIONS_PER_ADDRESS", int, 0, 1_000_000)
+    # a listener whose send takes longer than this is dropped
+    send_timeout: float = setting(10.0, "SEND_TIMEOUT_SECONDS", float, 0.1, 300)
+    # a connection that sends no whole request head within this is closed
+    request_timeout: float = setting(10.0, "REQUEST_TIMEOUT_SECONDS", float, 0.1, 300)
+    metrics: bool = setting(False, "METRICS", flag)  # GET /metrics
+    ws_compression: bool = setting(False, "WS_COMPRESSION", flag)  # permessage-deflate for sockets
+    # keep-alive pings; a peer that does not answer within as long is dropped
+    ws_ping_seconds: float = setting(20.0, "WS_PING_SECONDS", float, 0, 3600)
+    club_name: str = setting("ReRo lab", "CLUB_NAME", line_of_text, rule="club_name")  # in calendar feeds
+    # a reminder this long before a booked slot, in members' calendars; 0: none
+    calendar_reminder_minutes: int = setting(15, "CALENDAR_REMINDER_MINUTES", int, 0, 7 * 24 * 60,
+                                             rule="reminder_minutes")
+    # how members reach the server, for feed links; empty: as the request came in
+    public_url: str = setting("", "PUBLIC_URL", base_url)
+    # not read from the environment (tests set them)
     heartbeat_seconds: float = 15.0  # how often /events streams get a comment, so proxies keep them open
-    ws_compression: bool = False  # permessage-deflate for sockets (WS_COMPRESSION=1)
-    ws_ping_seconds: float = 20.0  # keep-alive pings; a peer that does not answer within as long is dropped
     max_backlog: int = 64  # replies waiting for a socket that does not read, before it is dropped
     watch_interval: float = 0.1  # how often to look for changes made by other worker processes
-    session_secret: str = field(default="", repr=False)  # empty: a random one per start-up (tokens die with it)
-    session_minutes: float = 60
-    login_fails_per_username: int = 5  # failed checks per (username, address) before delays begin; 0 = off
-    login_fail_window_minutes: float = 15
-    login_fails_per_address: int = 100  # failed checks per address per window (members' successes earn some back)
-    login_max_delay_seconds: float = 30  # the longest delay between guesses at one username from one address
-    pesu_max_concurrency: int = 200  # PESU checks in flight at once, for the whole process (and fds allow)
-    pesu_max_queue: int = 200  # PESU checks waiting for a place; beyond that, 503 at once
-    ws_rate_per_second: float = 20  # messages per socket; 0 = off
-    ws_rate_burst: int = 40
-    max_connections: int = 5000  # open sockets and event streams in all; 0 = off
-    max_connections_per_address: int = 0  # 0 = off
-    metrics: bool = False  # GET /metrics
-    club_name: str = "ReRo lab"  # in calendar feeds
-    calendar_reminder_minutes: int = 15  # a reminder this long before a booked slot, in members' calendars
-    public_url: str = ""  # how members reach the server, for feed links; empty: as the request came in
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """The settings from the environment; a value that cannot be used stops start-up with one line
         naming the variable and what it takes (SystemExit), never a traceback or a silent default."""
-
-        def get(name: str, cast: Callable[[str], Any], default: Any, low: float | None = None,
-                high: float | None = None) -> Any:
-            raw = env.get(name)
+        values = {}
+        for setting in fields(cls):
+            name, raw = setting.metadata.get("env"), None
+            if name is not None:
+                raw = env.get(name)
             if raw is None or raw.strip() == "":
-                return default
+                continue
             try:
-                value = cast(raw.strip())
+                value = setting.metadata["read"](raw.strip())
             except ValueError:
                 raise SystemExit(f"{name}={raw!r} is not a valid value") from None
+            low, high = setting.metadata["low"], setting.metadata["high"]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (
                 not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
             ):
                 raise SystemExit(f"{name}={raw!r} must be a number from {low:g} to {high:g}")
-            return value
-
-        def flag(value: str) -> bool:
-            if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(value)
-            return value.lower() in ("1", "true", "yes", "on")
-
-        def url(value: str) -> str:
-            parts = urllib.parse.urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(value)
-            return value
-
-        def name(value: str) -> str:
-            if len(value) > 64 or CONTROL_CHARACTERS.search(value):
-                raise ValueError(value)
-            return value
-
-        def words(value: str) -> tuple[str, ...]:
-            return tuple(word.strip() for word in value.split(",") if word.strip())
-
-        settings = cls(
-            host=get("HOST", str, cls.host),
-            port=get("PORT", int, cls.port, 1, 65535),
-            log_level=get("LOG_LEVEL", str.lower, cls.log_level),
-            log_format=get("LOG_FORMAT", str.lower, cls.log_format),
-            workers=get("WORKERS", int, cls.workers, 1, 64),
-            pesu_auth_url=get("PESU_AUTH_URL", url, cls.pesu_auth_url),
-            cache_minutes=get("CACHE_DURATION_MINUTES", float, cls.cache_minutes, 0, 24 * 60),
-            pesu_timeout=get("PESU_TIMEOUT_SECONDS", float, cls.pesu_timeout, 0.1, 300),
-            pesu_max_concurrency=get("PESU_MAX_CONCURRENCY", int, cls.pesu_max_concurrency, 1, 1000),
-            pesu_max_queue=get("PESU_MAX_QUEUE", int, cls.pesu_max_queue, 0, 100_000),
-            database_path=get("DATABASE_PATH", str, cls.database_path),
-            cors_origins=get("CORS_ORIGINS", words, cls.cors_origins),
-            slot_start_hour=get("SLOT_START_HOUR", int, cls.slot_start_hour, 0, 23),
-            slot_end_hour=get("SLOT_END_HOUR", int, cls.slot_end_hour, 1, 24),
-            timezone=get("TIMEZONE", str, cls.timezone),
-            booking_days_ahead=get("BOOKING_DAYS_AHEAD", int, cls.booking_days_ahead, 0, 3650),
-            booking_grace_minutes=get("BOOKING_GRACE_MINUTES", int, cls.booking_grace_minutes, 0, 60),
-            max_bookings_per_day=get("MAX_BOOKINGS_PER_DAY", int, cls.max_bookings_per_day, 0, 24),
-            max_upcoming_bookings=get("MAX_UPCOMING_BOOKINGS", int, cls.max_upcoming_bookings, 0, 100_000),
-            waitlist_per_slot=get("WAITLIST_PER_SLOT", int, cls.waitlist_per_slot, 0, 1000),
-            waitlist_per_member=get("WAITLIST_PER_MEMBER", int, cls.waitlist_per_member, 0, 1000),
-            checkin_opens_minutes=get("CHECKIN_OPENS_MINUTES", int, cls.checkin_opens_minutes, 0, 120),
-            checkin_minutes=get("CHECKIN_MINUTES", int, cls.checkin_minutes, 1, 59),
-            checkin_required=get("CHECKIN_REQUIRED", flag, cls.checkin_required),
-            no_show_limit=get("NO_SHOW_LIMIT", int, cls.no_show_limit, 0, 1000),
-            no_show_window_days=get("NO_SHOW_WINDOW_DAYS", int, cls.no_show_window_days, 1, 3650),
-            admin_srns=get("ADMIN_SRNS", lambda v: frozenset(s.upper() for s in words(v)), cls.admin_srns),
-            session_secret=env.get("SESSION_SECRET", cls.session_secret).strip(),
-            session_minutes=get("SESSION_MINUTES", float, cls.session_minutes, 1, 366 * 24 * 60),
-            login_fails_per_username=get("LOGIN_FAILS_PER_USERNAME", int, cls.login_fails_per_username, 0, 1000),
-            login_fail_window_minutes=get("LOGIN_FAIL_WINDOW_MINUTES", float, cls.login_fail_window_minutes,
-                                          1, 24 * 60),
-            login_fails_per_address=get("LOGIN_FAILS_PER_ADDRESS", int, cls.login_fails_per_address, 0, 1_000_000),
-            login_max_delay_seconds=get("LOGIN_MAX_DELAY_SECONDS", float, cls.login_max_delay_seconds, 0, 3600),
-            ws_rate_per_second=get("WS_RATE_PER_SECOND", float, cls.ws_rate_per_second, 0, 10_000),
-            ws_rate_burst=get("WS_RATE_BURST", int, cls.ws_rate_burst, 1, 10_000),
-            max_connections=get("MAX_CONNECTIONS", int, cls.max_connections, 0, 1_000_000),
-            send_timeout=get("SEND_TIMEOUT_SECONDS", float, cls.send_timeout, 0.1, 300),
-            request_timeout=get("REQUEST_TIMEOUT_SECONDS", float, cls.request_timeout, 0.1, 300),
-            max_connections_per_address=get("MAX_CONNECTIONS_PER_ADDRESS", int, cls.max_connections_per_address,
-                                            0, 1_000_000),
-            metrics=get("METRICS", flag, cls.metrics),
-            ws_compression=get("WS_COMPRESSION", flag, cls.ws_compression),
-            ws_ping_seconds=get("WS_PING_SECONDS", float, cls.ws_ping_seconds, 0, 3600),
-            club_name=get("CLUB_NAME", name, cls.club_name),
-            calendar_reminder_minutes=get("CALENDAR_REMINDER_MINUTES", int, cls.calendar_reminder_minutes,
-                                          0, 7 * 24 * 60),
-            public_url=get("PUBLIC_URL", url, cls.public_url).rstrip("/"),
-        )
+            values[setting.name] = value
+        settings = cls(**values)
         if settings.slot_start_hour >= settings.slot_end_hour:
             raise SystemExit("SLOT_START_HOUR must be before SLOT_END_HOUR")
         if settings.log_format not in ("text", "json"):
@@ -227,28 +216,13 @@ class Settings:
         return settings
 
     def rules(self) -> Rules:
+        """The booking rules: the settings that name a ``rule``, under that name."""
         try:
             zone = ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise SystemExit(f"TIMEZONE={self.timezone!r} is not a known IANA time zone") from None
-        return Rules(
-            hours=self.hours,
-            timezone=zone,
-            days_ahead=self.booking_days_ahead,
-            grace_minutes=self.booking_grace_minutes,
-            max_per_day=self.max_bookings_per_day,
-            max_upcoming=self.max_upcoming_bookings,
-            admins=self.admin_srns,
-            waitlist_per_slot=self.waitlist_per_slot,
-            waitlist_per_member=self.waitlist_per_member,
-            checkin_opens_minutes=self.checkin_opens_minutes,
-            checkin_minutes=self.checkin_minutes,
-            checkin_required=self.checkin_required,
-            no_show_limit=self.no_show_limit,
-            no_show_window_days=self.no_show_window_days,
-            club_name=self.club_name,
-            reminder_minutes=self.calendar_reminder_minutes,
-        )
+        rules = {f.metadata["rule"]: getattr(self, f.name) for f in fields(self) if f.metadata.get("rule")}
+        return Rules(hours=self.hours, timezone=zone, **rules)
 
     @property
     def hours(self) -> range:

@@ -39,24 +39,25 @@ class Forbidden(SlotError):
 
 @dataclass(frozen=True)
 class Rules:
-    """The club's booking rules, from the settings."""
+    """The club's booking rules: app.Settings.rules() fills them from the settings that name a rule (the
+    settings declare each one's default, variable and range)."""
 
     hours: range
     timezone: ZoneInfo
-    days_ahead: int = 7
-    grace_minutes: int = 30
-    max_per_day: int = 0
-    max_upcoming: int = 0
-    no_show_limit: int = 0
-    no_show_window_days: int = 30
-    admins: frozenset[str] = frozenset()
-    waitlist_per_slot: int = 5
-    waitlist_per_member: int = 3
-    checkin_opens_minutes: int = 10
-    checkin_minutes: int = 15
-    checkin_required: bool = False
-    club_name: str = "ReRo lab"
-    reminder_minutes: int = 15  # before a booked slot, in members' calendars; 0: no reminder
+    days_ahead: int
+    grace_minutes: int
+    max_per_day: int
+    max_upcoming: int
+    no_show_limit: int
+    no_show_window_days: int
+    admins: frozenset[str]
+    waitlist_per_slot: int
+    waitlist_per_member: int
+    checkin_opens_minutes: int
+    checkin_minutes: int
+    checkin_required: bool
+    club_name: str
+    reminder_minutes: int  # before a booked slot, in members' calendars; 0: no reminder
 
 
 @dataclass(frozen=True)
