@@ -1832,42 +1832,29 @@ def create_app(
         # an event loop busy broadcasting. 0.1 ms keeps a booking's commit quick under that load.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
-        # Connections in all stay below the open-file limit; listeners leave a tenth of them for HTTP.
-        files = raise_fd_limit()
-        pesu_places = min(settings.pesu_max_concurrency, max(1, (files - RESERVED_FDS) // 4))  # a socket each
-        connections = max(16, files - RESERVED_FDS - pesu_places)
-        listeners = connections - max(8, connections // 10)
-        if settings.max_connections:
-            listeners = min(listeners, settings.max_connections)
-        door = Door(connections, settings.request_timeout, settings.send_timeout)
-        hub = Hub(settings.send_timeout, settings.max_backlog, listeners, settings.max_connections_per_address)
+        budget = fd_budget(raise_fd_limit(), settings.pesu_max_concurrency, settings.max_connections)
+        door = Door(budget.connections, settings.request_timeout, settings.send_timeout)
+        hub = Hub(settings.send_timeout, settings.max_backlog, budget.listeners, settings.max_connections_per_address)
         store = SlotStore(settings.database_path, settings.hours)
         board = Board(store, settings.rules(), clock, watched=hub.watching,  # (days kept however many are read)
                       on_change=lambda day: hub.broadcast(day, board.today()))
         await board.open()
-        hub.start(settings.heartbeat_seconds)
         guard_store = db.GuardStore(settings.database_path)
         await guard_store.open()
+        hub.start(settings.heartbeat_seconds)
         seconds = lambda: clock().timestamp()  # noqa: E731
         secret = settings.session_secret.encode() or os.urandom(32)
         sessions = Sessions(secret, settings.session_minutes * 60, seconds)
-        window = settings.login_fail_window_minutes * 60
-        timeout = httpx.Timeout(settings.pesu_timeout, connect=min(5.0, settings.pesu_timeout))
-        async with pesu.clients(pesu_places, transport=transport, timeout=timeout) as client:
-            guard = Guard(guard_store, settings.login_fails_per_username, window, settings.login_fails_per_address,
-                          seconds, max_delay=settings.login_max_delay_seconds, stale=3 * settings.pesu_timeout + 5)
-            counters = Metrics()
-            checker = PesuChecker(
-                client,
-                settings.pesu_auth_url,
-                settings.cache_minutes * 60,
-                timer=pesu_timer,
-                deadline=1.5 * settings.pesu_timeout,
-                guard=guard,
-                max_concurrency=pesu_places,
-                max_queue=settings.pesu_max_queue,
-                on_upstream=counters.observe_upstream,
-            )
+        guard = Guard(guard_store, settings.login_fails_per_username, settings.login_fail_window_minutes * 60,
+                      settings.login_fails_per_address, seconds, max_delay=settings.login_max_delay_seconds,
+                      stale=pesu.stale_after(settings.pesu_timeout))
+        counters = Metrics()
+        timeout = pesu.client_timeout(settings.pesu_timeout)
+        async with pesu.clients(budget.pesu_places, transport=transport, timeout=timeout) as client:
+            checker = PesuChecker(client, settings.pesu_auth_url, settings.cache_minutes * 60, timer=pesu_timer,
+                                  deadline=pesu.check_deadline(settings.pesu_timeout), guard=guard,
+                                  max_concurrency=budget.pesu_places, max_queue=settings.pesu_max_queue,
+                                  on_upstream=counters.observe_upstream)
             watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
             # (not the address: uvicorn names the one it really listens on, whichever way it was started)
             logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
@@ -1875,7 +1862,7 @@ def create_app(
             if not settings.session_secret:
                 logger.info("SESSION_SECRET is not set: tokens end when this process does (see README)")
             logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d;"
-                        " PESU checks at most %d at once", files, connections, listeners, pesu_places)
+                        " PESU checks at most %d at once", *budget)
             restore_sigterm = close_sockets_on_sigterm(hub)
             try:
                 yield {
@@ -1925,6 +1912,27 @@ app = create_app(SETTINGS)
 
 
 RESERVED_FDS = 64  # descriptors kept for the database, the listening socket, logs and pipes, besides PESU's
+
+
+class Budget(NamedTuple):
+    """How the open-file limit is shared: connections in all, of which listeners, and PESU checks at once."""
+
+    files: int
+    connections: int
+    listeners: int
+    pesu_places: int
+
+
+def fd_budget(files: int, pesu_max: int, max_listeners: int) -> Budget:
+    """Connections in all stay below the open-file limit ``files``, beside RESERVED_FDS and a socket for each
+    PESU check (at most a quarter of the rest); listeners leave a tenth of the connections for HTTP, and
+    stay within MAX_CONNECTIONS (``max_listeners``, 0: no cap of its own)."""
+    pesu_places = min(pesu_max, max(1, (files - RESERVED_FDS) // 4))
+    connections = max(16, files - RESERVED_FDS - pesu_places)
+    listeners = connections - max(8, connections // 10)
+    if max_listeners:
+        listeners = min(listeners, max_listeners)
+    return Budget(files, connections, listeners, pesu_places)
 
 
 def raise_fd_limit() -> int:

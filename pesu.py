@@ -237,6 +237,22 @@ class PesuChecker:
         return profile
 
 
+def client_timeout(seconds: float) -> httpx.Timeout:
+    """The HTTP client's limits for PESU_TIMEOUT_SECONDS: each read and write (a connect, at most 5 s)."""
+    return httpx.Timeout(seconds, connect=min(5.0, seconds))
+
+
+def check_deadline(seconds: float) -> float:
+    """A whole check's limit for PESU_TIMEOUT_SECONDS: the timeout bounds each read, this the call, so a
+    server that trickles bytes cannot hold a member's request for long."""
+    return 1.5 * seconds
+
+
+def stale_after(seconds: float) -> float:
+    """How long a check may be in flight before the Guard takes its worker for dead: past any deadline."""
+    return 3 * seconds + 5
+
+
 @contextlib.asynccontextmanager
 async def clients(places: int, **options: Any) -> AsyncIterator[list[httpx.AsyncClient]]:
     """HTTP clients for ``places`` checks at once, POOL_SIZE connections each, so nobody waits inside a
