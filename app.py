@@ -591,18 +591,72 @@ class Peer:
         self.due = False  # the newest state may be sent now (set by send_state and by the hub's fan-out)
         self.sending = False  # a send to this peer has started and not finished
 
-    def send_state(self, day: Day) -> None:
-        """Send this state now, as the listener's first, unless the fan-out has handed it this one (or a
-        newer) while the listener waited for it: the first sockets of a process wait for the day's first
-        read, and its broadcast reaches those already joined."""
-        if self.behind(day):
-            self.latest = self.held = day
-            self.due = True
-            self.wake.set()
+    # -- what this peer holds, and what it is owed (the hub decides when; the peer keeps the books)
 
     def behind(self, day: Day) -> bool:
         """Whether day is news to this peer: another day than it holds, or a newer state of it."""
         return self.held is None or self.held.date != day.date or day.news_to(self.held)
+
+    def offer(self, day: Day) -> bool:
+        """Hand this peer a state: whether it was news (then it waits to be sent, replacing any older one)."""
+        if not self.behind(day):
+            return False
+        self.latest = self.held = day
+        return True
+
+    def owe_state(self) -> None:
+        """The waiting state is the pump's to send."""
+        self.due = True
+        self.wake.set()
+
+    def send_state(self, day: Day) -> None:
+        """Send this state now, as the listener's first, unless the fan-out has handed it this one (or a
+        newer) while the listener waited for it: the first sockets of a process wait for the day's first
+        read, and its broadcast reaches those already joined."""
+        if self.offer(day):
+            self.owe_state()
+
+    def answer_with(self, day: Day) -> str:
+        """A get_slots answer: this state goes in order with the replies, and an older one waiting is
+        not sent after it; the text to queue."""
+        self.latest, self.due, self.held = None, False, day
+        return day.update_text
+
+    def add_reply(self, text: str, max_backlog: int) -> bool:
+        """Queue a reply; False if ``max_backlog`` are waiting already (the peer stopped reading)."""
+        if len(self.replies) >= max_backlog:
+            return False
+        self.replies.append(text)
+        self.wake.set()
+        return True
+
+    @property
+    def idle(self) -> bool:
+        """Nothing being sent, owed or queued, and not closing: a state may be written to it straight away."""
+        return not (self.sending or self.due or self.replies or self.close_code is not None)
+
+    def take(self) -> str | Day | None:
+        """What is due next: a reply (owed even while closing: a flood's warning, the answers to what it sent
+        before), else the waiting state unless it is closing; None when nothing is."""
+        if self.replies:
+            return self.replies.popleft()
+        if self.close_code is None and self.due and self.latest is not None:
+            day, self.latest, self.due = self.latest, None, False
+            return day
+        return None
+
+    async def write(self, item: str | Day) -> None:
+        """Write one reply or state (``sending`` while it is under way, however it ends)."""
+        self.sending = True
+        try:
+            await (self.deliver(item) if isinstance(item, str) else self.deliver_day(item))
+        finally:
+            self.sending = False
+
+    def sent(self, day: Day) -> None:
+        """A state written outside the pump (by the fan-out) is no longer waiting."""
+        if self.latest is day:
+            self.latest = None
 
     def close(self, code: int) -> None:
         if self.close_code is None:
@@ -717,11 +771,9 @@ class Hub:
             self.rounds += 1
             for peer in list(self.peers):
                 day = self.newest.get(peer.date or self.today)
-                if day is not None and peer.behind(day):
-                    peer.latest = peer.held = day
+                if day is not None and peer.offer(day):
                     if not await self._send_at_once(peer, day):
-                        peer.due = True
-                        peer.wake.set()
+                        peer.owe_state()
                     served += 1
                     if served % FAN_OUT_BATCH == 0:
                         await asyncio.sleep(0)  # let woken pumps send, and members' requests in between
@@ -733,22 +785,18 @@ class Hub:
         """Send an idle peer its newest state if its socket takes it without waiting; False leaves it to
         the peer's pump. uvicorn's send waits for a writable socket before it writes anything, so a send cut
         off by the zero timeout has written nothing."""
-        if peer.sending or peer.due or peer.replies or peer.close_code is not None:
+        if not peer.idle:
             return False
-        peer.sending = True
         try:
             async with asyncio.timeout(0):
-                await peer.deliver_day(day)
+                await peer.write(day)
         except TimeoutError:
             return False
         except SEND_ERRORS as exc:
             logger.debug("send failed: %r", exc)
             self._drop(peer)
             return True
-        finally:
-            peer.sending = False
-        if peer.latest is day:
-            peer.latest = None
+        peer.sent(day)
         return True
 
     def admits(self, address: str) -> bool:
@@ -848,17 +896,13 @@ class Hub:
     def reply_state(self, peer: Peer, day: Day) -> None:
         """Answer a get_slots: one slots_update per request, in order with the other replies (a broadcast
         waiting for this peer is older, so it is not sent after it)."""
-        peer.latest, peer.due, peer.held = None, False, day
-        self._queue(peer, day.update_text)
+        self._queue(peer, peer.answer_with(day))
 
     def _queue(self, peer: Peer, text: str) -> None:
-        if len(peer.replies) >= self.max_backlog:
+        if not peer.add_reply(text, self.max_backlog):
             logger.warning("dropping a socket that stopped reading (%d replies waiting)", len(peer.replies))
             self._drop(peer)
             peer.close(1008)
-            return
-        peer.replies.append(text)
-        peer.wake.set()
 
     async def closed(self, peer: Peer) -> None:
         """Wait while the pump sends what this peer is owed and then the close frame (each send bounded)."""
@@ -878,19 +922,11 @@ class Hub:
             while True:
                 await peer.wake.wait()
                 peer.wake.clear()
-                # Replies are owed even when the socket is being closed (a flood's warning, the answers to
-                # what it sent before): they go before the close frame. States stop once closing.
-                while peer.replies or (peer.close_code is None and peer.due and peer.latest is not None):
+                while (item := peer.take()) is not None:  # replies before the close frame; states stop once closing
                     # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
                     # with a completed send, leaving this task alive after its socket has gone.
-                    peer.sending = True
                     async with asyncio.timeout(self.send_timeout):
-                        if peer.replies:
-                            await peer.deliver(peer.replies.popleft())
-                        else:
-                            day, peer.latest, peer.due = peer.latest, None, False
-                            await peer.deliver_day(day)  # type: ignore[arg-type]
-                    peer.sending = False
+                        await peer.write(item)
                 if peer.close_code is not None:
                     async with asyncio.timeout(self.send_timeout):
                         await peer.finish(peer.close_code)
