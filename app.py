@@ -252,6 +252,10 @@ class BadInput(ValueError):
     """A request field that is missing or of the wrong kind; str() says which and why."""
 
 
+class Missing(BadInput):
+    """A field the request needs is absent (the socket answers it in the original's own words)."""
+
+
 # Every refusal is an exception of the module that decides it, answered here once: its HTTP status and the
 # sentence a client reads. Starlette finds the handler along the exception's MRO (so Forbidden, a
 # SlotError, is a 403 and AuthBusy, an AuthUnavailable, a 503); the socket says the same sentences
@@ -384,9 +388,7 @@ async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, An
 
 
 def slot_id_of(data: dict[str, Any]) -> int:
-    value = data.get("slot_id")
-    if value is None:
-        raise BadInput("slot_id is required")
+    value = data.get("slot_id")  # (present: ask_of says Missing first)
     # Accept 5 and "5" (the original's pydantic did); refuse true, 5.5, "abc" and absurd lengths.
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 6:
         return int(value)
@@ -396,9 +398,7 @@ def slot_id_of(data: dict[str, Any]) -> int:
 
 
 def credentials_of(data: dict[str, Any]) -> tuple[str, str]:
-    username, password = data.get("username"), data.get("password")
-    if username is None or password is None:
-        raise BadInput("username and password are required")
+    username, password = data.get("username"), data.get("password")  # (present: ask_of says Missing first)
     if not isinstance(username, str) or not username.strip() or len(username) > 64:
         raise BadInput("username must be a non-empty string")
     if not isinstance(password, str) or not password or len(password) > 256:
@@ -420,7 +420,12 @@ class Ask(NamedTuple):  # a tuple: built on every request, and cheaper to build 
 
 
 def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, *, slot: bool) -> Ask:
-    """Check a request's fields (BadInput or SlotError if they are wrong), before anyone asks PESU."""
+    """Check a request's fields (Missing before any other BadInput, or SlotError, if they are wrong), before
+    anyone asks PESU."""
+    if slot and data.get("slot_id") is None:
+        raise Missing("slot_id is required")
+    if token is None and (data.get("username") is None or data.get("password") is None):
+        raise Missing("username and password are required")
     slot_id = slot_id_of(data) if slot else 0
     username, password = ("", "") if token is not None else credentials_of(data)
     date = board.resolve(data.get("date")) if slot else ""
@@ -529,7 +534,7 @@ class State(TypedDict):
     metrics: Metrics
 
 
-async def identify(state: State, ask: Ask) -> str:
+async def srn_of(state: State, ask: Ask) -> str:
     """The member's SRN, from a session token or from PESU; else InvalidToken, or profile_of's refusals."""
     if ask.token is not None:
         return state["sessions"].claims(ask.token)["srn"]
@@ -904,7 +909,7 @@ class Hub:
             self._drop(peer)
             peer.close(1008)
 
-    async def closed(self, peer: Peer) -> None:
+    async def wait_closed(self, peer: Peer) -> None:
         """Wait while the pump sends what this peer is owed and then the close frame (each send bounded)."""
         if peer.task is not None:
             await asyncio.wait({peer.task}, timeout=2 * self.send_timeout + 1)
@@ -945,7 +950,7 @@ class Hub:
 # -- handlers: slots, bookings and the lab now ---------------------------------------------------------------
 
 
-async def today(state: State) -> Day:
+async def today_of(state: State) -> Day:
     board = state["board"]
     return await board.day(board.today())
 
@@ -961,7 +966,7 @@ def db_summary(state: State, day: Day) -> dict[str, Any]:
 
 async def root(request: Request[State]) -> Response:
     state = request.state
-    day = await today(state)
+    day = await today_of(state)
     return JSONResponse(
         {
             "message": "Slot Booking API is running",
@@ -974,7 +979,7 @@ async def root(request: Request[State]) -> Response:
 
 async def health(request: Request[State]) -> Response:
     state = request.state
-    day = await today(state)
+    day = await today_of(state)
     return JSONResponse(
         {
             "status": "healthy",
@@ -990,7 +995,7 @@ async def health(request: Request[State]) -> Response:
 
 async def stats(request: Request[State]) -> Response:
     state = request.state
-    summary = db_summary(state, await today(state))
+    summary = db_summary(state, await today_of(state))
     return JSONResponse(
         {
             "database": summary,
@@ -1063,7 +1068,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
 
     async def endpoint(request: Request[State]) -> Response:
         ask = await parse(request, slot=True)
-        srn = await identify(request.state, ask)
+        srn = await srn_of(request.state, ask)
         message = await change(request.state, action, ask, srn, via="http")
         return JSONResponse({"success": True, "message": message, "slot_id": ask.slot_id})
 
@@ -1074,7 +1079,7 @@ def slot_route(action: str) -> Callable[[Request[State]], Any]:
 async def my_bookings(request: Request[State]) -> Response:
     state = request.state
     ask = await parse(request, slot=False)
-    body = await state["board"].bookings_body(await identify(state, ask))
+    body = await state["board"].bookings_body(await srn_of(state, ask))
     return Response(body, media_type="application/json")
 
 
@@ -1144,7 +1149,7 @@ async def forgive_no_show(request: Request[State]) -> Response:
     who = ask.data.get("srn")
     if not isinstance(who, str) or not who.strip():
         raise BadInput("srn is required")
-    admin = await identify(state, ask)
+    admin = await srn_of(state, ask)
     member = who.strip().upper()
     await state["board"].forgive_no_show(admin, member, ask.date, ask.slot_id, "http")
     logger.info("no-show of %s on slot %d on %s forgiven by %s", member, ask.slot_id, ask.date, admin,
@@ -1163,7 +1168,7 @@ async def admin_history(request: Request[State]) -> Response:
     who = data.get("srn")
     if who is not None and not isinstance(who, str):
         raise BadInput("srn must be a string")
-    srn = await identify(request.state, ask)
+    srn = await srn_of(request.state, ask)
     total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
     return JSONResponse(
         {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
@@ -1179,7 +1184,7 @@ async def admin_series(request: Request[State]) -> Response:
     state = request.state
     ask = await parse(request, slot=False)
     spec = series_of(ask.data)
-    admin = await identify(state, ask)
+    admin = await srn_of(state, ask)
     result = await state["board"].add_series(admin, via="http", **spec)
     done = [step for step in result.steps if step[2] in ("closed", "reserved")]
     conflicts = [step for step in result.steps if step[2] == "conflict"]
@@ -1210,7 +1215,7 @@ async def admin_series_cancel(request: Request[State]) -> Response:
     series = ask.data.get("series_id")
     if not isinstance(series, int) or isinstance(series, bool) or not 1 <= series < 2**63:
         raise BadInput("series_id must be a series' id (see GET /admin/series)")
-    admin = await identify(state, ask)
+    admin = await srn_of(state, ask)
     result = await state["board"].cancel_series(admin, series, "http")
     logger.info("series %d cancelled by %s: %d slot(s) freed", series, admin, len(result.freed),
                 extra={"srn": admin, "action": "series_cancel", "via": "http"})
@@ -1242,7 +1247,7 @@ async def calendar_link(request: Request[State]) -> Response:
     state = request.state
     ask = await parse(request, slot=False)
     kind = feed_kind(ask.data)
-    srn = await identify(state, ask)
+    srn = await srn_of(state, ask)
     secret = await state["board"].link_calendar(srn, kind)
     path = f"/calendar/{secret}.ics"
     url = (state["settings"].public_url or str(request.base_url).rstrip("/")) + path
@@ -1256,7 +1261,7 @@ async def calendar_unlink(request: Request[State]) -> Response:
     state = request.state
     ask = await parse(request, slot=False)
     kind = feed_kind(ask.data)
-    srn = await identify(state, ask)
+    srn = await srn_of(state, ask)
     removed = await state["board"].unlink_calendar(srn, kind)
     logger.info("calendar link (%s) removed for %s", kind, srn, extra={"srn": srn, "action": "calendar_unlink"})
     return JSONResponse({"success": True, "feed": kind,
@@ -1396,7 +1401,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
         return
     peer = SocketPeer(websocket, address)
     hub.join(peer)
-    peer.send_state(await today(state))
+    peer.send_state(await today_of(state))
     bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
     try:
         while peer.close_code is None:
@@ -1418,7 +1423,7 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
             else:
                 await on_message(state, peer, text)
         else:  # we are closing it: what it is owed goes first, then the close frame; nothing more is read
-            await hub.closed(peer)
+            await hub.wait_closed(peer)
     finally:
         await hub.leave(peer)
 
@@ -1452,7 +1457,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
                 claims = state["sessions"].claims(ask.token)
                 srn, peer.jti, peer.expires = claims["srn"], claims["jti"], claims["exp"]
             else:
-                srn, peer.jti = await identify(state, ask), None
+                srn, peer.jti = await srn_of(state, ask), None
         except BadInput as exc:
             return error(str(exc))
         except REFUSED as exc:
@@ -1466,11 +1471,10 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
 
     action, response_type, noun = SOCKET_ACTIONS[kind]
     token = data.get("token")
-    needed = ("slot_id",) if token is not None else ("slot_id", "username", "password")
-    if any(data.get(name) is None for name in needed):
-        return error(f"Missing slot_id, username, or password in {noun} request")
     try:
         ask = ask_of(board, data, token if token is None else str(token), peer.address, slot=True)
+    except Missing:  # the original's sentence, whichever field it is
+        return error(f"Missing slot_id, username, or password in {noun} request")
     except (BadInput, SlotError) as exc:
         return error(str(exc))
 
@@ -1478,7 +1482,7 @@ async def on_message(state: State, peer: SocketPeer, text: str) -> None:
         hub.reply(peer, {"type": response_type, "success": ok, "message": message, "slot_id": ask.slot_id})
 
     try:
-        srn = await identify(state, ask)
+        srn = await srn_of(state, ask)
         # The broadcast this causes goes out after the reply below: the fan-out runs once this task yields,
         # and it leaves to the pump any listener with replies waiting, so the booker hears first.
         message = await change(state, action, ask, srn, via="websocket")
@@ -1802,7 +1806,7 @@ def docs_page() -> str:
 SWITCH_INTERVAL = 0.0001  # seconds; see lifespan
 
 
-async def watch(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
+async def housekeeping(board: Board, hub: Hub, sessions: Sessions, interval: float) -> None:
     """Every ``interval``, hand what the board's housekeeping found (Board.poll) to those it concerns: the
     new day to the hub, signed-out tokens to the sessions, notices to the members' sockets."""
     while True:
@@ -1891,7 +1895,7 @@ def create_app(
                                   deadline=pesu.check_deadline(settings.pesu_timeout), guard=guard,
                                   max_concurrency=budget.pesu_places, max_queue=settings.pesu_max_queue,
                                   on_upstream=counters.observe_upstream)
-            watcher = asyncio.create_task(watch(board, hub, sessions, settings.watch_interval))
+            watcher = asyncio.create_task(housekeeping(board, hub, sessions, settings.watch_interval))
             # (not the address: uvicorn names the one it really listens on, whichever way it was started)
             logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
                         public_url(settings.pesu_auth_url))

@@ -245,7 +245,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Line:
+class LineLimits:
     """How long waitlists may grow: members per slot, and slots one member may wait for at once."""
 
     per_slot: int
@@ -272,7 +272,7 @@ class Change:
 
 
 @dataclass(frozen=True)
-class Changes:
+class Commits:
     """What other processes committed: the newest version, the days changed (each with its newest
     version), and the tokens signed out, as (jti, expires), up to revoked-token id ``revoked``."""
 
@@ -467,7 +467,7 @@ class SlotStore:
             self.generation.close()
             self.generation = None
 
-    def stamp(self) -> bytes | None:
+    def generation_key(self) -> bytes | None:
         """What the database's generation is now (see Generation); None for ":memory:". One small read of
         the page cache, so the event loop can check a cache without a thread hop."""
         return None if self.generation is None else self.generation.read()
@@ -504,12 +504,12 @@ class SlotStore:
 
         return await self._run(notices)
 
-    async def changes_since(self, version: int, revoked: int) -> Changes | None:
+    async def changes_since(self, version: int, revoked: int) -> Commits | None:
         """What other processes (other workers on this file) committed since we last looked: changes after
         event ``version`` and tokens revoked after id ``revoked``; None if nothing was committed."""
         return await self._run(self._changes_since, version, revoked)
 
-    def _changes_since(self, version: int, revoked: int) -> Changes | None:
+    def _changes_since(self, version: int, revoked: int) -> Commits | None:
         # data_version moves only when *another* connection commits: a cheap poll, no table read.
         data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]
         if data_version == self._data_version:
@@ -523,7 +523,7 @@ class SlotStore:
         tokens = self.conn.execute(
             "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (revoked,)
         ).fetchall()
-        return Changes(
+        return Commits(
             max((last for _, last in days), default=version),
             {date: last for date, last in days if date},
             tokens[-1][0] if tokens else revoked,
@@ -695,7 +695,7 @@ class SlotStore:
             self._log(at, srn, action, date, slot_id, via, note)
         return refusal
 
-    async def join_waitlist(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, line: Line,
+    async def join_waitlist(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, line: LineLimits,
                             via: str) -> Change:
         """Put srn in line for a booked slot; a free one is booked for them at once (outcome "booked").
         Otherwise "ok" with their ``position``, or why not: "own", "closed", "already", "full", "member_full",

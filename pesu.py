@@ -384,7 +384,7 @@ class Entries(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-class GuardStore(Protocol):
+class GuardStorage(Protocol):
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 
@@ -410,7 +410,7 @@ class Guard:
 
     def __init__(
         self,
-        store: GuardStore,
+        store: GuardStorage,
         free_fails: int,
         window: float,
         address_fails: int,

@@ -25,8 +25,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from cachetools import LRUCache
 
-from db import (Change, Changes, DayRow, FeedRows, Limits, Line, Outcome, SeriesCancel, SeriesPlan, SeriesResult,
-                SlotStore, barred, booking_closes, checkin_closes, not_started, slot_times)
+from db import (Change, Commits, DayRow, FeedRows, Limits, LineLimits, Outcome, SeriesCancel, SeriesPlan,
+                SeriesResult, SlotStore, barred, booking_closes, checkin_closes, not_started, slot_times)
 
 
 class SlotError(Exception):
@@ -177,7 +177,7 @@ class Board:
         # the club's hour last seen: its start and end in UTC, its date and hour (empty until first asked)
         self._hour = (datetime.max.replace(tzinfo=timezone.utc), datetime.min.replace(tzinfo=timezone.utc), "", 0)
 
-    # -- time -----------------------------------------------------------------------------------------
+    # -- time --------------------------------------------------------------------------------------
 
     def now(self) -> datetime:
         """The club's wall-clock time (naive, in its time zone)."""
@@ -205,46 +205,10 @@ class Board:
         return self.today() if value is None else parse_date(value)
 
     def stamp(self) -> str:
+        """The club's time now as the history records it ("YYYY-MM-DD HH:MM:SS", in its time zone)."""
         return self.now().strftime("%Y-%m-%d %H:%M:%S")
 
-    # -- state ----------------------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        self.seen = await self.store.open(self.today(), self.stamp())
-        self._date = self.today()
-        self._told, _ = await self.store.notices_since(-1)  # the newest event id: tell nobody of the past
-
-    async def poll(self) -> Polled:
-        """The board's housekeeping, every WATCH_INTERVAL: the club's midnight, states the clock changed,
-        bookings whose check-in was missed, and what other processes (other workers on the same file)
-        committed: changed days (broadcast through ``on_change``), signed-out tokens, and the events a
-        member is to be told of. What it found is returned once; if a read fails midway (a locked database),
-        what was found so far comes with the next poll."""
-        found = self._polled
-        today = self.today()
-        if today != self._date:  # first, and on its own, so that what follows is broadcast under the new day
-            found.today = await self.day(today)
-            self._date = today  # only once the new day's state is in hand: a failed read is tried again
-            self._polled = Polled()
-            return found
-        self.expire()
-        if await self.releases_due():
-            found.released += await self.release_no_shows()
-        changes = await self.store.changes_since(self.seen, self._revoked)
-        if changes is not None:
-            self._revoked = changes.revoked
-            found.signed_out += changes.tokens
-            await self.refresh(changes)  # each new state goes to on_change
-        if changes is not None or self.notices_pending:  # promotions and releases, by any process
-            self.notices_pending = False
-            self._told, notices = await self.store.notices_since(self._told)  # each event looked at once
-            found.notices += notices
-        self._polled = Polled()
-        return found
-
-    async def revoke_token(self, jti: str, expires: float, now: float) -> None:
-        """Record a signed-out session token, so every worker refuses it for the rest of its life."""
-        await self.store.revoke(jti, expires, now)
+    # -- each day's state, kept ready and handed to on_change --------------------------------------
 
     async def day(self, date: str) -> Day:
         """The state of one day, from memory when it has not changed."""
@@ -345,7 +309,7 @@ class Board:
         return Day(date, version, self.serial, rows, until, slots, available, booked, orjson.dumps(data),
                    update.decode(), event)
 
-    async def refresh(self, changes: Changes) -> None:
+    async def refresh(self, changes: Commits) -> None:
         """Take in the days that other processes (other workers on the same file) changed."""
         self.seen = max(self.seen, changes.version)
         for date, last in changes.days.items():
@@ -361,15 +325,46 @@ class Board:
         if change.outcome != "ok":
             raise SlotError(refusals[change.outcome].format(booked_by=change.booked_by))
 
-    # -- rules ----------------------------------------------------------------------------------------
+    # -- housekeeping: what poll() finds for the app -----------------------------------------------
 
-    def is_admin(self, srn: str) -> bool:
-        return srn in self.rules.admins
+    async def open(self) -> None:
+        self.seen = await self.store.open(self.today(), self.stamp())
+        self._date = self.today()
+        self._told, _ = await self.store.notices_since(-1)  # the newest event id: tell nobody of the past
 
-    def admin_only(self, srn: str) -> None:
-        """Forbidden (403) unless srn is an admin."""
-        if not self.is_admin(srn):
-            raise Forbidden("Admins only")
+    async def poll(self) -> Polled:
+        """The board's housekeeping, every WATCH_INTERVAL: the club's midnight, states the clock changed,
+        bookings whose check-in was missed, and what other processes (other workers on the same file)
+        committed: changed days (broadcast through ``on_change``), signed-out tokens, and the events a
+        member is to be told of. What it found is returned once; if a read fails midway (a locked database),
+        what was found so far comes with the next poll."""
+        found = self._polled
+        today = self.today()
+        if today != self._date:  # first, and on its own, so that what follows is broadcast under the new day
+            found.today = await self.day(today)
+            self._date = today  # only once the new day's state is in hand: a failed read is tried again
+            self._polled = Polled()
+            return found
+        self.expire()
+        if await self.releases_due():
+            found.released += await self.release_no_shows()
+        changes = await self.store.changes_since(self.seen, self._revoked)
+        if changes is not None:
+            self._revoked = changes.revoked
+            found.signed_out += changes.tokens
+            await self.refresh(changes)  # each new state goes to on_change
+        if changes is not None or self.notices_pending:  # promotions and releases, by any process
+            self.notices_pending = False
+            self._told, notices = await self.store.notices_since(self._told)  # each event looked at once
+            found.notices += notices
+        self._polled = Polled()
+        return found
+
+    async def revoke_token(self, jti: str, expires: float, now: float) -> None:
+        """Record a signed-out session token, so every worker refuses it for the rest of its life."""
+        await self.store.revoke(jti, expires, now)
+
+    # -- days, the booking window and limits -------------------------------------------------------
 
     def _check(self, date: str, slot_id: int, *, for_booking: bool) -> datetime:
         """The slot's start, after checking it exists and its date is in the booking window."""
@@ -388,26 +383,6 @@ class Board:
         since = (now.date() - timedelta(days=self.rules.no_show_window_days - 1)).isoformat()
         return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour,
                       self.rules.no_show_limit, since)
-
-    async def _no_show_refusal(self, srn: str) -> str:
-        """The sentence for a member barred by no-shows: how many, and until when."""
-        limits = self._limits()
-        dates = await self.store.no_shows(srn, limits.no_shows_since)
-        if not barred(len(dates), self.rules.no_show_limit):  # forgiven since the refusal: say so, and let them try again
-            return "Too many no-shows a moment ago; one was just forgiven, so try again"
-        # bookable again once all but limit - 1 of them have left the window
-        until = Date.fromisoformat(dates[len(dates) - self.rules.no_show_limit]) + timedelta(
-            days=self.rules.no_show_window_days)
-        return (f"{len(dates)} no-show(s) in the last {self.rules.no_show_window_days} days: no new bookings "
-                f"until {until.isoformat()} (an admin can forgive one)")
-
-    async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
-        """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
-        self.admin_only(admin)
-        if slot_id not in self.rules.hours:
-            raise SlotError(f"Slot {slot_id} does not exist")
-        change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
-        self._settle(date, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
 
     def _bookable(self, date: str, slot_id: int) -> None:
         """SlotError unless (date, slot_id) may be booked now: it exists, its day is in the window, and it
@@ -448,10 +423,87 @@ class Board:
         self.notices_pending |= change.promoted is not None
         return change.promoted
 
+    async def bookings_body(self, srn: str) -> bytes:
+        """The body of POST /my-bookings for srn: their bookings that have not ended yet, oldest first.
+
+        Encoded once, and answered from memory while nothing has been committed to the database since (by
+        any process), which the store's generation tells with one memory read: exact across workers, and
+        no thread hop. The clock's hour is part of the key, since a booking drops out as it ends.
+        """
+        key = (self.store.generation_key(), *self.hour())
+        cached = self.bookings.get(srn)
+        if key[0] is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        today, hour = key[1], key[2]
+        rows, places = await self.store.upcoming_of(srn, today, hour)
+        bookings = [
+            {"id": slot_id, **times_of(slot_id), "booked_at": booked_at, "date": date}
+            for date, slot_id, booked_at in rows
+            if slot_id in self.rules.hours
+        ]
+        waitlist = [
+            {"id": slot_id, **times_of(slot_id), "date": date, "position": position}
+            for date, slot_id, position in places
+        ]
+        body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings),
+                             "waitlist": waitlist})
+        if key[0] is not None:
+            self.bookings[srn] = (key, body)  # the version read before the rows: never newer than they are
+        return body
+
+    # -- admins ------------------------------------------------------------------------------------
+
+    def is_admin(self, srn: str) -> bool:
+        return srn in self.rules.admins
+
+    def admin_only(self, srn: str) -> None:
+        """Forbidden (403) unless srn is an admin."""
+        if not self.is_admin(srn):
+            raise Forbidden("Admins only")
+
+    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
+        """An admin closes a free slot (nobody can book it) or reopens a closed one."""
+        self.admin_only(srn)
+        self._check(date, slot_id, for_booking=False)
+        change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
+        self._settle(date, change, {
+            "taken": f"Slot {slot_id} on {date} is booked by {{booked_by}}; cancel the booking first",
+            "closed": f"Slot {slot_id} on {date} is already closed",
+            "open": f"Slot {slot_id} on {date} is not closed",
+        })
+
+    async def history(
+        self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        self.admin_only(srn)
+        return await self.store.history(since, until, who, page_size, (page - 1) * page_size)
+
+    async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
+        """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
+        self.admin_only(admin)
+        if slot_id not in self.rules.hours:
+            raise SlotError(f"Slot {slot_id} does not exist")
+        change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
+        self._settle(date, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
+
+    async def _no_show_refusal(self, srn: str) -> str:
+        """The sentence for a member barred by no-shows: how many, and until when."""
+        limits = self._limits()
+        dates = await self.store.no_shows(srn, limits.no_shows_since)
+        if not barred(len(dates), self.rules.no_show_limit):  # forgiven since the refusal: say so, and let them try again
+            return "Too many no-shows a moment ago; one was just forgiven, so try again"
+        # bookable again once all but limit - 1 of them have left the window
+        until = Date.fromisoformat(dates[len(dates) - self.rules.no_show_limit]) + timedelta(
+            days=self.rules.no_show_window_days)
+        return (f"{len(dates)} no-show(s) in the last {self.rules.no_show_window_days} days: no new bookings "
+                f"until {until.isoformat()} (an admin can forgive one)")
+
+    # -- waitlists, check-in, no-shows and who holds the lab now -----------------------------------
+
     async def join_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> str:
         """Queue srn for a booked slot (a free one is booked for them at once); the sentence to answer."""
         self._bookable(date, slot_id)
-        line = Line(self.rules.waitlist_per_slot, self.rules.waitlist_per_member)
+        line = LineLimits(self.rules.waitlist_per_slot, self.rules.waitlist_per_member)
         change = await self.store.join_waitlist(date, slot_id, srn, self.stamp(), self._limits(), line, via)
         if change.outcome == "no_shows":
             raise SlotError(await self._no_show_refusal(srn))
@@ -468,6 +520,12 @@ class Board:
             "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
         })
         return f"You are number {change.position} in line for slot {slot_id} on {date}"
+
+    async def leave_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> None:
+        """Take srn out of a slot's waitlist."""
+        self._check(date, slot_id, for_booking=False)
+        change = await self.store.leave_waitlist(date, slot_id, srn, self.stamp(), via)
+        self._settle(date, change, {"absent": f"You are not in line for slot {slot_id} on {date}"})
 
     async def check_in(self, date: str, slot_id: int, srn: str, via: str) -> None:
         """The holder checks in, from CHECKIN_OPENS_MINUTES before the start to CHECKIN_MINUTES after it (an
@@ -492,6 +550,12 @@ class Board:
             "already": f"Slot {slot_id} on {date} is already checked in",
         })
 
+    def _checkin_closes(self, slot: dict[str, Any]) -> datetime:
+        """When a booking's check-in closes: CHECKIN_MINUTES after the later of its start and the moment it was
+        made, to the second (a booking made, or handed on from the waitlist, after the start has a window of
+        its own). db.checkin_closes is the twin of the SQL that releases it."""
+        return checkin_closes(slot["date"], slot["id"], slot["booked_at"], self.rules.checkin_minutes)
+
     async def releases_due(self) -> bool:
         """Whether a booking of today has passed its check-in deadline unchecked (from memory, once today
         has been read: after a restart, that read finds what the restart missed)."""
@@ -501,12 +565,6 @@ class Board:
         now = self.now()
         return any(slot["status"] == "booked" and not slot["checked_in"] and now >= self._checkin_closes(slot)
                    for slot in day.slots)
-
-    def _checkin_closes(self, slot: dict[str, Any]) -> datetime:
-        """When a booking's check-in closes: CHECKIN_MINUTES after the later of its start and the moment it was
-        made, to the second (a booking made, or handed on from the waitlist, after the start has a window of
-        its own). db.checkin_closes is the twin of the SQL that releases it."""
-        return checkin_closes(slot["date"], slot["id"], slot["booked_at"], self.rules.checkin_minutes)
 
     async def release_no_shows(self) -> list[tuple[str, int, str, str | None]]:
         """Release today's bookings whose holders did not check in in time (see SlotStore.release_no_shows);
@@ -521,13 +579,6 @@ class Board:
             version, rows = await self.store.day(today)
             self._remember(today, version, rows)
         return released
-
-    async def next_booking(self, srn: str, current: dict[str, Any] | None) -> dict[str, Any] | None:
-        """srn's next booking that has not ended, besides ``current`` (the slot under way, when they hold it)."""
-        for booking in orjson.loads(await self.bookings_body(srn))["bookings"]:
-            if current is None or (booking["date"], booking["id"]) != (current["date"], current["id"]):
-                return booking
-        return None
 
     async def current(self) -> dict[str, Any]:
         """GET /now: the slot under way (None between slots) and the next one, each with its holder and
@@ -544,58 +595,14 @@ class Board:
                 "current": describe_slot(today, now.hour) if now.hour in self.rules.hours else None,
                 "next": describe_slot(upcoming, following)}
 
-    async def leave_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> None:
-        """Take srn out of a slot's waitlist."""
-        self._check(date, slot_id, for_booking=False)
-        change = await self.store.leave_waitlist(date, slot_id, srn, self.stamp(), via)
-        self._settle(date, change, {"absent": f"You are not in line for slot {slot_id} on {date}"})
+    async def next_booking(self, srn: str, current: dict[str, Any] | None) -> dict[str, Any] | None:
+        """srn's next booking that has not ended, besides ``current`` (the slot under way, when they hold it)."""
+        for booking in orjson.loads(await self.bookings_body(srn))["bookings"]:
+            if current is None or (booking["date"], booking["id"]) != (current["date"], current["id"]):
+                return booking
+        return None
 
-    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
-        """An admin closes a free slot (nobody can book it) or reopens a closed one."""
-        self.admin_only(srn)
-        self._check(date, slot_id, for_booking=False)
-        change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
-        self._settle(date, change, {
-            "taken": f"Slot {slot_id} on {date} is booked by {{booked_by}}; cancel the booking first",
-            "closed": f"Slot {slot_id} on {date} is already closed",
-            "open": f"Slot {slot_id} on {date} is not closed",
-        })
-
-    async def bookings_body(self, srn: str) -> bytes:
-        """The body of POST /my-bookings for srn: their bookings that have not ended yet, oldest first.
-
-        Encoded once, and answered from memory while nothing has been committed to the database since (by
-        any process), which the store's generation tells with one memory read: exact across workers, and
-        no thread hop. The clock's hour is part of the key, since a booking drops out as it ends.
-        """
-        key = (self.store.stamp(), *self.hour())
-        cached = self.bookings.get(srn)
-        if key[0] is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        today, hour = key[1], key[2]
-        rows, places = await self.store.upcoming_of(srn, today, hour)
-        bookings = [
-            {"id": slot_id, **times_of(slot_id), "booked_at": booked_at, "date": date}
-            for date, slot_id, booked_at in rows
-            if slot_id in self.rules.hours
-        ]
-        waitlist = [
-            {"id": slot_id, **times_of(slot_id), "date": date, "position": position}
-            for date, slot_id, position in places
-        ]
-        body = orjson.dumps({"success": True, "bookings": bookings, "total_bookings": len(bookings),
-                             "waitlist": waitlist})
-        if key[0] is not None:
-            self.bookings[srn] = (key, body)  # the version read before the rows: never newer than they are
-        return body
-
-    async def history(
-        self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int
-    ) -> tuple[int, list[dict[str, Any]]]:
-        self.admin_only(srn)
-        return await self.store.history(since, until, who, page_size, (page - 1) * page_size)
-
-    # -- series -------------------------------------------------------------------------------------------
+    # -- series ------------------------------------------------------------------------------------
 
     async def add_series(self, admin: str, action: str, srn: str | None, slots: list[int], weekdays: list[str],
                          first: str, last: str, title: str | None, via: str, *, dry_run: bool) -> SeriesResult:
@@ -649,7 +656,7 @@ class Board:
             if n % 8 == 7:
                 await asyncio.sleep(0)
 
-    # -- calendar feeds -----------------------------------------------------------------------------------
+    # -- calendar feeds ----------------------------------------------------------------------------
 
     async def link_calendar(self, srn: str, kind: str) -> str:
         """A new secret for srn's calendar feed (``kind`` "member", or "lab" for admins); any older link to
@@ -671,7 +678,7 @@ class Board:
         a guessed secret costs one indexed read, and never pushes a member's feed out of memory."""
         if not FEED_SECRET.fullmatch(secret):
             return None
-        key = (self.store.stamp(), self.today())
+        key = (self.store.generation_key(), self.today())
         digest = feed_hash(secret)
         cached = self.feeds.get(digest)
         if key[0] is not None and cached is not None and cached[0] == key:
