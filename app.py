@@ -189,22 +189,22 @@ class Settings:
         """The settings from the environment; a value that cannot be used stops start-up with one line
         naming the variable and what it takes (SystemExit), never a traceback or a silent default."""
         values = {}
-        for setting in fields(cls):
-            name, raw = setting.metadata.get("env"), None
+        for spec in fields(cls):
+            name, raw = spec.metadata.get("env"), None
             if name is not None:
                 raw = env.get(name)
             if raw is None or raw.strip() == "":
                 continue
             try:
-                value = setting.metadata["read"](raw.strip())
+                value = spec.metadata["read"](raw.strip())
             except ValueError:
                 raise SystemExit(f"{name}={raw!r} is not a valid value") from None
-            low, high = setting.metadata["low"], setting.metadata["high"]
+            low, high = spec.metadata["low"], spec.metadata["high"]
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (
                 not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high)
             ):
                 raise SystemExit(f"{name}={raw!r} must be a number from {low:g} to {high:g}")
-            values[setting.name] = value
+            values[spec.name] = value
         settings = cls(**values)
         if settings.slot_start_hour >= settings.slot_end_hour:
             raise SystemExit("SLOT_START_HOUR must be before SLOT_END_HOUR")
@@ -253,15 +253,17 @@ class BadInput(ValueError):
 
 
 class Missing(BadInput):
-    """A field the request needs is absent (the socket answers it in the original's own words)."""
+    """ask_of's fields (slot_id, or username and password) are absent: the socket answers this in the
+    original's own words."""
 
 
-# Every refusal is an exception of the module that decides it, answered here once: its HTTP status and the
-# sentence a client reads. Starlette finds the handler along the exception's MRO (so Forbidden, a
+# Every refusal by the rules or the sign-in is an exception of the module that decides it, answered here
+# once: its HTTP status and the sentence a client reads (what only HTTP can refuse, a body over 64 KiB, an
+# unknown path or origin, a full door, stays an HTTPException). Starlette finds the handler along the exception's MRO (so Forbidden, a
 # SlotError, is a 403 and AuthBusy, an AuthUnavailable, a 503); the socket says the same sentences
 # (socket_sentence), in the original's words where its clients expect them.
 REFUSALS: dict[type[Exception], tuple[int, Callable[[Any], str]]] = {
-    BadInput: (422, str),  # a field of the wrong kind (app)
+    BadInput: (422, str),  # a field missing or of the wrong kind (app)
     SlotError: (400, str),  # the booking rules say no, in their own sentence (slots)
     Forbidden: (403, str),  # only admins may (slots)
     InvalidToken: (401, lambda exc: "Invalid or expired token"),  # (pesu.Sessions)
@@ -1813,19 +1815,20 @@ async def housekeeping(board: Board, hub: Hub, sessions: Sessions, interval: flo
         await asyncio.sleep(interval)
         try:
             found = await board.poll()
-        except Exception:  # a locked or busy database must not end the watch
+            if found.today is not None:
+                hub.roll_over(found.today)
+            for date, slot_id, holder, promoted in found.released:
+                logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
+                            f"; {promoted} had it from the waitlist" if promoted else "",
+                            extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
+            for jti, expires in found.signed_out:
+                sessions.revoke(jti, expires)
+            for action, srn, date, slot_id in found.notices:
+                hub.tell(srn, notice(action, date, slot_id), sessions.live)
+            if found.error is not None:
+                raise found.error
+        except Exception:  # a locked or busy database must not end the housekeeping
             logger.exception("could not read the database for changes")
-            continue
-        if found.today is not None:
-            hub.roll_over(found.today)
-        for date, slot_id, holder, promoted in found.released:
-            logger.info("released slot %d on %s: %s did not check in%s", slot_id, date, holder,
-                        f"; {promoted} had it from the waitlist" if promoted else "",
-                        extra={"srn": holder, "slot": slot_id, "date": date, "action": "no_show"})
-        for jti, expires in found.signed_out:
-            sessions.revoke(jti, expires)
-        for action, srn, date, slot_id in found.notices:
-            hub.tell(srn, notice(action, date, slot_id), sessions.live)
 
 
 def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:

@@ -137,12 +137,14 @@ FEED_ENTRY_BYTES = 512  # what a kept feed costs besides its body (its key, ETag
 class Polled:
     """What Board.poll() found: the new day's state when the club's date changed, bookings released as
     no-shows (date, slot_id, holder, who had it from the waitlist), tokens other processes signed out
-    (jti, expires), and (action, srn, date, slot_id) of events to tell a member of."""
+    (jti, expires), and (action, srn, date, slot_id) of events to tell a member of; ``error``: the read that
+    failed after them (a locked database), if one did."""
 
     today: Day | None = None
     released: list[tuple[str, int, str, str | None]] = field(default_factory=list)
     signed_out: list[tuple[str, float]] = field(default_factory=list)
     notices: list[tuple[str, str, str, int]] = field(default_factory=list)
+    error: Exception | None = None
 
 
 class Board:
@@ -163,7 +165,6 @@ class Board:
         self.days: LRUCache[str, Day] = LRUCache(maxsize=64)  # other days read lately
         self.serial = 0  # states built so far
         self.notices_pending = False  # this process wrote an event a member is to be told of (see poll)
-        self._polled = Polled()  # what poll() has found and not yet handed over
         self._date = ""  # the club's date poll() last saw
         self._revoked = 0  # the newest signed-out token's id taken in
         self._told = 0  # the newest event id looked at for notices
@@ -336,15 +337,22 @@ class Board:
         """The board's housekeeping, every WATCH_INTERVAL: the club's midnight, states the clock changed,
         bookings whose check-in was missed, and what other processes (other workers on the same file)
         committed: changed days (broadcast through ``on_change``), signed-out tokens, and the events a
-        member is to be told of. What it found is returned once; if a read fails midway (a locked database),
-        what was found so far comes with the next poll."""
-        found = self._polled
+        member is to be told of. A read that fails midway (a locked database) ends the poll with ``error``
+        set, and what was found before it is handed over all the same; what it did not reach, the next
+        poll finds (each cursor moves only once its read is in hand)."""
+        found = Polled()
+        try:
+            await self._poll(found)
+        except Exception as exc:  # (the app logs it; the next poll tries again)
+            found.error = exc
+        return found
+
+    async def _poll(self, found: Polled) -> None:
         today = self.today()
         if today != self._date:  # first, and on its own, so that what follows is broadcast under the new day
             found.today = await self.day(today)
             self._date = today  # only once the new day's state is in hand: a failed read is tried again
-            self._polled = Polled()
-            return found
+            return
         self.expire()
         if await self.releases_due():
             found.released += await self.release_no_shows()
@@ -357,8 +365,6 @@ class Board:
             self.notices_pending = False
             self._told, notices = await self.store.notices_since(self._told)  # each event looked at once
             found.notices += notices
-        self._polled = Polled()
-        return found
 
     async def revoke_token(self, jti: str, expires: float, now: float) -> None:
         """Record a signed-out session token, so every worker refuses it for the rest of its life."""

@@ -733,7 +733,7 @@ def test_a_member_in_line_gets_the_slot_when_its_booking_is_cancelled(settings: 
 
 def test_a_release_found_just_before_a_failed_read_is_still_logged_and_told(settings: Settings, clock: Clock,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    """Board.poll hands over what it found once; a read that fails after a release keeps it for the next."""
+    """Board.poll hands over what it found before a read failed: the release is logged, its holder told."""
     with running(replace(settings, checkin_required=True), clock) as service:
         store = service.state["board"].store
         release, read_changes, released_rows, failed = store.release_no_shows, store.changes_since, [], []
