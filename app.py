@@ -22,6 +22,7 @@ import bisect
 import collections
 import contextlib
 import functools
+import csv
 import html
 import logging
 import math
@@ -105,6 +106,12 @@ def srns(value: str) -> frozenset[str]:
     return frozenset(word.upper() for word in words(value))
 
 
+def membership_mode(value: str) -> str:
+    if value.lower() not in ("open", "roster"):
+        raise ValueError(value)
+    return value.lower()
+
+
 def setting(default: Any, env: str, read: Callable[[str], Any] = str, low: float | None = None,
             high: float | None = None, *, rule: str = "", secret: bool = False) -> Any:
     """A field of Settings, declared once: its default, the environment variable that sets it, how to read
@@ -150,6 +157,8 @@ class Settings:
     no_show_limit: int = setting(0, "NO_SHOW_LIMIT", int, 0, 1000, rule="no_show_limit")
     no_show_window_days: int = setting(30, "NO_SHOW_WINDOW_DAYS", int, 1, 3650, rule="no_show_window_days")
     admin_srns: frozenset[str] = setting(frozenset(), "ADMIN_SRNS", srns, rule="admins")
+    # "open": any PESU account may book, as the original; "roster": only members on the club's roster
+    membership: str = setting("open", "MEMBERSHIP", membership_mode, rule="membership")
     # empty: a random one per start-up (tokens die with it)
     session_secret: str = setting("", "SESSION_SECRET", secret=True)
     session_minutes: float = setting(60, "SESSION_MINUTES", float, 1, 366 * 24 * 60)
@@ -355,11 +364,8 @@ class Edge:
 MAX_BODY_BYTES = 64 * 1024
 
 
-async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object, refusing (413) anything over MAX_BODY_BYTES before reading it all.
-
-    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
-    """
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing (413) anything over MAX_BODY_BYTES before reading it all."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
@@ -378,6 +384,15 @@ async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, An
                     raise HTTPException(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes)")
         except ClientDisconnect:  # gone mid-body: no error of ours (it was logged with a traceback)
             raise HTTPException(400, "The request body was cut short") from None
+    return bytes(body)
+
+
+async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object (413 over MAX_BODY_BYTES, 400 if it is not one).
+
+    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
+    """
+    body = await read_body(request)
     if empty_ok and not body.strip():
         return {}
     try:
@@ -1177,7 +1192,163 @@ async def admin_history(request: Request[State]) -> Response:
     )
 
 
+def roster_route(add: bool) -> Callable[[Request[State]], Any]:
+    """POST /admin/members/add and /admin/members/remove: one SRN or many (see roster_of)."""
+
+    async def endpoint(request: Request[State]) -> Response:
+        state, token = request.state, bearer_token(request)
+        data, srns = roster_of(await read_body(request), token)
+        admin = await srn_of(state, ask_of(state["board"], data, token, address_of(request), slot=False))
+        changed = await state["board"].change_roster(admin, srns, add, "http")
+        verb, already = ("added", "already on the roster") if add else ("removed", "not on the roster")
+        logger.info("%d member(s) %s by %s", len(changed), verb, admin, extra={"srn": admin, "action": "roster"})
+        return JSONResponse({"success": True, "message": f"{len(changed)} member(s) {verb}; "
+                             f"{len(srns) - len(changed)} {already}", verb: changed,
+                             "unchanged": [srn for srn in srns if srn not in set(changed)]})
+
+    endpoint.__name__ = "roster_add" if add else "roster_remove"
+    return endpoint
+
+
+async def admin_members(request: Request[State]) -> Response:
+    """The roster, by SRN, paged; ``search``: a part of the SRN."""
+    ask = await parse(request, slot=False)
+    data, board = ask.data, request.state["board"]
+    page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 100, 500)
+    search = data.get("search", "")
+    if not isinstance(search, str) or len(search) > 32:
+        raise BadInput("search must be a part of an SRN")
+    admin = await srn_of(request.state, ask)
+    total, members = await board.members(admin, roster_srn(search), page, page_size)
+    return JSONResponse({"success": True, "membership": request.state["settings"].membership, "total": total,
+                         "page": page, "page_size": page_size, "members": members})
+
+
+async def admin_suspend(request: Request[State]) -> Response:
+    """Bar a member from booking until a date (``until``: the day it ends) or until lifted, with a reason
+    their refusals show. It cancels nothing unless ``cancel_bookings`` is true: the answer lists what remains."""
+    ask = await parse(request, slot=False)
+    srn, until, reason, cancel = suspension_of(ask.data)
+    admin = await srn_of(request.state, ask)
+    remaining, cancelled = await request.state["board"].suspend(admin, srn, until, reason, "http",
+                                                                cancel_bookings=cancel)
+    logger.info("%s suspended by %s", srn, admin, extra={"srn": admin, "action": "suspend"})
+    message = f"{srn} is suspended " + (f"until {until}" if until else "until lifted")
+    if cancelled:
+        message += f"; {len(cancelled)} booking(s) of theirs cancelled"
+    if remaining:
+        message += f"; {len(remaining)} booking(s) of theirs remain (send cancel_bookings: true to cancel them)"
+    return JSONResponse({"success": True, "message": message, "srn": srn, "until": until, "reason": reason,
+                         "bookings": remaining, "cancelled": cancelled})
+
+
+async def admin_unsuspend(request: Request[State]) -> Response:
+    ask = await parse(request, slot=False)
+    srn = member_field(ask.data)
+    admin = await srn_of(request.state, ask)
+    await request.state["board"].unsuspend(admin, srn, "http")
+    logger.info("%s unsuspended by %s", srn, admin, extra={"srn": admin, "action": "unsuspend"})
+    return JSONResponse({"success": True, "message": f"{srn} may book again", "srn": srn})
+
+
 # -- handlers: series, an admin's recurring closures and reservations ----------------------------------------
+
+
+ROSTER_SRN = re.compile(r"PES[0-9][A-Z0-9]{5,20}")  # a PESU SRN, e.g. PES1UG20CS001, as the roster takes it
+ROSTER_ERRORS_SHOWN = 20  # bad lines named in one refusal
+
+
+def roster_srn(value: str) -> str:
+    """An SRN as a club's form export writes it, forgiven its case and spaces."""
+    return "".join(value.split()).upper()
+
+
+def roster_rows(text: str) -> list[tuple[str, str | None]]:
+    """(where, SRN or None) for each SRN-bearing line of a CSV or plain-text list: one SRN a line, or a
+    form export whose header row names an SRN column (any column whose name holds "srn"). Without such a
+    header, a line's SRN is its one non-empty field, or its one field that looks like an SRN."""
+    rows = [row for row in csv.reader(text.splitlines())]
+    column = None
+    first = next((n for n, row in enumerate(rows) if any(cell.strip() for cell in row)), len(rows))
+    if first < len(rows):
+        names = [cell.strip().lower() for cell in rows[first]]
+        column = next((n for n, name in enumerate(names) if "srn" in name), None)
+    found: list[tuple[str, str | None]] = []
+    for n, row in enumerate(rows):
+        if n < first or (column is not None and n == first) or not any(cell.strip() for cell in row):
+            continue
+        if column is not None:
+            cells = [row[column]] if column < len(row) else []
+        else:
+            cells = [cell for cell in row if cell.strip()]
+            if len(cells) > 1:
+                cells = [cell for cell in cells if ROSTER_SRN.fullmatch(roster_srn(cell))] or cells
+        srn = roster_srn(cells[0]) if len(cells) == 1 else None
+        found.append((f"line {n + 1}", srn if srn and ROSTER_SRN.fullmatch(srn) else None))
+    return found
+
+
+def roster_of(body: bytes, token: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The credentials and the SRNs of a roster change: a JSON object ({"srns": [...] or "text"} beside the
+    admin's username and password), or with a Bearer token a JSON list or a CSV/plain-text body. Every bad
+    line is named (422) and nothing is applied; duplicates count once."""
+    data: dict[str, Any] = {}
+    entries: Any = None
+    stripped = body.strip()
+    if stripped[:1] in (b"{", b"["):
+        try:
+            parsed = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            raise HTTPException(400, "Request body must be valid JSON") from None
+        if isinstance(parsed, dict):
+            data, entries = parsed or {"srns": None}, parsed.get("srns", parsed.get("srn"))
+        else:
+            entries = parsed
+    else:
+        try:
+            entries = stripped.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise BadInput("The body must be UTF-8 text: one SRN a line, or a CSV with an SRN column") from None
+    if not data and token is None:  # (an object without credentials is answered as every route answers it)
+        raise HTTPException(401, "A Bearer token is required with a list or CSV body (POST /auth/login gives one)")
+    if isinstance(entries, str):
+        rows = roster_rows(entries)
+    elif isinstance(entries, list):
+        rows = [(f"item {n + 1}", roster_srn(entry) if isinstance(entry, str) and ROSTER_SRN.fullmatch(
+            roster_srn(entry)) else None) for n, entry in enumerate(entries)]
+    else:
+        raise Missing("srns is required: a list of SRNs, or the text of a CSV export")
+    bad = [where for where, srn in rows if srn is None]
+    if bad:
+        shown = ", ".join(bad[:ROSTER_ERRORS_SHOWN]) + (f" and {len(bad) - ROSTER_ERRORS_SHOWN} more"
+                                                         if len(bad) > ROSTER_ERRORS_SHOWN else "")
+        raise BadInput(f"Not an SRN (like PES1UG20CS001) at {shown}; nothing was changed")
+    srns = list(dict.fromkeys(srn for _, srn in rows if srn is not None))
+    if not srns:
+        raise BadInput("No SRNs in the request")
+    return data, srns
+
+
+def suspension_of(data: dict[str, Any]) -> tuple[str, str | None, str | None, bool]:
+    """(srn, until, reason, cancel_bookings) of POST /admin/suspend, checked."""
+    srn = member_field(data)
+    until = None if data.get("until") is None else parse_date(data["until"])
+    reason = data.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 200 or CONTROL_CHARACTERS.search(reason)):
+        raise BadInput("reason must be a line of text of at most 200 characters")
+    cancel = data.get("cancel_bookings", False)
+    if not isinstance(cancel, bool):
+        raise BadInput("cancel_bookings must be true or false")
+    return srn, until, (reason or "").strip() or None, cancel
+
+
+def member_field(data: dict[str, Any]) -> str:
+    srn = data.get("srn")
+    if srn is None:
+        raise Missing("srn is required")
+    if not isinstance(srn, str) or not SRN.fullmatch(roster_srn(srn)):
+        raise BadInput("srn must be a member's SRN")
+    return roster_srn(srn)
 
 
 async def admin_series(request: Request[State]) -> Response:
@@ -1518,6 +1689,11 @@ ROUTES = [  # the routes pages poll most come first: Starlette tries each in tur
     Route("/admin/series", admin_series, methods=["POST"]),
     Route("/admin/series", admin_series_list, methods=["GET"]),
     Route("/admin/series/cancel", admin_series_cancel, methods=["POST"]),
+    Route("/admin/members", admin_members, methods=["POST"]),
+    Route("/admin/members/add", roster_route(add=True), methods=["POST"]),
+    Route("/admin/members/remove", roster_route(add=False), methods=["POST"]),
+    Route("/admin/suspend", admin_suspend, methods=["POST"]),
+    Route("/admin/unsuspend", admin_unsuspend, methods=["POST"]),
     Route("/calendar/link", calendar_link, methods=["POST"]),
     Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
     Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
@@ -1637,6 +1813,26 @@ SCHEMAS: dict[str, Any] = {
                          feed={"enum": ["member", "lab"]}, url=STRING, webcal=STRING, path=STRING),
     "CalendarUnlinked": _obj(["success", "message", "feed"], success=BOOLEAN, message=STRING,
                              feed={"enum": ["member", "lab"]}),
+    "MembersRequest": _obj([], username=USERNAME, password=PASSWORD, search=STRING,
+                           page={"type": "integer", "minimum": 1},
+                           page_size={"type": "integer", "minimum": 1, "maximum": 500}),
+    "Members": _obj(["success", "membership", "total", "page", "page_size", "members"], success=BOOLEAN,
+                    membership={"enum": ["open", "roster"]}, total=INTEGER, page=INTEGER, page_size=INTEGER,
+                    members={"type": "array", "items": _obj(
+                        ["srn", "added_by", "added_at", "suspended"], srn=STRING, added_by=STRING, added_at=STRING,
+                        suspended={"type": ["object", "null"]})}),
+    "RosterRequest": _obj([], username=USERNAME, password=PASSWORD,
+                          srns={"oneOf": [{"type": "array", "items": STRING}, STRING]}),
+    "RosterDone": _obj(["success", "message", "unchanged"], success=BOOLEAN, message=STRING,
+                       added={"type": "array", "items": STRING}, removed={"type": "array", "items": STRING},
+                       unchanged={"type": "array", "items": STRING}),
+    "MemberRequest": _obj(["srn"], username=USERNAME, password=PASSWORD, srn=STRING),
+    "SuspendRequest": _obj(["srn"], username=USERNAME, password=PASSWORD, srn=STRING, until=DATE,
+                           reason={"type": "string", "maxLength": 200}, cancel_bookings=BOOLEAN),
+    "Suspended": _obj(["success", "message", "srn", "until", "reason", "bookings", "cancelled"], success=BOOLEAN,
+                      message=STRING, srn=STRING, until=NULLABLE_STRING, reason=NULLABLE_STRING,
+                      bookings={"type": "array", "items": {"type": "object"}},
+                      cancelled={"type": "array", "items": {"type": "object"}}),
 }
 
 
@@ -1724,6 +1920,17 @@ DOCS: dict[tuple[str, str], dict[str, Any]] = {
                                          ADMIN_ERRORS, "SeriesRequest", secured=True),
     ("GET", "/admin/series"): {**operation("Every series, newest first (admins)", "SeriesList", ("401", "403")),
                                "security": [{"bearer": []}]},
+    ("POST", "/admin/members"): operation("The club's roster, by SRN (admins); search: a part of an SRN", "Members",
+                                          ADMIN_ERRORS, "MembersRequest", secured=True),
+    ("POST", "/admin/members/add"): operation("Add members to the roster (admins): {srns: [...]}, or with a Bearer "
+                                              "token a JSON list or a CSV/plain-text body", "RosterDone",
+                                              ADMIN_ERRORS, "RosterRequest", secured=True),
+    ("POST", "/admin/members/remove"): operation("Remove members from the roster (admins), as add takes them",
+                                                 "RosterDone", ADMIN_ERRORS, "RosterRequest", secured=True),
+    ("POST", "/admin/suspend"): operation("Suspend a member until a date or until lifted (admins)", "Suspended",
+                                          ADMIN_ERRORS, "SuspendRequest", secured=True),
+    ("POST", "/admin/unsuspend"): operation("Lift a member's suspension (admins)", "Done", ADMIN_ERRORS,
+                                            "MemberRequest", secured=True),
     ("POST", "/admin/series/cancel"): operation("Cancel what is left of a series: its slots that have not started "
                                                 "are freed (admins)", "SeriesCancelled", ADMIN_ERRORS,
                                                 "SeriesCancelRequest", secured=True),

@@ -131,6 +131,22 @@ CREATE TABLE IF NOT EXISTS calendar_links (
     kind TEXT NOT NULL,
     created_at TEXT NOT NULL,
     UNIQUE (srn, kind)
+) WITHOUT ROWID;
+-- The club's roster: with MEMBERSHIP=roster only these members (and admins) may book, wait, check in or link
+-- a feed. Changed by admins at run time, each change an event.
+CREATE TABLE IF NOT EXISTS members (
+    srn TEXT PRIMARY KEY,
+    added_by TEXT NOT NULL,
+    added_at TEXT NOT NULL
+) WITHOUT ROWID;
+-- Members an admin suspended (in either membership mode): barred from booking until ``until`` (the day
+-- bookings open again to them), or until lifted when it is NULL.
+CREATE TABLE IF NOT EXISTS suspensions (
+    srn TEXT PRIMARY KEY,
+    until TEXT,
+    reason TEXT,
+    suspended_by TEXT NOT NULL,
+    suspended_at TEXT NOT NULL
 ) WITHOUT ROWID
 """
 # Columns added since a table was first created: added to older databases when they are opened.
@@ -221,6 +237,11 @@ def barred(no_shows: int, limit: int) -> bool:
     return limit > 0 and no_shows >= limit
 
 
+# Who may take part at all: off the roster (in roster mode; takes srn), or suspended today (takes srn, today).
+OFF_ROSTER = "NOT EXISTS (SELECT 1 FROM members WHERE srn = ?)"
+SUSPENDED = "EXISTS (SELECT 1 FROM suspensions WHERE srn = ? AND (until IS NULL OR until > ?))"
+
+
 # A member's place (alias w) in its slot's line, counting from 1: the places that joined no later.
 WAITLIST_POSITION = ("(SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
                      " AND x.id <= w.id)")
@@ -242,6 +263,8 @@ class Limits:
     now_hour: int
     no_shows: int = 0  # no-shows (not forgiven) that bar new bookings
     no_shows_since: str = ""  # counted from this date on
+    roster: bool = False  # MEMBERSHIP=roster: only members on the roster may take part
+    exempt: frozenset[str] = frozenset()  # the admins: never barred by the roster or a suspension
 
 
 @dataclass(frozen=True)
@@ -254,7 +277,7 @@ class LineLimits:
 
 # What a write came to: "ok", or the reason the rules refused it (slots.py words each for members).
 Outcome = Literal["ok", "booked", "taken", "closed", "open", "free", "other", "own", "already", "absent", "none",
-                  "full", "member_full", "per_day", "upcoming", "no_shows"]
+                  "full", "member_full", "per_day", "upcoming", "no_shows", "not_member", "suspended"]
 
 
 @dataclass(frozen=True)
@@ -631,8 +654,23 @@ class SlotStore:
 
         return self._commit(write)
 
+    def _standing(self, srn: str, limits: Limits) -> Outcome | None:
+        """Why srn may not take part at all ("not_member", "suspended"), or None; read in the writing
+        transaction, so a member removed or suspended is refused from its commit on, by every worker."""
+        if srn in limits.exempt:
+            return None
+        if limits.roster and self.conn.execute(f"SELECT {OFF_ROSTER}", (srn,)).fetchone()[0]:
+            return "not_member"
+        if self.conn.execute(f"SELECT {SUSPENDED}", (srn, limits.today)).fetchone()[0]:
+            return "suspended"
+        return None
+
     def _over_limits(self, srn: str, date: str, limits: Limits) -> Outcome | None:
-        """Why srn may not take another booking on date ("per_day", "upcoming", "no_shows"), or None."""
+        """Why srn may not take another booking on date (see _standing; "per_day", "upcoming", "no_shows"),
+        or None."""
+        standing = self._standing(srn, limits)
+        if standing is not None:
+            return standing
         if self._barred(srn, limits):
             return "no_shows"
         if limits.per_day and self._count(srn, "date = ?", date) >= limits.per_day:
@@ -711,6 +749,9 @@ class SlotStore:
                 return "closed", None, None, 0
             if booked_by == srn:
                 return "own", None, None, 0
+            standing = self._standing(srn, limits)
+            if standing is not None:
+                return standing, None, None, 0
             waiting = self.conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(srn = ?), 0) FROM waitlist WHERE date = ? AND slot_id = ?",
                 (srn, date, slot_id),
@@ -792,7 +833,8 @@ class SlotStore:
 
         return await self._run(self._write, cancel, date)
 
-    async def check_in(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool) -> Change:
+    async def check_in(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool,
+                       limits: Limits | None = None) -> Change:
         """Mark srn's booking (anyone's, for an admin) checked in: outcome "ok", "free", "closed", "other" or
         "already". Racing a no-show release, exactly one of the two wins: the release deletes only what is
         not checked in, and this updates only what is still booked."""
@@ -808,6 +850,9 @@ class SlotStore:
                 return "closed", None
             if booked_by != srn and not anyones:
                 return "other", booked_by
+            standing = None if anyones or limits is None else self._standing(srn, limits)
+            if standing is not None:
+                return standing, booked_by
             if checked_in:
                 return "already", booked_by
             self.conn.execute("UPDATE bookings SET checked_in = 1 WHERE date = ? AND slot_id = ?", (date, slot_id))
@@ -994,11 +1039,15 @@ class SlotStore:
 
     # -- calendar feeds -------------------------------------------------------------------------------------
 
-    async def link_calendar(self, srn: str, kind: str, secret_hash: str | None, at: str) -> bool:
+    async def link_calendar(self, srn: str, kind: str, secret_hash: str | None, at: str,
+                            limits: Limits | None = None) -> bool | Outcome:
         """Give srn's feed of this kind a new secret (its old one stops working), or with ``secret_hash``
-        None remove it; whether there was one before."""
+        None remove it; whether there was one before, or (with ``limits``) why srn may not (_standing)."""
 
-        def link() -> bool:
+        def link() -> bool | Outcome:
+            standing = None if limits is None else self._standing(srn, limits)
+            if standing is not None:
+                return standing
             gone = self.conn.execute("DELETE FROM calendar_links WHERE srn = ? AND kind = ?", (srn, kind)).rowcount
             if secret_hash is not None:
                 self.conn.execute(
@@ -1009,6 +1058,72 @@ class SlotStore:
 
         # the commit bumps the generation: feeds cached under an old secret go, in every process
         return await self._run(self._commit, link)
+
+    # -- the roster and suspensions --------------------------------------------------------------------
+
+    async def change_roster(self, srns: list[str], add: bool, admin: str, at: str, via: str) -> list[str]:
+        """Add srns to the roster (or remove them), in one transaction, each change an event (srn: the
+        member, note: the admin); the srns that changed (the rest were on it, or off it, already)."""
+
+        def change() -> list[str]:
+            changed = []
+            for srn in srns:
+                if add:
+                    done = self.conn.execute("INSERT OR IGNORE INTO members (srn, added_by, added_at) VALUES (?, ?, ?)",
+                                             (srn, admin, at)).rowcount
+                else:
+                    done = self.conn.execute("DELETE FROM members WHERE srn = ?", (srn,)).rowcount
+                if done:
+                    changed.append(srn)
+                    self._log(at, srn, "member_add" if add else "member_remove", None, None, via, f"by {admin}")
+            return changed
+
+        return await self._run(self._commit, change)
+
+    async def members(self, search: str, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
+        """(how many match, one page of them by SRN) of the roster, ``search`` a part of the SRN; each with
+        its suspension, if any."""
+
+        def members() -> tuple[int, list[dict[str, Any]]]:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where = "m.srn LIKE ? ESCAPE '\\'"
+            total = self.reader.execute(f"SELECT COUNT(*) FROM members m WHERE {where}", (pattern,)).fetchone()[0]
+            rows = self.reader.execute(
+                "SELECT m.srn, m.added_by, m.added_at, s.until, s.reason, s.srn IS NOT NULL FROM members m"
+                f" LEFT JOIN suspensions s ON s.srn = m.srn WHERE {where} ORDER BY m.srn LIMIT ? OFFSET ?",
+                (pattern, limit, offset)).fetchall()
+            return total, [{"srn": srn, "added_by": by, "added_at": added, "suspended":
+                             {"until": until, "reason": reason} if suspended else None}
+                            for srn, by, added, until, reason, suspended in rows]
+
+        return await self._read(members)
+
+    async def suspend(self, srn: str, until: str | None, reason: str | None, admin: str, at: str, via: str) -> None:
+        """Suspend srn (again: the new terms replace the old), an event."""
+
+        def suspend() -> None:
+            self.conn.execute("INSERT OR REPLACE INTO suspensions (srn, until, reason, suspended_by, suspended_at)"
+                              " VALUES (?, ?, ?, ?, ?)", (srn, until, reason, admin, at))
+            self._log(at, srn, "suspend", None, None, via,
+                      f"by {admin}, " + (f"until {until}" if until else "until lifted") + (f": {reason}" if reason else ""))
+
+        await self._run(self._commit, suspend)
+
+    async def unsuspend(self, srn: str, admin: str, at: str, via: str) -> bool:
+        """Lift srn's suspension; whether there was one."""
+
+        def unsuspend() -> bool:
+            if not self.conn.execute("DELETE FROM suspensions WHERE srn = ?", (srn,)).rowcount:
+                return False
+            self._log(at, srn, "unsuspend", None, None, via, f"by {admin}")
+            return True
+
+        return await self._run(self._commit, unsuspend)
+
+    async def suspension(self, srn: str) -> tuple[str | None, str | None] | None:
+        """(until, reason) of srn's suspension, or None."""
+        return await self._read(lambda: self.reader.execute(
+            "SELECT until, reason FROM suspensions WHERE srn = ?", (srn,)).fetchone())
 
     async def feed(self, secret_hash: str, since: str, today: str, until: str, removed_since: str) -> FeedRows | None:
         """What the feed with this secret shows, or None if no feed has it: for a member, their bookings

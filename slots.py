@@ -58,6 +58,7 @@ class Rules:
     checkin_required: bool
     club_name: str
     reminder_minutes: int  # before a booked slot, in members' calendars; 0: no reminder
+    membership: str  # "open": any PESU account may take part; "roster": only members on the club's roster
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,17 @@ class Board:
         now = self.now()
         since = (now.date() - timedelta(days=self.rules.no_show_window_days - 1)).isoformat()
         return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour,
-                      self.rules.no_show_limit, since)
+                      self.rules.no_show_limit, since, self.rules.membership == "roster", self.rules.admins)
+
+    async def _refuse_standing(self, srn: str, outcome: Outcome) -> None:
+        """Forbidden, saying what to do, if a write found srn may not take part ("not_member", "suspended")."""
+        if outcome == "not_member":
+            raise Forbidden(f"Only {self.rules.club_name} members can book; ask an admin to add {srn}")
+        if outcome == "suspended":
+            terms = await self.store.suspension(srn)
+            until, reason = terms if terms is not None else (None, None)
+            raise Forbidden(f"{srn} is suspended " + (f"until {until}" if until else "until an admin lifts it")
+                            + (f": {reason}" if reason else ""))
 
     def _bookable(self, date: str, slot_id: int) -> None:
         """SlotError unless (date, slot_id) may be booked now: it exists, its day is in the window, and it
@@ -401,6 +412,7 @@ class Board:
         """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
         self._bookable(date, slot_id)
         change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
+        await self._refuse_standing(srn, change.outcome)
         if change.outcome == "no_shows":
             raise SlotError(await self._no_show_refusal(srn))
         self._settle(date, change, {
@@ -504,6 +516,41 @@ class Board:
         return (f"{len(dates)} no-show(s) in the last {self.rules.no_show_window_days} days: no new bookings "
                 f"until {until.isoformat()} (an admin can forgive one)")
 
+    # -- who may book: the roster and suspensions (admins only) --------------------------------------
+
+    async def change_roster(self, admin: str, srns: list[str], add: bool, via: str) -> list[str]:
+        """Add members to the roster, or remove them; the SRNs that changed."""
+        self.admin_only(admin)
+        return await self.store.change_roster(srns, add, admin, self.stamp(), via)
+
+    async def members(self, admin: str, search: str, page: int, page_size: int) -> tuple[int, list[dict[str, Any]]]:
+        self.admin_only(admin)
+        return await self.store.members(search, page_size, (page - 1) * page_size)
+
+    async def suspend(self, admin: str, srn: str, until: str | None, reason: str | None, via: str, *,
+                      cancel_bookings: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Bar srn from booking until ``until`` (a date from tomorrow on) or until lifted. It cancels nothing
+        unless asked: (the bookings of theirs that remain, those cancelled) are returned."""
+        self.admin_only(admin)
+        if srn in self.rules.admins:
+            raise SlotError(f"{srn} is an admin; admins cannot be suspended")
+        if until is not None and until <= self.today():
+            raise SlotError(f"until ({until}) must be after today: it is the day bookings open to them again")
+        await self.store.suspend(srn, until, reason, admin, self.stamp(), via)
+        held = orjson.loads(await self.bookings_body(srn))["bookings"]
+        cancelled = []
+        if cancel_bookings:
+            for booking in held:
+                with contextlib.suppress(SlotError):  # (one that began meanwhile stays)
+                    await self.cancel(booking["date"], booking["id"], admin, via)
+                    cancelled.append(booking)
+        return [b for b in held if b not in cancelled], cancelled
+
+    async def unsuspend(self, admin: str, srn: str, via: str) -> None:
+        self.admin_only(admin)
+        if not await self.store.unsuspend(srn, admin, self.stamp(), via):
+            raise SlotError(f"{srn} is not suspended")
+
     # -- waitlists, check-in, no-shows and who holds the lab now -----------------------------------
 
     async def join_waitlist(self, date: str, slot_id: int, srn: str, via: str) -> str:
@@ -511,6 +558,7 @@ class Board:
         self._bookable(date, slot_id)
         line = LineLimits(self.rules.waitlist_per_slot, self.rules.waitlist_per_member)
         change = await self.store.join_waitlist(date, slot_id, srn, self.stamp(), self._limits(), line, via)
+        await self._refuse_standing(srn, change.outcome)
         if change.outcome == "no_shows":
             raise SlotError(await self._no_show_refusal(srn))
         if change.outcome == "booked":
@@ -548,7 +596,9 @@ class Board:
             raise SlotError(f"Check-in for slot {slot_id} on {date} opens at {opens:%H:%M}")
         if not admin and now >= closes:
             raise SlotError(f"Check-in for slot {slot_id} on {date} closed at {closes:%H:%M}")
-        change = await self.store.check_in(date, slot_id, srn, self.stamp(), via, anyones=admin)
+        change = await self.store.check_in(date, slot_id, srn, self.stamp(), via, anyones=admin,
+                                           limits=self._limits())
+        await self._refuse_standing(srn, change.outcome)
         self._settle(date, change, {
             "free": f"Slot {slot_id} on {date} is not booked",
             "closed": f"Slot {slot_id} on {date} is closed",
@@ -670,7 +720,9 @@ class Board:
         if kind == "lab":
             self.admin_only(srn)
         secret = secrets.token_urlsafe(FEED_SECRET_BYTES)
-        await self.store.link_calendar(srn, kind, feed_hash(secret), self.stamp())
+        linked = await self.store.link_calendar(srn, kind, feed_hash(secret), self.stamp(), self._limits())
+        if isinstance(linked, str):
+            await self._refuse_standing(srn, linked)
         return secret
 
     async def unlink_calendar(self, srn: str, kind: str) -> bool:

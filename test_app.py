@@ -697,6 +697,186 @@ def test_history_records_every_change_for_admins(settings: Settings, clock: Cloc
         assert service.http.post("/admin/history", json=body(username=BOB, page=0)).status_code == 422
 
 
+# -- who may book: the roster and suspensions ----------------------------------------------------------------
+
+
+ADMIN = "PES1UG20CS010"
+NOT_A_MEMBER = "Only ReRo lab members can book; ask an admin to add {}"
+
+
+def roster(service: Service, action: str, srns: Any, admin: str = ADMIN) -> httpx.Response:
+    """An admin changes the roster with a JSON body: {"srns": [...]} beside their credentials."""
+    return service.http.post(f"/admin/members/{action}", json=body(username=admin, srns=srns))
+
+
+def test_with_a_roster_only_its_members_take_part_and_everyone_still_sees_the_slots(settings: Settings,
+                                                                                     clock: Clock) -> None:
+    with running(replace(settings, membership="roster", admin_srns=frozenset({ADMIN})), clock) as service:
+        assert service.http.get("/slots").status_code == 200 and service.http.get("/now").status_code == 200
+        refused = service.book(9)
+        assert refused.status_code == 403 and refused.json() == {"detail": NOT_A_MEMBER.format(ALICE)}
+        ws = service.socket()
+        reply = send(ws, {"type": "book_slot", "slot_id": 9, "username": ALICE, "password": PASSWORD})
+        assert reply["success"] is False and reply["message"] == NOT_A_MEMBER.format(ALICE)
+        assert waitlist(service, "join", 9, ALICE).status_code == 403
+        link = service.http.post("/calendar/link", json=body())
+        assert link.status_code == 403 and link.json()["detail"] == NOT_A_MEMBER.format(ALICE)
+        assert service.book(8, username=ADMIN).status_code == 200  # admins need not be on it
+
+        added = roster(service, "add", [ALICE, "pes1ug20cs002 "])
+        assert added.status_code == 200, added.text
+        assert added.json() == {"success": True, "message": "2 member(s) added; 0 already on the roster",
+                                "added": [ALICE, BOB], "unchanged": []}
+        assert roster(service, "add", [ALICE]).json()["message"] == "0 member(s) added; 1 already on the roster"
+        assert service.book(9).status_code == 200 and service.book(10).status_code == 200
+        assert waitlist(service, "join", 9, BOB).status_code == 200
+
+        assert roster(service, "remove", [ALICE, BOB]).json()["removed"] == [ALICE, BOB]
+        assert service.book(11).status_code == 403
+        assert service.cancel(9).status_code == 200  # what they hold they may still give up ...
+        assert service.slots()["slots"][6]["booked_by"] is None  # ... and the line skips a removed member
+        clock.set("2026-11-24 10:00")
+        check_in = service.http.post("/check-in", json=body(10))
+        assert check_in.status_code == 403 and check_in.json()["detail"] == NOT_A_MEMBER.format(ALICE)
+        history = service.http.post("/admin/history", json=body(username=ADMIN)).json()["events"]
+        assert [(e["action"], e["srn"], e["note"]) for e in history if e["action"].startswith("member")][:2] == [
+            ("member_remove", BOB, f"by {ADMIN}"), ("member_remove", ALICE, f"by {ADMIN}")]
+
+
+FORM_EXPORT = """Timestamp,Full name,SRN,Email
+2026/11/20 10:01,Alice,pes1ug20cs001 ,alice@example.org
+2026/11/20 10:02,Bob,PES1UG20CS002,bob@example.org
+2026/11/20 10:05,"Bob, again", PES1UG20 CS002,bob@example.org
+"""
+
+
+def test_a_roster_comes_from_a_form_export_with_its_mistakes_forgiven_or_named(settings: Settings) -> None:
+    with running(replace(settings, membership="roster", admin_srns=frozenset({ADMIN}))) as service:
+        token = login(service, ADMIN)
+        added = service.http.post("/admin/members/add", content=FORM_EXPORT.encode(),
+                                  headers={**bearer(token), "content-type": "text/csv"})
+        assert added.status_code == 200 and added.json()["added"] == [ALICE, BOB]
+        plain = "\ufeffPES1UG20CS003\n\n  pes1ug20cs004\r\n".encode()  # a BOM, a blank line, Windows ends
+        assert service.http.post("/admin/members/add", content=plain, headers=bearer(token)).json()["added"] == [
+            CAROL, "PES1UG20CS004"]
+        bad = "PES1UG20CS005\nnot an srn\nPES1UG20CS006\n,,\nPES1UG20CS007,PES1UG20CS008\n"
+        refused = service.http.post("/admin/members/add", content=bad.encode(), headers=bearer(token))
+        assert refused.status_code == 422 and refused.json() == {
+            "detail": "Not an SRN (like PES1UG20CS001) at line 2, line 5; nothing was changed"}
+        items = roster(service, "add", ["PES1UG20CS005", 7, "x"])
+        assert items.status_code == 422 and "at item 2, item 3; nothing" in items.json()["detail"]
+        no_token = service.http.post("/admin/members/add", content=b"PES1UG20CS005")
+        assert no_token.status_code == 401
+
+        listed = service.http.post("/admin/members", json=body(username=ADMIN, page_size=3)).json()
+        assert (listed["membership"], listed["total"]) == ("roster", 4)
+        assert [m["srn"] for m in listed["members"]] == [ALICE, BOB, CAROL]
+        assert listed["members"][0]["added_by"] == ADMIN and listed["members"][0]["suspended"] is None
+        found = service.http.post("/admin/members", json=body(username=ADMIN, search="cs00 4")).json()
+        assert [m["srn"] for m in found["members"]] == ["PES1UG20CS004"]
+        assert service.http.post("/admin/members", json=body(username=ADMIN, search="%")).json()["total"] == 0
+
+
+def test_only_admins_change_or_read_the_roster_or_suspend_anyone(settings: Settings) -> None:
+    with running(replace(settings, membership="roster", admin_srns=frozenset({ADMIN}))) as service:
+        assert roster(service, "add", [ALICE]).status_code == 200
+        token = login(service, ALICE)
+        for path, fields in [("/admin/members/add", {"srns": [ALICE]}), ("/admin/members/remove", {"srns": [ALICE]}),
+                             ("/admin/members", {}), ("/admin/suspend", {"srn": BOB}), ("/admin/unsuspend", {"srn": BOB})]:
+            answer = service.http.post(path, json=body(**fields))
+            assert answer.status_code == 403 and answer.json() == {"detail": "Admins only"}, path
+            assert service.http.post(path, json=body(password="wrong", **fields)).status_code == 401, path
+        csv_body = service.http.post("/admin/members/remove", content=b"PES1UG20CS001", headers=bearer(token))
+        assert csv_body.status_code == 403
+        assert service.book(9).status_code == 200  # nothing changed
+
+
+def test_a_suspended_member_is_told_why_until_when_and_what_remains(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({ADMIN})), clock) as service:
+        assert service.book(9).status_code == 200 and service.book(10).status_code == 200
+        suspend = service.http.post("/admin/suspend", json=body(username=ADMIN, srn=ALICE.lower(),
+                                                                 until="2026-11-26", reason="Left the lab unlocked"))
+        answer = suspend.json()
+        assert suspend.status_code == 200 and (answer["until"], answer["reason"]) == ("2026-11-26",
+                                                                                       "Left the lab unlocked")
+        assert [b["id"] for b in answer["bookings"]] == [9, 10] and answer["cancelled"] == []
+        assert answer["message"] == (f"{ALICE} is suspended until 2026-11-26; 2 booking(s) of theirs remain"
+                                     " (send cancel_bookings: true to cancel them)")
+        refusal = f"{ALICE} is suspended until 2026-11-26: Left the lab unlocked"
+        refused = service.book(11)
+        assert refused.status_code == 403 and refused.json() == {"detail": refusal}
+        ws = service.socket()
+        assert send(ws, {"type": "book_slot", "slot_id": 11, "username": ALICE, "password": PASSWORD})[
+            "message"] == refusal
+        assert service.book(11, username=BOB).status_code == 200  # nobody else is touched
+
+        again = service.http.post("/admin/suspend", json=body(username=ADMIN, srn=ALICE, cancel_bookings=True)).json()
+        assert [b["id"] for b in again["cancelled"]] == [9, 10] and again["bookings"] == [] and again["until"] is None
+        assert service.slots()["booked_slots"] == [11]
+        assert service.book(12).json() == {"detail": f"{ALICE} is suspended until an admin lifts it"}
+
+        lift = service.http.post("/admin/unsuspend", json=body(username=ADMIN, srn=ALICE))
+        assert lift.status_code == 200 and service.book(12).status_code == 200
+        assert service.http.post("/admin/unsuspend", json=body(username=ADMIN, srn=ALICE)).json() == {
+            "detail": f"{ALICE} is not suspended"}
+        for fields, detail in [({"srn": ALICE, "until": TODAY}, "until (2026-11-24) must be after today: it is the"
+                                " day bookings open to them again"),
+                               ({"srn": ADMIN}, f"{ADMIN} is an admin; admins cannot be suspended")]:
+            assert service.http.post("/admin/suspend", json=body(username=ADMIN, **fields)).json() == {
+                "detail": detail}
+        assert service.http.post("/admin/suspend", json=body(username=ADMIN)).status_code == 422
+
+        service.http.post("/admin/suspend", json=body(username=ADMIN, srn=ALICE, until=TOMORROW))
+        assert service.book(13).status_code == 403
+        clock.set("2026-11-25 01:00")  # the day it ends: they may book again
+        assert service.book(13).status_code == 200
+        history = service.http.post("/admin/history", json=body(username=ADMIN, srn=ALICE)).json()["events"]
+        assert [e["action"] for e in history if "suspend" in e["action"]] == ["suspend", "unsuspend", "suspend",
+                                                                             "suspend"]
+
+
+def test_a_member_removed_while_their_tabs_book_at_the_same_instant_is_refused_from_the_removal_on(
+        settings: Settings) -> None:
+    """Four tabs on two processes book slot after slot while an admin removes their member: no booking of
+    theirs is made after the removal commits, on either process, and none is refused before it."""
+    env = {"MEMBERSHIP": "roster", "ADMIN_SRNS": ADMIN, "SESSION_SECRET": "a secret both workers share",
+           "BOOKING_DAYS_AHEAD": "30"}
+    first_day = datetime.now(IST).date() + timedelta(days=1)
+    with process(settings, **env) as (_, first), process(settings, **env) as (_, second):
+        def token_of(url: str, username: str) -> str:
+            return httpx.post(f"{url}/auth/login", json={"username": username, "password": PASSWORD}).json()["token"]
+
+        admin = token_of(first, ADMIN)
+        assert httpx.post(f"{first}/admin/members/add", json={"srns": [ALICE]}, headers=bearer(admin)).is_success
+        token, barrier = token_of(second, ALICE), threading.Barrier(5)
+
+        def tab(n: int) -> list[int]:
+            with httpx.Client(base_url=(first, second)[n % 2], timeout=10, headers=bearer(token)) as client:
+                barrier.wait()
+                return [client.post("/book-slot", json={"slot_id": slot_id, "date": (
+                    first_day + timedelta(days=d)).isoformat()}).status_code
+                    for d in range(29) for slot_id in range(3 + 3 * n, 6 + 3 * n)]
+
+        def remove() -> int:
+            barrier.wait()
+            time.sleep(0.15)  # while the tabs are booking
+            return httpx.post(f"{first}/admin/members/remove", json={"srns": [ALICE]},
+                              headers=bearer(admin)).status_code
+
+        with ThreadPoolExecutor(5) as pool:
+            removal = pool.submit(remove)
+            tabs = list(pool.map(tab, range(4)))
+        assert removal.result() == 200
+        for codes in tabs:  # each tab: booked until the removal, refused from it on
+            assert set(codes) <= {200, 403} and codes == sorted(codes), codes
+        made = sum(codes.count(200) for codes in tabs)
+        assert 0 < made < 4 * 3 * 29, "the removal did not land while the tabs were booking"
+        history = httpx.post(f"{second}/admin/history", json={"page_size": 500}, headers=bearer(admin)).json()
+        removed = next(e["id"] for e in history["events"] if e["action"] == "member_remove")
+        booked = [e["id"] for e in history["events"] if e["action"] == "book" and e["srn"] == ALICE]
+        assert len(booked) == made and max(booked) < removed
+
+
 # -- waitlists, check-in, no-shows and who holds the lab now -------------------------------------------------
 
 
