@@ -24,6 +24,7 @@ import contextlib
 import functools
 import csv
 import html
+import io
 import logging
 import math
 import os
@@ -51,7 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -434,6 +435,7 @@ class Ask(NamedTuple):  # a tuple: built on every request, and cheaper to build 
     date: str
     slot_id: int
     data: dict[str, Any]
+    member: str | None  # "for": the member an admin acts for (book and cancel only)
 
 
 def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, *, slot: bool) -> Ask:
@@ -446,7 +448,8 @@ def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, 
     slot_id = slot_id_of(data) if slot else 0
     username, password = ("", "") if token is not None else credentials_of(data)
     date = board.resolve(data.get("date")) if slot else ""
-    return Ask(username, password, token, address, date, slot_id, data)
+    member = None if not slot or data.get("for") is None else member_field({"srn": data["for"]})
+    return Ask(username, password, token, address, date, slot_id, data, member)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -1062,10 +1065,15 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     """
     board = state["board"]
     message = MESSAGES[action].format(ask.slot_id)
+    by = None
+    if ask.member is not None:  # an admin books or cancels for a member: filed under the member, by them
+        if action not in ("book", "cancel"):
+            raise BadInput('"for" is for booking and cancelling only')
+        by, srn, message = srn, ask.member, f"{message} for {ask.member}"
     if action == "book":
-        await board.book(ask.date, ask.slot_id, srn, via)
+        await board.book(ask.date, ask.slot_id, srn, via, by)
     elif action == "cancel":
-        await board.cancel(ask.date, ask.slot_id, srn, via)
+        await board.cancel(ask.date, ask.slot_id, srn, via, by)
     elif action == "join":
         message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
     elif action == "leave":
@@ -1073,9 +1081,10 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
     elif action == "check_in":
         await board.check_in(ask.date, ask.slot_id, srn, via)
     else:
-        await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via)
+        await board.set_closed(ask.date, ask.slot_id, action == "close", srn, via, reason_of(ask.data))
     state["metrics"].count("rero_slot_changes_total", f'action="{action}",via="{via}"')
-    logger.info("%s slot %d on %s by %s via %s", action, ask.slot_id, ask.date, srn, via,
+    logger.info("%s slot %d on %s by %s via %s%s", action, ask.slot_id, ask.date, srn, via,
+                "" if by is None else f" (for them, by {by})",
                 extra={"srn": srn, "slot": ask.slot_id, "date": ask.date, "action": action, "via": via})
     return message
 
@@ -1176,7 +1185,7 @@ async def forgive_no_show(request: Request[State]) -> Response:
 
 
 async def admin_history(request: Request[State]) -> Response:
-    """The change log, newest first, for admins: filter by date range (from, to) and srn; paged."""
+    """The change log, newest first, for admins: filter by date range (from, to), srn and action; paged."""
     ask = await parse(request, slot=False)
     data, board = ask.data, request.state["board"]
     page, page_size = page_field(data, "page", 1, 1_000_000), page_field(data, "page_size", 50, 500)
@@ -1185,8 +1194,11 @@ async def admin_history(request: Request[State]) -> Response:
     who = data.get("srn")
     if who is not None and not isinstance(who, str):
         raise BadInput("srn must be a string")
+    action = data.get("action")
+    if action is not None and (not isinstance(action, str) or not re.fullmatch(r"[a-z_]{1,32}", action)):
+        raise BadInput('action must be an event\'s action, e.g. "book", "cancel" or "no_show"')
     srn = await srn_of(request.state, ask)
-    total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size)
+    total, events = await board.history(srn, since, until, who and who.strip().upper(), page, page_size, action)
     return JSONResponse(
         {"success": True, "events": events, "total": total, "page": page, "page_size": page_size}
     )
@@ -1240,6 +1252,96 @@ async def admin_suspend(request: Request[State]) -> Response:
         message += f"; {len(remaining)} booking(s) of theirs remain (send cancel_bookings: true to cancel them)"
     return JSONResponse({"success": True, "message": message, "srn": srn, "until": until, "reason": reason,
                          "bookings": remaining, "cancelled": cancelled})
+
+
+def admin_role_route(grant: bool) -> Callable[[Request[State]], Any]:
+    """POST /admin/admins/grant and /admin/admins/revoke (owners only): ``{"srn": ...}``."""
+
+    async def endpoint(request: Request[State]) -> Response:
+        ask = await parse(request, slot=False)
+        srn = member_field(ask.data)
+        owner = await srn_of(request.state, ask)
+        await request.state["board"].set_admin(owner, srn, grant, "http")
+        logger.info("admin role %s %s by %s", "granted to" if grant else "revoked from", srn, owner,
+                    extra={"srn": owner, "action": "admin_grant" if grant else "admin_revoke"})
+        return JSONResponse({"success": True, "srn": srn, "message": f"{srn} is an admin now" if grant else
+                             f"{srn} is no longer an admin"})
+
+    endpoint.__name__ = "admin_grant" if grant else "admin_revoke"
+    return endpoint
+
+
+async def admin_admins(request: Request[State]) -> Response:
+    """The owners (ADMIN_SRNS) and the admins they granted (admins, with a Bearer token or credentials)."""
+    ask = await parse(request, slot=False)
+    listed = await request.state["board"].admin_list(await srn_of(request.state, ask))
+    return JSONResponse({"success": True, **listed})
+
+
+EXPORT_KINDS = ("bookings", "events", "usage", "no_shows")
+EXPORT_COLUMNS = {
+    "bookings": ("date", "slot_id", "start_time", "end_time", "srn", "booked_at", "checked_in", "series"),
+    "events": ("id", "at", "srn", "action", "date", "slot_id", "via", "note", "series"),
+    "no_shows": ("id", "at", "srn", "date", "slot_id", "note", "forgiven"),
+    "usage": ("srn", *db.USAGE_COLUMNS),
+}
+
+
+def csv_line(values: tuple[Any, ...] | list[Any]) -> str:
+    """One CSV record as RFC 4180 has it: CRLF, fields quoted where they need it."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(["" if value is None else value for value in values])
+    return out.getvalue()
+
+
+async def admin_export(request: Request[State]) -> Response:
+    """A report for a date range (``from``, ``to``: the slots' dates) for a spreadsheet: every booking or
+    history event, the no-shows, or a per-member usage table; CSV (UTF-8, a header row, streamed, no page
+    cap) or, for usage and no-shows, JSON. Times carry their UTC offset."""
+    ask = await parse(request, slot=False)
+    data, board = ask.data, request.state["board"]
+    kind, form = data.get("kind"), data.get("format", "csv")
+    if kind not in EXPORT_KINDS:
+        raise BadInput('kind must be "bookings", "events", "usage" or "no_shows"')
+    if form not in ("csv", "json") or (form == "json" and kind in ("bookings", "events")):
+        raise BadInput('format must be "csv" (any kind) or "json" (usage and no_shows)')
+    if data.get("from") is None or data.get("to") is None:
+        raise Missing("from and to are required (YYYY-MM-DD)")
+    since, until = parse_date(data["from"]), parse_date(data["to"])
+    admin = await srn_of(request.state, ask)
+    name = f"rero-{kind}-{since}-{until}"
+
+    def record(row: tuple[Any, ...]) -> list[Any]:
+        if kind == "bookings":
+            date, slot_id, srn, booked_at, checked_in, series = row
+            return [date, slot_id, *db.slot_times(slot_id), srn, board.with_offset(booked_at), bool(checked_in),
+                    series]
+        if kind == "events":
+            return [row[0], board.with_offset(row[1]), *row[2:]]
+        return [row[0], board.with_offset(row[1]), *row[2:6], bool(row[6])]
+
+    if kind == "usage":
+        table = await board.usage(admin, since, until)
+        if form == "json":
+            return JSONResponse({"success": True, "kind": kind, "from": since, "to": until,
+                                 "members": [{"srn": srn, **counts} for srn, counts in table.items()]})
+        text = csv_line(EXPORT_COLUMNS[kind]) + "".join(csv_line([srn, *counts.values()])
+                                                        for srn, counts in table.items())
+        return Response(text.encode(), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="{name}.csv"'})
+    chunks = await board.export(admin, kind, since, until)
+    logger.info("%s export (%s to %s) by %s", kind, since, until, admin, extra={"srn": admin, "action": "export"})
+    if form == "json":
+        rows = [dict(zip(EXPORT_COLUMNS[kind], record(row), strict=True)) async for chunk in chunks for row in chunk]
+        return JSONResponse({"success": True, "kind": kind, "from": since, "to": until, "no_shows": rows})
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield csv_line(EXPORT_COLUMNS[kind]).encode()
+        async for chunk in chunks:
+            yield "".join(csv_line(record(row)) for row in chunk).encode()
+
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8",
+                             headers={"content-disposition": f'attachment; filename="{name}.csv"'})
 
 
 async def admin_unsuspend(request: Request[State]) -> Response:
@@ -1340,6 +1442,14 @@ def suspension_of(data: dict[str, Any]) -> tuple[str, str | None, str | None, bo
     if not isinstance(cancel, bool):
         raise BadInput("cancel_bookings must be true or false")
     return srn, until, (reason or "").strip() or None, cancel
+
+
+def reason_of(data: dict[str, Any]) -> str | None:
+    """Why an admin closes a slot ("Soldering workshop"): shown to everyone, so one short line of text."""
+    reason = data.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 100 or CONTROL_CHARACTERS.search(reason)):
+        raise BadInput("reason must be a line of text of at most 100 characters")
+    return (reason or "").strip() or None
 
 
 def member_field(data: dict[str, Any]) -> str:
@@ -1694,6 +1804,10 @@ ROUTES = [  # the routes pages poll most come first: Starlette tries each in tur
     Route("/admin/members/remove", roster_route(add=False), methods=["POST"]),
     Route("/admin/suspend", admin_suspend, methods=["POST"]),
     Route("/admin/unsuspend", admin_unsuspend, methods=["POST"]),
+    Route("/admin/export", admin_export, methods=["POST"]),
+    Route("/admin/admins", admin_admins, methods=["POST"]),
+    Route("/admin/admins/grant", admin_role_route(grant=True), methods=["POST"]),
+    Route("/admin/admins/revoke", admin_role_route(grant=False), methods=["POST"]),
     Route("/calendar/link", calendar_link, methods=["POST"]),
     Route("/calendar/unlink", calendar_unlink, methods=["POST"]),
     Route("/calendar/{secret}.ics", calendar_feed, methods=["GET"]),
@@ -1725,14 +1839,17 @@ SCHEMAS: dict[str, Any] = {
     "Credentials": _obj([], username=USERNAME, password=PASSWORD),
     "SlotRequest": _obj(["slot_id"], slot_id={"oneOf": [INTEGER, {"type": "string", "pattern": "^[0-9]{1,6}$"}],
                                               "examples": [9]},
-                        date=DATE, username=USERNAME, password=PASSWORD),
+                        date=DATE, username=USERNAME, password=PASSWORD,
+                        reason={"type": "string", "maxLength": 100, "description": "admins closing a slot: why"},
+                        **{"for": {**STRING, "description": "admins, on /book-slot and /cancel-slot: the member "
+                                                            "they book or cancel for"}}),
     "HistoryRequest": _obj([], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
-                           srn=STRING, page={"type": "integer", "minimum": 1},
+                           srn=STRING, action=STRING, page={"type": "integer", "minimum": 1},
                            page_size={"type": "integer", "minimum": 1, "maximum": 500}),
     "Slot": _obj(["id", "start_time", "end_time", "is_booked", "booked_by", "booked_at", "closed", "status",
                   "waiting", "checked_in", "date"],
                  id=INTEGER, start_time=STRING, end_time=STRING, is_booked=BOOLEAN, booked_by=NULLABLE_STRING,
-                 booked_at=NULLABLE_STRING, closed=BOOLEAN,
+                 booked_at=NULLABLE_STRING, closed=BOOLEAN, reason=NULLABLE_STRING,
                  status={"enum": ["available", "booked", "closed", "started", "not_open"]}, waiting=INTEGER,
                  checked_in=BOOLEAN, date=STRING),
     "NowSlot": {"type": ["object", "null"],
@@ -1827,6 +1944,15 @@ SCHEMAS: dict[str, Any] = {
                        added={"type": "array", "items": STRING}, removed={"type": "array", "items": STRING},
                        unchanged={"type": "array", "items": STRING}),
     "MemberRequest": _obj(["srn"], username=USERNAME, password=PASSWORD, srn=STRING),
+    "ExportRequest": _obj(["from", "to", "kind"], username=USERNAME, password=PASSWORD, **{"from": DATE, "to": DATE},
+                          kind={"enum": ["bookings", "events", "usage", "no_shows"]},
+                          format={"enum": ["csv", "json"]}),
+    "Export": _obj(["success", "kind", "from", "to"], success=BOOLEAN, kind=STRING, **{"from": STRING, "to": STRING},
+                   members={"type": "array", "items": {"type": "object"}},
+                   no_shows={"type": "array", "items": {"type": "object"}}),
+    "Admins": _obj(["success", "owners", "admins"], success=BOOLEAN, owners={"type": "array", "items": STRING},
+                   admins={"type": "array", "items": _obj(["srn", "granted_by", "granted_at"], srn=STRING,
+                                                          granted_by=STRING, granted_at=STRING)}),
     "SuspendRequest": _obj(["srn"], username=USERNAME, password=PASSWORD, srn=STRING, until=DATE,
                            reason={"type": "string", "maxLength": 200}, cancel_bookings=BOOLEAN),
     "Suspended": _obj(["success", "message", "srn", "until", "reason", "bookings", "cancelled"], success=BOOLEAN,
@@ -1929,6 +2055,19 @@ DOCS: dict[tuple[str, str], dict[str, Any]] = {
                                                  "RosterDone", ADMIN_ERRORS, "RosterRequest", secured=True),
     ("POST", "/admin/suspend"): operation("Suspend a member until a date or until lifted (admins)", "Suspended",
                                           ADMIN_ERRORS, "SuspendRequest", secured=True),
+    ("POST", "/admin/admins"): operation("The owners (ADMIN_SRNS) and the admins they granted (admins)", "Admins",
+                                         ADMIN_ERRORS, "Credentials", secured=True),
+    ("POST", "/admin/admins/grant"): operation("Grant a member the admin role (owners)", "Done", ADMIN_ERRORS,
+                                               "MemberRequest", secured=True),
+    ("POST", "/admin/admins/revoke"): operation("Revoke a granted admin role (owners)", "Done", ADMIN_ERRORS,
+                                                "MemberRequest", secured=True),
+    ("POST", "/admin/export"): {**operation("A report for a date range (admins): bookings, events, usage or no_shows;"
+                                            " CSV, or JSON for usage and no_shows", "Export", ADMIN_ERRORS,
+                                            "ExportRequest", secured=True),
+                                "responses": {**operation("", "Export", ADMIN_ERRORS)["responses"], "200": {
+                                    "description": "CSV (RFC 4180, UTF-8, a header row), or JSON",
+                                    "content": {"text/csv": {"schema": STRING},
+                                                "application/json": {"schema": _ref("Export")}}}}},
     ("POST", "/admin/unsuspend"): operation("Lift a member's suspension (admins)", "Done", ADMIN_ERRORS,
                                             "MemberRequest", secured=True),
     ("POST", "/admin/series/cancel"): operation("Cancel what is left of a series: its slots that have not started "

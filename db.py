@@ -139,6 +139,12 @@ CREATE TABLE IF NOT EXISTS members (
     added_by TEXT NOT NULL,
     added_at TEXT NOT NULL
 ) WITHOUT ROWID;
+-- Admins granted at run time by an owner (ADMIN_SRNS, who are admins always and are never listed here).
+CREATE TABLE IF NOT EXISTS admins (
+    srn TEXT PRIMARY KEY,
+    granted_by TEXT NOT NULL,
+    granted_at TEXT NOT NULL
+) WITHOUT ROWID;
 -- Members an admin suspended (in either membership mode): barred from booking until ``until`` (the day
 -- bookings open again to them), or until lifted when it is NULL.
 CREATE TABLE IF NOT EXISTS suspensions (
@@ -155,10 +161,12 @@ ADDED_COLUMNS = (
     ("bookings", "checked_in", "INTEGER NOT NULL DEFAULT 0"),
     ("bookings", "series", "INTEGER"),  # the series that closed or reserved the slot
     ("events", "series", "INTEGER"),
+    ("bookings", "reason", "TEXT"),  # why an admin closed the slot (a series' closures: its title)
 )
 
-# (slot_id, booked_by, booked_at, closed, waiting, checked_in) for the slots of one day that are booked or closed
-DayRow = tuple[int, str | None, str, int, int, int]
+# (slot_id, booked_by, booked_at, closed, waiting, checked_in, reason) for the slots of one day that are booked or
+# closed (reason: why a closed one is closed, or None)
+DayRow = tuple[int, str | None, str, int, int, int, str | None]
 # (date, slot_id, position in line) of a member's places in waitlists
 Place = tuple[str, int, int]
 
@@ -242,6 +250,11 @@ OFF_ROSTER = "NOT EXISTS (SELECT 1 FROM members WHERE srn = ?)"
 SUSPENDED = "EXISTS (SELECT 1 FROM suspensions WHERE srn = ? AND (until IS NULL OR until > ?))"
 
 
+EXPORT_CHUNK = 1000  # rows an export reads at a time
+USAGE_COLUMNS = ("hours_booked", "hours_checked_in", "no_shows", "no_shows_forgiven", "late_cancels",
+                 "lines_joined", "promoted")
+
+
 # A member's place (alias w) in its slot's line, counting from 1: the places that joined no later.
 WAITLIST_POSITION = ("(SELECT COUNT(*) FROM waitlist x WHERE x.date = w.date AND x.slot_id = w.slot_id"
                      " AND x.id <= w.id)")
@@ -303,6 +316,7 @@ class Commits:
     days: dict[str, int]
     revoked: int
     tokens: list[tuple[str, float]]
+    admins: frozenset[str] | None = None  # the granted admins, when a grant or revoke is among the changes
 
 
 # (date, slot_id, result, member) of one step of a series: "closed", "reserved", "conflict" (the member's
@@ -503,7 +517,8 @@ class SlotStore:
     def _day(self, date: str) -> list[DayRow]:
         return self.conn.execute(
             "SELECT slot_id, booked_by, booked_at, closed,"
-            " (SELECT COUNT(*) FROM waitlist w WHERE w.date = b.date AND w.slot_id = b.slot_id), checked_in"
+            " (SELECT COUNT(*) FROM waitlist w WHERE w.date = b.date AND w.slot_id = b.slot_id), checked_in,"
+            " CASE WHEN closed THEN COALESCE(reason, (SELECT title FROM series s WHERE s.id = b.series)) END"
             " FROM bookings b WHERE date = ? ORDER BY slot_id", (date,)
         ).fetchall()
 
@@ -546,11 +561,16 @@ class SlotStore:
         tokens = self.conn.execute(
             "SELECT id, jti, expires FROM revoked_tokens WHERE id > ? ORDER BY id", (revoked,)
         ).fetchall()
+        admins = None
+        if self.conn.execute("SELECT EXISTS (SELECT 1 FROM events NOT INDEXED WHERE id > ?"
+                             " AND action IN ('admin_grant', 'admin_revoke'))", (version,)).fetchone()[0]:
+            admins = frozenset(srn for (srn,) in self.conn.execute("SELECT srn FROM admins"))
         return Commits(
             max((last for _, last in days), default=version),
             {date: last for date, last in days if date},
             tokens[-1][0] if tokens else revoked,
             [(jti, expires) for _, jti, expires in tokens],
+            admins,
         )
 
     async def revoke(self, jti: str, expires: float, now: float) -> None:
@@ -589,13 +609,16 @@ class SlotStore:
         return bookings, places
 
     async def history(
-        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
+        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int,
+        action: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
-        """(total matching, one page of events newest first), filtered by date range and SRN."""
-        return await self._read(self._history, since, until, srn, limit, offset)
+        """(total matching, one page of events newest first), filtered by date range, SRN (a member's own
+        events and what admins did to their bookings) and action."""
+        return await self._read(self._history, since, until, srn, limit, offset, action)
 
     def _history(
-        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int
+        self, since: str | None, until: str | None, srn: str | None, limit: int, offset: int,
+        action: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         where, params = ["1"], []
         if since is not None:
@@ -604,9 +627,12 @@ class SlotStore:
         if until is not None:
             where.append("date <= ?")
             params.append(until)
-        if srn is not None:
-            where.append("srn = ?")
-            params.append(srn)
+        if srn is not None:  # (an admin's cancel of srn's booking is filed under the admin, noting srn)
+            where.append("(srn = ? OR note = 'booked by ' || ?)")
+            params += [srn, srn]
+        if action is not None:
+            where.append("action = ?")
+            params.append(action)
         clause = " AND ".join(where)
         total = self.reader.execute(f"SELECT COUNT(*) FROM events WHERE {clause}", params).fetchone()[0]
         cursor = self.reader.execute(
@@ -681,14 +707,16 @@ class SlotStore:
             return "upcoming"
         return None
 
-    async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str) -> Change:
-        """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"."""
+    async def book(self, date: str, slot_id: int, srn: str, at: str, limits: Limits, via: str,
+                   note: str | None = None) -> Change:
+        """Book a free slot within srn's limits: outcome "ok", "taken", "closed", "per_day" or "upcoming"
+        (``note``: "by ADMIN" for a booking an admin made on srn's behalf)."""
 
         def book() -> tuple[Outcome, str | None]:
             current = self._current(date, slot_id)
             if current is not None:
                 return ("closed" if current[1] else "taken"), current[0]
-            refusal = self._take(date, slot_id, srn, at, limits, "book", via)
+            refusal = self._take(date, slot_id, srn, at, limits, "book", via, note)
             return (refusal, None) if refusal else ("ok", srn)
 
         return await self._run(self._write, book, date)
@@ -814,7 +842,7 @@ class SlotStore:
         ).fetchone()[0]
 
     async def cancel(self, date: str, slot_id: int, srn: str, at: str, via: str, *, anyones: bool,
-                     limits: Limits | None = None) -> Change:
+                     limits: Limits | None = None, note: str | None = None) -> Change:
         """Cancel srn's booking (anyone's, for an admin): outcome "ok", "free", "closed" or "other". The
         slot goes to the first in its waitlist who may take it (``limits``: None if it cannot be booked)."""
 
@@ -828,7 +856,7 @@ class SlotStore:
             if booked_by != srn and not anyones:
                 return "other", booked_by, None, 0
             self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
-            self._log(at, srn, "cancel", date, slot_id, via, None if booked_by == srn else f"booked by {booked_by}")
+            self._log(at, srn, "cancel", date, slot_id, via, note if booked_by == srn else f"booked by {booked_by}")
             return "ok", booked_by, self._promote(date, slot_id, at, limits), 0
 
         return await self._run(self._write, cancel, date)
@@ -892,7 +920,8 @@ class SlotStore:
 
         return await self._run(self._commit, release)
 
-    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str) -> Change:
+    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str,
+                         reason: str | None = None) -> Change:
         """Close a free slot or reopen a closed one: outcome "ok", "taken", "closed" or "open"."""
 
         def set_closed() -> tuple[Outcome, str | None]:
@@ -901,14 +930,14 @@ class SlotStore:
                 if current is not None:
                     return ("closed" if current[1] else "taken"), current[0]
                 self.conn.execute(
-                    "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed) VALUES (?, ?, NULL, ?, 1)",
-                    (date, slot_id, at),
+                    "INSERT INTO bookings (date, slot_id, booked_by, booked_at, closed, reason)"
+                    " VALUES (?, ?, NULL, ?, 1, ?)", (date, slot_id, at, reason),
                 )
             else:
                 if current is None or not current[1]:
                     return "open", None
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (date, slot_id))
-            self._log(at, srn, "close" if closed else "open", date, slot_id, via)
+            self._log(at, srn, "close" if closed else "open", date, slot_id, via, reason if closed else None)
             return "ok", None
 
         return await self._run(self._write, set_closed, date)
@@ -1059,6 +1088,53 @@ class SlotStore:
         # the commit bumps the generation: feeds cached under an old secret go, in every process
         return await self._run(self._commit, link)
 
+    # -- reports ---------------------------------------------------------------------------------------
+
+    async def export_chunk(self, kind: str, since: str, until: str, after: tuple[Any, ...],
+                           limit: int = EXPORT_CHUNK) -> list[tuple[Any, ...]]:
+        """The next ``limit`` rows of an export (``kind`` "bookings", "events" or "no_shows") of the slots
+        dated ``since`` to ``until``, after the key ``after`` (the first column, or for bookings the first
+        two): one short read each, so a report of any length never holds the reader, or memory, for long."""
+        if kind == "bookings":
+            query = ("SELECT date, slot_id, booked_by, booked_at, checked_in, series FROM bookings WHERE NOT closed"
+                     " AND date BETWEEN ? AND ? AND (date, slot_id) > (?, ?) ORDER BY date, slot_id LIMIT ?")
+        elif kind == "events":  # (an event of no slot, a roster change say, is dated by when it happened)
+            query = ("SELECT id, at, srn, action, date, slot_id, via, note, series FROM events"
+                     " WHERE id > ? AND COALESCE(date, substr(at, 1, 10)) BETWEEN ? AND ? ORDER BY id LIMIT ?")
+        else:
+            query = (f"SELECT id, at, srn, date, slot_id, note, NOT ({UNFORGIVEN}) FROM events e WHERE e.id > ?"
+                     " AND e.action = 'no_show' AND e.date BETWEEN ? AND ? ORDER BY e.id LIMIT ?")
+        params = (since, until, *after, limit) if kind == "bookings" else (*after, since, until, limit)
+        return await self._read(lambda: self.reader.execute(query, params).fetchall())
+
+    async def usage(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        """Per member, for the slots dated ``since`` to ``until``: hours booked and checked in (the bookings
+        held), no-shows counted and forgiven, late cancels (their own, made within an hour of the start), lines
+        joined and places promoted. A handful of grouped reads, whatever the span."""
+
+        def usage() -> dict[str, dict[str, int]]:
+            table: dict[str, dict[str, int]] = {}
+            queries = {
+                ("hours_booked", "hours_checked_in"): "SELECT booked_by, COUNT(*), SUM(checked_in) FROM bookings"
+                " WHERE NOT closed AND booked_by IS NOT NULL AND date BETWEEN ? AND ? GROUP BY booked_by",
+                ("no_shows", "no_shows_forgiven"): f"SELECT srn, SUM({UNFORGIVEN}), SUM(NOT ({UNFORGIVEN})) FROM"
+                " events e WHERE action = 'no_show' AND date BETWEEN ? AND ? GROUP BY srn",
+                ("late_cancels",): "SELECT srn, COUNT(*) FROM events WHERE action = 'cancel' AND note IS NULL"
+                " AND date BETWEEN ? AND ? AND at >= datetime(date, printf('+%d hours',"
+                " slot_id), '-1 hour') GROUP BY srn",
+                ("lines_joined",): "SELECT srn, COUNT(*) FROM events WHERE action = 'join' AND date BETWEEN ? AND ?"
+                " GROUP BY srn",
+                ("promoted",): "SELECT srn, COUNT(*) FROM events WHERE action = 'promote' AND date BETWEEN ? AND ?"
+                " GROUP BY srn",
+            }
+            for columns, query in queries.items():
+                for srn, *counts in self.reader.execute(query, (since, until)):
+                    row = table.setdefault(srn, dict.fromkeys(USAGE_COLUMNS, 0))
+                    row.update(zip(columns, (int(count or 0) for count in counts)))
+            return dict(sorted(table.items()))
+
+        return await self._read(usage)
+
     # -- the roster and suspensions --------------------------------------------------------------------
 
     async def change_roster(self, srns: list[str], add: bool, admin: str, at: str, via: str) -> list[str]:
@@ -1079,6 +1155,26 @@ class SlotStore:
             return changed
 
         return await self._run(self._commit, change)
+
+    async def set_admin(self, srn: str, admin: bool, owner: str, at: str, via: str) -> bool:
+        """Grant srn the admin role (or revoke it), an event; whether anything changed."""
+
+        def set_admin() -> bool:
+            if admin:
+                done = self.conn.execute("INSERT OR IGNORE INTO admins (srn, granted_by, granted_at) VALUES (?, ?, ?)",
+                                         (srn, owner, at)).rowcount
+            else:
+                done = self.conn.execute("DELETE FROM admins WHERE srn = ?", (srn,)).rowcount
+            if done:
+                self._log(at, srn, "admin_grant" if admin else "admin_revoke", None, None, via, f"by {owner}")
+            return bool(done)
+
+        return await self._run(self._commit, set_admin)
+
+    async def admins(self) -> list[tuple[str, str, str]]:
+        """(srn, granted_by, granted_at) of the admins granted at run time, by SRN."""
+        return await self._read(lambda: self.reader.execute(
+            "SELECT srn, granted_by, granted_at FROM admins ORDER BY srn").fetchall())
 
     async def members(self, search: str, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
         """(how many match, one page of them by SRN) of the roster, ``search`` a part of the SRN; each with

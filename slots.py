@@ -15,7 +15,7 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Container
+from collections.abc import AsyncIterator, Callable, Container
 from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime, time, timedelta, timezone
@@ -160,6 +160,7 @@ class Board:
         self.rules = rules
         self.clock = clock
         self.on_change = on_change  # every new state of a day (the app broadcasts it)
+        self.admins = frozenset(rules.admins)  # the owners (ADMIN_SRNS) and the admins they granted (poll reloads)
         self.seen = 0  # the newest event id whose change this process has taken in
         self.watched = watched  # the days listeners watch (the hub's count of them)
         self.kept: dict[str, Day] = {}  # today's state and those of watched days
@@ -269,7 +270,7 @@ class Board:
         taken = {slot_id: rest for slot_id, *rest in rows}
         slots, changes = [], []
         for hour in self.rules.hours:
-            booked_by, booked_at, closed, waiting, checked_in = taken.get(hour, (None, None, 0, 0, 0))
+            booked_by, booked_at, closed, waiting, checked_in, reason = taken.get(hour, (None, None, 0, 0, 0, None))
             deadline = booking_closes(date, hour, self.rules.grace_minutes)
             if closed:
                 status = "closed"
@@ -292,6 +293,7 @@ class Board:
                 "booked_by": booked_by if status == "booked" else None,
                 "booked_at": booked_at if status == "booked" else None,
                 "closed": bool(closed),
+                "reason": reason if closed else None,  # why an admin or a series closed it
                 "status": status,
                 "waiting": waiting,  # how many wait for it, never who
                 "checked_in": bool(checked_in) and status == "booked",
@@ -320,17 +322,20 @@ class Board:
                 version, rows = await self.store.day(date)
                 self._remember(date, version, rows)
 
-    def _settle(self, date: str, change: Change, refusals: dict[Outcome, str]) -> None:
+    def _settle(self, date: str, slot_id: int, change: Change, refusals: dict[Outcome, str]) -> None:
         """Take in the day a write left behind (refused or not), then refuse with the sentence for its
-        outcome if it is not "ok"."""
+        outcome if it is not "ok" (a closed slot's with the reason it was closed for, if it has one)."""
         self._remember(date, change.version, change.rows)
         if change.outcome != "ok":
-            raise SlotError(refusals[change.outcome].format(booked_by=change.booked_by))
+            sentence = refusals[change.outcome].format(booked_by=change.booked_by)
+            reason = next((row[6] for row in change.rows if row[0] == slot_id and row[3]), None)
+            raise SlotError(f"{sentence}: {reason}" if change.outcome == "closed" and reason else sentence)
 
     # -- housekeeping: what poll() finds for the app -----------------------------------------------
 
     async def open(self) -> None:
         self.seen = await self.store.open(self.today(), self.stamp())
+        await self._load_admins()
         self._date = self.today()
         self._told, _ = await self.store.notices_since(-1)  # the newest event id: tell nobody of the past
 
@@ -361,6 +366,8 @@ class Board:
         if changes is not None:
             self._revoked = changes.revoked
             found.signed_out += changes.tokens
+            if changes.admins is not None:  # another process granted or revoked the role
+                self.admins = frozenset(self.rules.admins) | changes.admins
             await self.refresh(changes)  # each new state goes to on_change
         if changes is not None or self.notices_pending:  # promotions and releases, by any process
             self.notices_pending = False
@@ -389,7 +396,7 @@ class Board:
         now = self.now()
         since = (now.date() - timedelta(days=self.rules.no_show_window_days - 1)).isoformat()
         return Limits(self.rules.max_per_day, self.rules.max_upcoming, now.date().isoformat(), now.hour,
-                      self.rules.no_show_limit, since, self.rules.membership == "roster", self.rules.admins)
+                      self.rules.no_show_limit, since, self.rules.membership == "roster", self.admins)
 
     async def _refuse_standing(self, srn: str, outcome: Outcome) -> None:
         """Forbidden, saying what to do, if a write found srn may not take part ("not_member", "suspended")."""
@@ -408,32 +415,40 @@ class Board:
         if self.now() >= booking_closes(date, slot_id, self.rules.grace_minutes):
             raise SlotError(f"Slot {slot_id} on {date} has already started")
 
-    async def book(self, date: str, slot_id: int, srn: str, via: str) -> None:
-        """Book (date, slot_id) for srn (the new state goes to ``on_change``)."""
+    async def book(self, date: str, slot_id: int, srn: str, via: str, by: str | None = None) -> None:
+        """Book (date, slot_id) for srn (the new state goes to ``on_change``); ``by``: the admin who books it
+        on their behalf (their limits and standing apply as if they booked it themselves)."""
         self._bookable(date, slot_id)
-        change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via)
+        if by is not None:
+            self.admin_only(by)
+        change = await self.store.book(date, slot_id, srn, self.stamp(), self._limits(), via,
+                                       None if by is None else f"by {by}")
         await self._refuse_standing(srn, change.outcome)
         if change.outcome == "no_shows":
             raise SlotError(await self._no_show_refusal(srn))
-        self._settle(date, change, {
+        self._settle(date, slot_id, change, {
             "taken": f"Slot {slot_id} is not available",
             "closed": f"Slot {slot_id} on {date} is closed",
             "per_day": f"Daily limit reached: at most {self.rules.max_per_day} booking(s) per day",
             "upcoming": f"Limit reached: at most {self.rules.max_upcoming} upcoming booking(s)",
         })
 
-    async def cancel(self, date: str, slot_id: int, srn: str, via: str) -> str | None:
-        """Cancel srn's own booking (an admin: anyone's, even after it started); the slot goes to the first
-        member in its waitlist who may take it, whose SRN is returned."""
-        admin = self.is_admin(srn)
+    async def cancel(self, date: str, slot_id: int, srn: str, via: str, by: str | None = None) -> str | None:
+        """Cancel srn's own booking (an admin: anyone's, even after it started; ``by``: an admin cancelling
+        srn's booking on their behalf, filed under srn); the slot goes to the first member in its waitlist
+        who may take it, whose SRN is returned."""
+        if by is not None:
+            self.admin_only(by)
+        admin = self.is_admin(srn) or by is not None
         self._check(date, slot_id, for_booking=False)
         now = self.now()
         if not not_started(date, slot_id, now.date().isoformat(), now.hour) and not admin:
             raise SlotError(f"Slot {slot_id} on {date} has already started and can no longer be cancelled")
         bookable = now < booking_closes(date, slot_id, self.rules.grace_minutes)
-        change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin,
-                                         limits=self._limits() if bookable else None)
-        self._settle(date, change, {
+        change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=admin and by is None,
+                                         limits=self._limits() if bookable else None,
+                                         note=None if by is None else f"by {by}")
+        self._settle(date, slot_id, change, {
             "free": f"Slot {slot_id} is not booked",
             "closed": f"Slot {slot_id} on {date} is closed, not booked",
             "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
@@ -472,29 +487,57 @@ class Board:
     # -- admins ------------------------------------------------------------------------------------
 
     def is_admin(self, srn: str) -> bool:
-        return srn in self.rules.admins
+        """An owner (ADMIN_SRNS) or an admin they granted: checked on every request, so a revoked admin's
+        tokens lose the role at once here, and within a poll (WATCH_INTERVAL) on every other worker."""
+        return srn in self.admins
+
+    def owner_only(self, srn: str) -> None:
+        """Forbidden (403) unless srn is an owner: one of ADMIN_SRNS."""
+        if srn not in self.rules.admins:
+            raise Forbidden("Owners only (ADMIN_SRNS)")
+
+    async def _load_admins(self) -> None:
+        self.admins = frozenset(self.rules.admins) | {srn for srn, _, _ in await self.store.admins()}
+
+    async def set_admin(self, owner: str, srn: str, admin: bool, via: str) -> None:
+        """An owner grants srn the admin role, or revokes it (owners themselves keep it: they are the setting)."""
+        self.owner_only(owner)
+        if srn in self.rules.admins:
+            raise SlotError(f"{srn} is an owner (ADMIN_SRNS): the role comes from the settings")
+        if not await self.store.set_admin(srn, admin, owner, self.stamp(), via):
+            raise SlotError(f"{srn} is already an admin" if admin else f"{srn} is not an admin")
+        await self._load_admins()
+
+    async def admin_list(self, admin: str) -> dict[str, Any]:
+        self.admin_only(admin)
+        granted = await self.store.admins()
+        return {"owners": sorted(self.rules.admins),
+                "admins": [{"srn": srn, "granted_by": by, "granted_at": at} for srn, by, at in granted]}
 
     def admin_only(self, srn: str) -> None:
         """Forbidden (403) unless srn is an admin."""
         if not self.is_admin(srn):
             raise Forbidden("Admins only")
 
-    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str) -> None:
-        """An admin closes a free slot (nobody can book it) or reopens a closed one."""
+    async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, via: str,
+                         reason: str | None = None) -> None:
+        """An admin closes a free slot (nobody can book it; ``reason`` is shown to everyone) or reopens a
+        closed one."""
         self.admin_only(srn)
         self._check(date, slot_id, for_booking=False)
-        change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via)
-        self._settle(date, change, {
+        change = await self.store.set_closed(date, slot_id, closed, srn, self.stamp(), via, reason)
+        self._settle(date, slot_id, change, {
             "taken": f"Slot {slot_id} on {date} is booked by {{booked_by}}; cancel the booking first",
             "closed": f"Slot {slot_id} on {date} is already closed",
             "open": f"Slot {slot_id} on {date} is not closed",
         })
 
     async def history(
-        self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int
+        self, srn: str, since: str | None, until: str | None, who: str | None, page: int, page_size: int,
+        action: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         self.admin_only(srn)
-        return await self.store.history(since, until, who, page_size, (page - 1) * page_size)
+        return await self.store.history(since, until, who, page_size, (page - 1) * page_size, action)
 
     async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
         """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
@@ -502,7 +545,7 @@ class Board:
         if slot_id not in self.rules.hours:
             raise SlotError(f"Slot {slot_id} does not exist")
         change = await self.store.forgive(srn, date, slot_id, admin, self.stamp(), via)
-        self._settle(date, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
+        self._settle(date, slot_id, change, {"none": f"{srn} has no no-show on slot {slot_id} on {date} to forgive"})
 
     async def _no_show_refusal(self, srn: str) -> str:
         """The sentence for a member barred by no-shows: how many, and until when."""
@@ -515,6 +558,37 @@ class Board:
             days=self.rules.no_show_window_days)
         return (f"{len(dates)} no-show(s) in the last {self.rules.no_show_window_days} days: no new bookings "
                 f"until {until.isoformat()} (an admin can forgive one)")
+
+    # -- reports (admins only) -----------------------------------------------------------------------
+
+    async def export(self, admin: str, kind: str, since: str, until: str) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """An export's rows, a chunk at a time (see SlotStore.export_chunk); checked before the first."""
+        self.admin_only(admin)
+        if until < since:
+            raise SlotError(f"to ({until}) is before from ({since})")
+
+        async def chunks() -> AsyncIterator[list[tuple[Any, ...]]]:
+            after: tuple[Any, ...] = ("", 0) if kind == "bookings" else (0,)
+            while rows := await self.store.export_chunk(kind, since, until, after):
+                yield rows
+                after = rows[-1][:2] if kind == "bookings" else rows[-1][:1]
+
+        return chunks()
+
+    async def usage(self, admin: str, since: str, until: str) -> dict[str, dict[str, int]]:
+        self.admin_only(admin)
+        if until < since:
+            raise SlotError(f"to ({until}) is before from ({since})")
+        return await self.store.usage(since, until)
+
+    def with_offset(self, at: str | None) -> str | None:
+        """A time as the history writes it (club time), with its UTC offset: "2026-11-24T08:02:11+05:30"."""
+        if at is None:
+            return None
+        try:
+            return datetime.fromisoformat(at).replace(tzinfo=self.rules.timezone).isoformat()
+        except ValueError:  # (an original database's own format): as it is
+            return at
 
     # -- who may book: the roster and suspensions (admins only) --------------------------------------
 
@@ -532,7 +606,7 @@ class Board:
         """Bar srn from booking until ``until`` (a date from tomorrow on) or until lifted. It cancels nothing
         unless asked: (the bookings of theirs that remain, those cancelled) are returned."""
         self.admin_only(admin)
-        if srn in self.rules.admins:
+        if self.is_admin(srn):
             raise SlotError(f"{srn} is an admin; admins cannot be suspended")
         if until is not None and until <= self.today():
             raise SlotError(f"until ({until}) must be after today: it is the day bookings open to them again")
@@ -564,7 +638,7 @@ class Board:
         if change.outcome == "booked":
             self._remember(date, change.version, change.rows)
             return f"Slot {slot_id} was free, and is now booked for you"
-        self._settle(date, change, {
+        self._settle(date, slot_id, change, {
             "own": f"You already hold slot {slot_id} on {date}",
             "closed": f"Slot {slot_id} on {date} is closed",
             "already": f"You are already in line for slot {slot_id} on {date}",
@@ -579,7 +653,7 @@ class Board:
         """Take srn out of a slot's waitlist."""
         self._check(date, slot_id, for_booking=False)
         change = await self.store.leave_waitlist(date, slot_id, srn, self.stamp(), via)
-        self._settle(date, change, {"absent": f"You are not in line for slot {slot_id} on {date}"})
+        self._settle(date, slot_id, change, {"absent": f"You are not in line for slot {slot_id} on {date}"})
 
     async def check_in(self, date: str, slot_id: int, srn: str, via: str) -> None:
         """The holder checks in, from CHECKIN_OPENS_MINUTES before the start to CHECKIN_MINUTES after it (an
@@ -599,7 +673,7 @@ class Board:
         change = await self.store.check_in(date, slot_id, srn, self.stamp(), via, anyones=admin,
                                            limits=self._limits())
         await self._refuse_standing(srn, change.outcome)
-        self._settle(date, change, {
+        self._settle(date, slot_id, change, {
             "free": f"Slot {slot_id} on {date} is not booked",
             "closed": f"Slot {slot_id} on {date} is closed",
             "other": f"Slot {slot_id} on {date} is booked by someone else",

@@ -462,6 +462,14 @@ def test_an_unsupported_python_is_told_in_one_line() -> None:
     assert "Traceback" not in ran.stderr
 
 
+def test_every_setting_is_in_the_readmes_table() -> None:
+    """Each setting names its variable once, in Settings; README's configuration table lists them all."""
+    from dataclasses import fields
+    table = (HERE / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = [spec.metadata["env"] for spec in fields(Settings) if "env" in spec.metadata]
+    assert len(names) == len(set(names)) and [name for name in names if f"| `{name}` |" not in table] == []
+
+
 def test_slot_hours_follow_the_settings(settings: Settings) -> None:
     with running(replace(settings, slot_start_hour=8, slot_end_hour=10)) as service:
         slots = service.slots()["slots"]
@@ -697,6 +705,53 @@ def test_history_records_every_change_for_admins(settings: Settings, clock: Cloc
         assert service.http.post("/admin/history", json=body(username=BOB, page=0)).status_code == 422
 
 
+def test_a_closed_slot_says_why_to_everyone_and_the_refusal_names_it(settings: Settings) -> None:
+    with running(replace(settings, admin_srns=frozenset({CAROL}))) as service:
+        watcher = service.socket()
+        closed = service.http.post("/admin/close-slot", json=body(14, CAROL, reason=" Soldering workshop "))
+        assert closed.status_code == 200
+        slot = service.slots()["slots"][11]
+        assert (slot["is_booked"], slot["booked_by"], slot["closed"], slot["reason"]) == (True, None, True,
+                                                                                          "Soldering workshop")
+        assert receive_until(watcher, "slots_update")["data"]["slots"][11]["reason"] == "Soldering workshop"
+        with service.http.stream("GET", "/events") as stream:
+            data = next(line for line in stream.iter_lines() if line.startswith("data: "))
+            assert orjson.loads(data[6:])["data"]["slots"][11]["reason"] == "Soldering workshop"
+        refusal = f"Slot 14 on {TODAY} is closed: Soldering workshop"
+        assert service.book(14).json() == {"detail": refusal}
+        assert send(service.socket(), {"type": "book_slot", "slot_id": 14, "username": ALICE,
+                                       "password": PASSWORD})["message"] == refusal
+        assert service.http.post("/admin/open-slot", json=body(14, CAROL)).status_code == 200
+        assert service.slots()["slots"][11]["reason"] is None and service.book(14).status_code == 200
+        assert service.http.post("/admin/close-slot", json=body(13, CAROL, reason="x" * 101)).status_code == 422
+        assert service.http.post("/admin/close-slot", json=body(12, CAROL)).status_code == 200  # a reason is optional
+        assert service.slots()["slots"][9]["reason"] is None and service.book(12).json() == {
+            "detail": f"Slot 12 on {TODAY} is closed"}
+        assert series(service, **TUESDAYS).status_code == 200  # a series' closures say its title
+        assert service.slots()["slots"][10]["reason"] == "Arduino workshop"
+        assert service.book(13).json() == {"detail": f"Slot 13 on {TODAY} is closed: Arduino workshop"}
+
+
+def test_history_filters_by_action_and_a_members_history_shows_what_admins_did_to_their_bookings(
+        settings: Settings) -> None:
+    admin = "PES1UG20CS010"
+    with running(replace(settings, admin_srns=frozenset({admin}))) as service:
+        assert service.book(9).status_code == 200 and service.book(10, username=BOB).status_code == 200
+        assert service.cancel(9, username=admin).status_code == 200  # an admin cancels Alice's booking
+
+        def history(**filters: Any) -> list[tuple[str, str, int]]:
+            answer = service.http.post("/admin/history", json=body(username=admin, **filters))
+            assert answer.status_code == 200, answer.text
+            return [(e["action"], e["srn"], e["slot_id"]) for e in answer.json()["events"]]
+
+        assert history(srn=ALICE) == [("cancel", admin, 9), ("book", ALICE, 9)]
+        assert history(action="book") == [("book", BOB, 10), ("book", ALICE, 9)]
+        assert history(action="cancel", srn=BOB) == []
+        assert history(action="no_show") == []
+        bad = service.http.post("/admin/history", json=body(username=admin, action="DROP TABLE"))
+        assert bad.status_code == 422
+
+
 # -- who may book: the roster and suspensions ----------------------------------------------------------------
 
 
@@ -875,6 +930,140 @@ def test_a_member_removed_while_their_tabs_book_at_the_same_instant_is_refused_f
         removed = next(e["id"] for e in history["events"] if e["action"] == "member_remove")
         booked = [e["id"] for e in history["events"] if e["action"] == "book" and e["srn"] == ALICE]
         assert len(booked) == made and max(booked) < removed
+
+
+def test_owners_grant_and_revoke_admins_at_run_time_and_every_worker_follows_within_a_second(
+        settings: Settings) -> None:
+    env = {"ADMIN_SRNS": ADMIN, "SESSION_SECRET": "a secret both workers share"}
+    day = real_tomorrow()
+    with process(settings, **env) as (_, first), process(settings, **env) as (_, second):
+        def token_of(username: str) -> dict[str, str]:
+            return bearer(httpx.post(f"{first}/auth/login", json={"username": username,
+                                                                  "password": PASSWORD}).json()["token"])
+
+        owner, bob = token_of(ADMIN), token_of(BOB)
+
+        def close(url: str, slot_id: int) -> int:
+            return httpx.post(f"{url}/admin/close-slot", json={"slot_id": slot_id, "date": day}, headers=bob).status_code
+
+        def within_a_second(url: str, slot_id: int, status: int) -> float:
+            started = time.monotonic()
+            while close(url, slot_id) != status:
+                assert time.monotonic() - started < 1, f"{url} still answers otherwise after a second"
+                time.sleep(0.02)
+            return time.monotonic() - started
+
+        assert close(second, 3) == 403
+        granted = httpx.post(f"{first}/admin/admins/grant", json={"srn": BOB}, headers=owner)
+        assert granted.status_code == 200 and granted.json()["message"] == f"{BOB} is an admin now"
+        assert close(first, 3) == 200  # at once where it was granted ...
+        within_a_second(second, 4, 200)  # ... and on the other worker within a second
+        as_admin = httpx.post(f"{second}/admin/admins/grant", json={"srn": CAROL}, headers=bob)
+        assert as_admin.status_code == 403 and as_admin.json() == {"detail": "Owners only (ADMIN_SRNS)"}
+        assert httpx.post(f"{first}/admin/admins/grant", json={"srn": BOB}, headers=owner).json() == {
+            "detail": f"{BOB} is already an admin"}
+        assert httpx.post(f"{first}/admin/admins/revoke", json={"srn": ADMIN}, headers=owner).json() == {
+            "detail": f"{ADMIN} is an owner (ADMIN_SRNS): the role comes from the settings"}
+        listed = httpx.post(f"{second}/admin/admins", headers=bob).json()
+        assert listed["owners"] == [ADMIN] and [a["srn"] for a in listed["admins"]] == [BOB]
+
+        assert httpx.post(f"{second}/admin/admins/revoke", json={"srn": BOB}, headers=owner).status_code == 200
+        assert close(second, 5) == 403  # the same token, refused at once where it was revoked ...
+        within_a_second(first, 5, 403)  # ... and on the other worker within a second
+        history = httpx.post(f"{first}/admin/history", json={"srn": BOB}, headers=owner).json()["events"]
+        assert [(e["action"], e["note"]) for e in history if e["action"].startswith("admin")] == [
+            ("admin_revoke", f"by {ADMIN}"), ("admin_grant", f"by {ADMIN}")]
+
+
+def test_an_admin_books_and_cancels_for_a_member_and_both_names_are_kept(settings: Settings, clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({ADMIN}), max_bookings_per_day=1), clock) as service:
+        booked = service.http.post("/book-slot", json=body(9, ADMIN, **{"for": "pes1ug20cs001"}))
+        assert booked.status_code == 200 and booked.json()["message"] == f"Slot 9 booked successfully for {ALICE}"
+        assert service.slots()["slots"][6]["booked_by"] == ALICE
+        mine = service.http.post("/my-bookings", json=body()).json()["bookings"]
+        assert [(b["id"], b["date"]) for b in mine] == [(9, TODAY)]
+        assert service.http.post("/book-slot", json=body(10, ADMIN, **{"for": ALICE})).status_code == 400  # her limit
+        assert service.http.post("/book-slot", json=body(10, BOB, **{"for": ALICE})).json() == {
+            "detail": "Admins only"}
+        assert service.http.post("/waitlist/join", json=body(10, ADMIN, **{"for": ALICE})).status_code == 422
+        assert service.http.post("/book-slot", json=body(10, ADMIN, **{"for": "bad-srn!"})).status_code == 422
+        feed = service.http.get(service.http.post("/calendar/link", json=body()).json()["path"])
+        assert len(events_of(parse_feed(feed))) == 1  # on her feed, as her own
+        clock.set("2026-11-24 09:10")  # it has started: she could not cancel it now, an admin can for her
+        cancelled = service.http.post("/cancel-slot", json=body(9, ADMIN, **{"for": ALICE}))
+        assert cancelled.status_code == 200 and cancelled.json()["message"].endswith(f"for {ALICE}")
+        history = service.http.post("/admin/history", json=body(username=ADMIN, srn=ALICE)).json()["events"]
+        assert [(e["action"], e["srn"], e["note"]) for e in history[:2]] == [
+            ("cancel", ALICE, f"by {ADMIN}"), ("book", ALICE, f"by {ADMIN}")]
+
+
+def export(service: Service, kind: str, form: str = "csv", **fields: Any) -> httpx.Response:
+    return service.http.post("/admin/export", json=body(username=ADMIN, kind=kind, format=form,
+                                                        **{"from": TODAY, "to": TOMORROW, **fields}))
+
+
+def csv_rows(response: httpx.Response) -> list[list[str]]:
+    """A CSV answer as a spreadsheet reads it, after checking it is RFC 4180 text with a header row."""
+    import csv
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    assert "attachment" in response.headers["content-disposition"]
+    text = response.content.decode("utf-8")
+    assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", "")
+    return list(csv.reader(text.splitlines()))
+
+
+def test_an_admin_takes_the_terms_reports_to_a_spreadsheet(settings: Settings, clock: Clock) -> None:
+    rules = replace(settings, admin_srns=frozenset({ADMIN}), checkin_required=True, no_show_limit=5)
+    with running(rules, clock) as service:
+        assert service.book(9).status_code == 200 and service.book(10).status_code == 200
+        assert waitlist(service, "join", 9, BOB).status_code == 200
+        assert service.http.post("/book-slot", json=body(11, BOB, date=TOMORROW)).is_success
+        reason = 'Soldering, "advanced"\u00e9'  # a comma, quotes and UTF-8, as a spreadsheet must read them
+        assert service.http.post("/admin/close-slot", json=body(12, ADMIN, date=TOMORROW, reason=reason)).is_success
+        clock.set("2026-11-24 08:30")
+        assert service.cancel(9).status_code == 200  # within the hour before its start: late; Bob has it now
+        clock.set("2026-11-24 09:05")
+        assert service.http.post("/check-in", json=body(9, BOB)).status_code == 200
+        clock.set("2026-11-24 10:16")  # Alice does not come to slot 10
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][7]["booked_by"] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        bookings = csv_rows(export(service, "bookings"))
+        assert bookings[0] == ["date", "slot_id", "start_time", "end_time", "srn", "booked_at", "checked_in", "series"]
+        assert [row[:5] + row[6:7] for row in bookings[1:]] == [[TODAY, "9", "09:00", "10:00", BOB, "True"],
+                                                                [TOMORROW, "11", "11:00", "12:00", BOB, "False"]]
+        assert all(row[5].endswith("+05:30") for row in bookings[1:])  # times carry their offset
+
+        events = csv_rows(export(service, "events"))
+        history = service.http.post("/admin/history", json=body(username=ADMIN, **{"from": TODAY, "to": TOMORROW})
+                                    ).json()
+        assert len(events) - 1 == history["total"] and events[1][1].endswith("+05:30")
+        assert {row[3] for row in events[1:]} >= {"book", "join", "cancel", "promote", "check_in", "no_show"}
+        assert [row[7] for row in events[1:] if row[3] == "close"] == [reason]
+
+        usage = export(service, "usage", "json").json()["members"]
+        alice, bob = (next(m for m in usage if m["srn"] == srn) for srn in (ALICE, BOB))
+        assert (alice["hours_booked"], alice["no_shows"], alice["late_cancels"]) == (0, 1, 1)
+        assert (bob["hours_booked"], bob["hours_checked_in"], bob["lines_joined"], bob["promoted"]) == (2, 1, 1, 1)
+        table = csv_rows(export(service, "usage"))
+        assert table[0] == ["srn", *db.USAGE_COLUMNS] and [ALICE, "0", "0", "1", "0", "1", "0", "0"] in table
+
+        no_show = service.http.post("/admin/export", json=body(username=ADMIN, kind="no_shows", format="json",
+                                                               **{"from": TODAY, "to": TODAY})).json()["no_shows"]
+        assert [(n["srn"], n["slot_id"], n["forgiven"]) for n in no_show] == [(ALICE, 10, False)]
+        assert service.http.post("/admin/forgive-no-show", json=body(10, ADMIN, srn=ALICE)).status_code == 200
+        assert csv_rows(export(service, "no_shows"))[1][-1] == "True"
+
+        assert service.http.post("/admin/export", json=body(kind="usage", **{"from": TODAY, "to": TODAY})
+                                 ).json() == {"detail": "Admins only"}
+        assert export(service, "usage", to="2026-11-01").json() == {"detail": f"to (2026-11-01) is before from ({TODAY})"}
+        assert export(service, "ledger").status_code == 422 and export(service, "events", "json").status_code == 422
+        assert export(service, "events", to=None).status_code == 422
+        decade = export(service, "events", **{"from": "2020-01-01", "to": "2030-12-31"})  # ten years: streamed
+        assert len(csv_rows(decade)) == len(events) + 1  # (and one more: the forgive)
 
 
 # -- waitlists, check-in, no-shows and who holds the lab now -------------------------------------------------
@@ -1898,8 +2087,8 @@ def test_root_health_stats_and_slots_show_twelve_free_slots(service: Service) ->
     slots = service.slots()
     assert [s["id"] for s in slots["slots"]] == list(range(3, 15))
     assert slots["slots"][0] == {"id": 3, "start_time": "03:00", "end_time": "04:00", "is_booked": False,
-                                 "booked_by": None, "booked_at": None, "closed": False, "status": "available",
-                                 "waiting": 0, "checked_in": False, "date": TODAY}
+                                 "booked_by": None, "booked_at": None, "closed": False, "reason": None,
+                                 "status": "available", "waiting": 0, "checked_in": False, "date": TODAY}
     assert slots["slots"][-1]["start_time"] == "14:00" and slots["slots"][-1]["end_time"] == "15:00"
     assert slots["available_slots"] == list(range(3, 15)) and slots["booked_slots"] == []
     health = service.http.get("/health").json()
@@ -3312,7 +3501,7 @@ def test_the_grace_rule_is_one_minute_for_the_slots_a_booking_and_a_handover(set
                                                                              now: str, bookable: bool) -> None:
     """db.booking_closes decides when a slot that began stops being offered, bookable and handed on."""
     assert db.booking_closes(TODAY, 9, 30) == datetime.fromisoformat("2026-11-24 09:30")
-    with running(replace(settings, admin_srns=(BOB,)), clock) as service:
+    with running(replace(settings, admin_srns=frozenset({BOB})), clock) as service:
         assert service.book(9).status_code == 200
         assert service.http.post("/waitlist/join", json=body(9, "PES1UG20CS004")).status_code == 200
         clock.set(f"{TODAY} {now}")
