@@ -1054,6 +1054,7 @@ MESSAGES = {
     "check_in": "Slot {} checked in",
     "join": "In line for slot {}",  # the board says where
     "leave": "Left the waitlist for slot {}",
+    "leave_early": "Left slot {} early: the rest of it is for others",
 }
 
 
@@ -1078,6 +1079,8 @@ async def change(state: State, action: str, ask: Ask, srn: str, *, via: str) -> 
         message = await board.join_waitlist(ask.date, ask.slot_id, srn, via)
     elif action == "leave":
         await board.leave_waitlist(ask.date, ask.slot_id, srn, via)
+    elif action == "leave_early":
+        await board.leave_early(ask.date, ask.slot_id, srn, via)
     elif action == "check_in":
         await board.check_in(ask.date, ask.slot_id, srn, via)
     else:
@@ -1126,7 +1129,8 @@ async def me(request: Request[State]) -> Response:
     current = (await board.current())["current"]
     held = current is not None and current["holder"] == srn
     return JSONResponse({"srn": srn, "holds_current_slot": held, "current": current if held else None,
-                         "next_booking": await board.next_booking(srn, current if held else None)})
+                         "next_booking": await board.next_booking(srn, current if held else None),
+                         "lately": await board.lately(srn)})
 
 
 # -- handlers: sessions --------------------------------------------------------------------------------------
@@ -1786,6 +1790,7 @@ ROUTES = [  # the routes pages poll most come first: Starlette tries each in tur
     Route("/now", now, methods=["GET"]),
     Route("/me", me, methods=["GET"]),
     Route("/check-in", slot_route("check_in"), methods=["POST"]),
+    Route("/leave-early", slot_route("leave_early"), methods=["POST"]),
     Route("/waitlist/join", slot_route("join"), methods=["POST"]),
     Route("/waitlist/leave", slot_route("leave"), methods=["POST"]),
     Route("/health", health),
@@ -1875,8 +1880,11 @@ SCHEMAS: dict[str, Any] = {
                   token=STRING, expires_in=INTEGER),
     "Done": _obj(["success", "message"], success=BOOLEAN, message=STRING),
     "Now": _obj(["now", "current", "next"], now=STRING, current=_ref("NowSlot"), next=_ref("NowSlot")),
-    "Me": _obj(["srn", "holds_current_slot", "current", "next_booking"], srn=STRING, holds_current_slot=BOOLEAN,
-               current=_ref("NowSlot"), next_booking={"type": ["object", "null"]}),
+    "Me": _obj(["srn", "holds_current_slot", "current", "next_booking", "lately"], srn=STRING,
+               holds_current_slot=BOOLEAN, current=_ref("NowSlot"), next_booking={"type": ["object", "null"]},
+               lately={"type": "array", "items": _obj(["action", "at", "date", "slot_id", "by"], action=STRING,
+                                                      at=STRING, date=STRING, slot_id=INTEGER,
+                                                      by=NULLABLE_STRING)}),
     "TokenBody": _obj([], token=STRING),
     "SlotDone": _obj(["success", "message", "slot_id"], success=BOOLEAN, message=STRING, slot_id=INTEGER),
     "MyBookings": _obj(["success", "bookings", "total_bookings", "waitlist"], success=BOOLEAN,
@@ -2024,6 +2032,9 @@ DOCS: dict[tuple[str, str], dict[str, Any]] = {
                                  "Me", ("401",)), "security": [{"bearer": []}]},
     ("POST", "/check-in"): operation("Check in to your slot (from 10 min before to 15 min after its start)",
                                      "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
+    ("POST", "/leave-early"): operation("Give up the slot under way that you hold: the rest of it goes to the first "
+                                        "in line, or is free", "SlotDone", MEMBER_ERRORS, "SlotRequest",
+                                        secured=True),
     ("POST", "/waitlist/join"): operation("Wait in line for a booked slot (a free one is booked at once)",
                                           "SlotDone", MEMBER_ERRORS, "SlotRequest", secured=True),
     ("POST", "/waitlist/leave"): operation("Leave a slot's waitlist", "SlotDone", MEMBER_ERRORS, "SlotRequest",
@@ -2178,12 +2189,18 @@ async def housekeeping(board: Board, hub: Hub, sessions: Sessions, interval: flo
 
 
 def notice(action: str, date: str, slot_id: int) -> dict[str, Any]:
-    """The personal message for an event: a promotion from a waitlist, or a release as a no-show."""
+    """The personal message for an event (db.NOTICES): a promotion from a waitlist, a release (as a no-show,
+    or not counted as one for a member moved up late), an admin's cancellation of their booking."""
     if action == "promote":
         return {"type": "booking_promoted", "date": date, "slot_id": slot_id,
                 "message": f"Slot {slot_id} on {date} is yours: it came free and you were first in line"}
-    return {"type": "booking_released", "date": date, "slot_id": slot_id,
-            "message": f"Your booking of slot {slot_id} on {date} was released: you did not check in in time"}
+    if action == "cancel":
+        return {"type": "booking_cancelled", "date": date, "slot_id": slot_id,
+                "message": f"Your booking of slot {slot_id} on {date} was cancelled by an admin"}
+    released = f"Your booking of slot {slot_id} on {date} was released: you did not check in in time"
+    if action == "release":
+        released += " (not counted as a no-show: the slot came to you from the waitlist late)"
+    return {"type": "booking_released", "date": date, "slot_id": slot_id, "message": released}
 
 
 def close_sockets_on_sigterm(hub: Hub) -> Callable[[], None]:

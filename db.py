@@ -250,6 +250,12 @@ OFF_ROSTER = "NOT EXISTS (SELECT 1 FROM members WHERE srn = ?)"
 SUSPENDED = "EXISTS (SELECT 1 FROM suspensions WHERE srn = ? AND (until IS NULL OR until > ?))"
 
 
+# What happened to a member's booking that they did not do themselves: the events they are told of, on
+# their sockets and in /me. An admin's cancel is filed under the admin, noting "booked by SRN"; one made on
+# the member's behalf is filed under the member, noting "by ADMIN".
+NOTICES = ("(action IN ('promote', 'no_show', 'release') OR (action = 'cancel' AND (note LIKE 'booked by %'"
+           " OR note LIKE 'by %')))")
+MEMBER_OF_EVENT = "CASE WHEN note LIKE 'booked by %' THEN substr(note, 11) ELSE srn END"
 EXPORT_CHUNK = 1000  # rows an export reads at a time
 USAGE_COLUMNS = ("hours_booked", "hours_checked_in", "no_shows", "no_shows_forgiven", "late_cancels",
                  "lines_joined", "promoted")
@@ -528,16 +534,17 @@ class SlotStore:
 
     async def notices_since(self, after: int) -> tuple[int, list[tuple[str, str, str, int]]]:
         """The newest event id, and (action, srn, date, slot_id) of the events after id ``after`` that a member
-        is to be told of personally: a promotion from a waitlist, a release as a no-show. ``after`` -1: only
-        the newest id (a process starting up tells nobody of the past)."""
+        is to be told of personally (NOTICES: a promotion from a waitlist, a release, an admin's cancellation
+        of their booking; ``srn`` is the member's). ``after`` -1: only the newest id (a process starting up
+        tells nobody of the past)."""
 
         def notices() -> tuple[int, list[tuple[str, str, str, int]]]:
             newest = self._version()
             if after < 0:
                 return newest, []
             return newest, self.conn.execute(  # (NOT INDEXED: the few rows after ``after``, by rowid)
-                "SELECT action, srn, date, slot_id FROM events NOT INDEXED WHERE id > ? AND id <= ?"
-                " AND action IN ('promote', 'no_show') ORDER BY id", (after, newest),
+                f"SELECT action, {MEMBER_OF_EVENT}, date, slot_id FROM events NOT INDEXED WHERE id > ? AND id <= ?"
+                f" AND {NOTICES} ORDER BY id", (after, newest),
             ).fetchall()
 
         return await self._run(notices)
@@ -904,21 +911,33 @@ class SlotStore:
 
         def release() -> list[tuple[str, int, str, str | None]]:
             due = self.conn.execute(
-                f"SELECT slot_id, booked_by FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
+                f"SELECT slot_id, booked_by, booked_at FROM bookings WHERE date = ? AND NOT closed AND NOT checked_in"
                 f" AND booked_by IS NOT NULL AND {CHECKIN_MISSED} ORDER BY slot_id",
                 (today, checkin_minutes * 60, second),
             ).fetchall()
             released = []
-            for slot_id, holder in due:
+            for slot_id, holder, booked_at in due:
                 self.conn.execute("DELETE FROM bookings WHERE date = ? AND slot_id = ?", (today, slot_id))
-                self._log(at, holder, "no_show", today, slot_id, "system",
-                          f"not checked in within {checkin_minutes} minutes")
+                if self._moved_up_late(today, slot_id, holder, booked_at):  # they did not choose that hour
+                    self._log(at, holder, "release", today, slot_id, "system",
+                              f"not checked in within {checkin_minutes} minutes; moved up from the waitlist"
+                              " within the hour before the start, so not a no-show")
+                else:
+                    self._log(at, holder, "no_show", today, slot_id, "system",
+                              f"not checked in within {checkin_minutes} minutes")
                 bookable = now < booking_closes(today, slot_id, grace_minutes)
                 released.append((today, slot_id, holder,
                                  self._promote(today, slot_id, at, limits if bookable else None)))
             return released
 
         return await self._run(self._commit, release)
+
+    def _moved_up_late(self, date: str, slot_id: int, holder: str, booked_at: str | None) -> bool:
+        """Whether this booking came to its holder from the waitlist (not by their own choice) after the hour
+        before the slot's start: releasing it then is no no-show of theirs."""
+        return booked_at is not None and booked_at >= f"{date} {slot_id - 1:02d}:00:00" and self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE action = 'promote' AND srn = ? AND date = ? AND slot_id = ?"
+            " AND at = ?)", (holder, date, slot_id, booked_at)).fetchone()[0]
 
     async def set_closed(self, date: str, slot_id: int, closed: bool, srn: str, at: str, via: str,
                          reason: str | None = None) -> Change:
@@ -1087,6 +1106,15 @@ class SlotStore:
 
         # the commit bumps the generation: feeds cached under an old secret go, in every process
         return await self._run(self._commit, link)
+
+    async def happened_to(self, srn: str, since: str, limit: int = 10) -> list[tuple[str, str, str, int, str | None]]:
+        """(action, at, date, slot_id, the admin who did it or None) of the NOTICES about srn's bookings from
+        ``since`` (a time), newest first: what /me lists."""
+        return await self._read(lambda: self.reader.execute(
+            "SELECT action, at, date, slot_id, CASE WHEN note LIKE 'booked by %' THEN srn WHEN action = 'cancel'"
+            f" THEN substr(note, 4) END FROM events WHERE at >= ? AND {NOTICES}"
+            f" AND (srn = ? OR note = 'booked by ' || ?) AND {MEMBER_OF_EVENT} = ? ORDER BY id DESC LIMIT ?",
+            (since, srn, srn, srn, limit)).fetchall())
 
     # -- reports ---------------------------------------------------------------------------------------
 
@@ -1289,8 +1317,9 @@ class SlotStore:
                 break
             pair = (row[0], row[1])
             last = self.reader.execute(
-                "SELECT at FROM events WHERE srn = ? AND date = ? AND slot_id = ? AND (action IN ('no_show', 'leave')"
-                " OR (action = 'cancel' AND note IS NULL)) ORDER BY id DESC LIMIT 1", (srn, *pair),
+                "SELECT at FROM events WHERE srn = ? AND date = ? AND slot_id = ? AND (action IN ('no_show', 'release', 'leave')"
+                " OR (action = 'cancel' AND (note IS NULL OR note NOT LIKE 'booked by %')))"  # (their own, or for them)
+                " ORDER BY id DESC LIMIT 1", (srn, *pair),
             ).fetchone()
             if last is not None and last[0] >= removed_since:
                 removed[pair] = last[0]

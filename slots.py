@@ -26,7 +26,7 @@ import orjson
 from cachetools import LRUCache
 
 from db import (Change, Commits, DayRow, FeedRows, Limits, LineLimits, Outcome, SeriesCancel, SeriesPlan,
-                SeriesResult, SlotStore, barred, booking_closes, checkin_closes, not_started, slot_times)
+                SeriesResult, SlotStore, barred, booking_closes, checkin_closes, not_ended, not_started, slot_times)
 
 
 class SlotError(Exception):
@@ -453,7 +453,8 @@ class Board:
             "closed": f"Slot {slot_id} on {date} is closed, not booked",
             "other": f"Slot {slot_id} is booked by someone else; you can only cancel your own bookings",
         })
-        self.notices_pending |= change.promoted is not None
+        # (the member is told of a promotion, and of an admin's cancellation of their booking)
+        self.notices_pending |= change.promoted is not None or change.booked_by != srn or by is not None
         return change.promoted
 
     async def bookings_body(self, srn: str) -> bytes:
@@ -725,6 +726,31 @@ class Board:
                 "current": describe_slot(today, now.hour) if now.hour in self.rules.hours else None,
                 "next": describe_slot(upcoming, following)}
 
+    async def leave_early(self, date: str, slot_id: int, srn: str, via: str) -> str | None:
+        """The holder gives up the slot under way: the rest of it goes to the first in its line who may take
+        it (whose SRN is returned), or it is free, bookable while the grace allows."""
+        self._check(date, slot_id, for_booking=False)
+        now = self.now()
+        today = now.date().isoformat()
+        if not_started(date, slot_id, today, now.hour) or not not_ended(date, slot_id, today, now.hour):
+            raise SlotError(f"Slot {slot_id} on {date} is not under way: cancel a booking before it starts")
+        change = await self.store.cancel(date, slot_id, srn, self.stamp(), via, anyones=False,
+                                         limits=self._limits(), note="left early")
+        self._settle(date, slot_id, change, {
+            "free": f"Slot {slot_id} is not booked",
+            "closed": f"Slot {slot_id} on {date} is closed, not booked",
+            "other": f"Slot {slot_id} is booked by someone else; you can only leave your own",
+        })
+        self.notices_pending |= change.promoted is not None
+        return change.promoted
+
+    async def lately(self, srn: str) -> list[dict[str, Any]]:
+        """What happened to srn's bookings in the last FEED_CANCELLED_DAYS that they did not do themselves
+        (promotions, releases, admins' cancellations), newest first, at most ten: for /me."""
+        since = (self.now() - timedelta(days=FEED_CANCELLED_DAYS)).strftime("%Y-%m-%d %H:%M:%S")
+        return [{"action": action, "at": self.with_offset(at), "date": date, "slot_id": slot_id, "by": by}
+                for action, at, date, slot_id, by in await self.store.happened_to(srn, since)]
+
     async def next_booking(self, srn: str, current: dict[str, Any] | None) -> dict[str, Any] | None:
         """srn's next booking that has not ended, besides ``current`` (the slot under way, when they hold it)."""
         for booking in orjson.loads(await self.bookings_body(srn))["bookings"]:
@@ -770,7 +796,7 @@ class Board:
         if result.outcome != "ok":
             raise SlotError(f"Series {series} " + ("does not exist" if result.outcome == "none" else
                                                    "is already cancelled"))
-        self.notices_pending |= bool(result.promoted)
+        self.notices_pending |= bool(result.promoted) or bool(result.freed)
         await self._remember_all(result.version, result.days)
         return result
 

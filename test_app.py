@@ -837,12 +837,18 @@ def test_only_admins_change_or_read_the_roster_or_suspend_anyone(settings: Setti
         assert roster(service, "add", [ALICE]).status_code == 200
         token = login(service, ALICE)
         for path, fields in [("/admin/members/add", {"srns": [ALICE]}), ("/admin/members/remove", {"srns": [ALICE]}),
-                             ("/admin/members", {}), ("/admin/suspend", {"srn": BOB}), ("/admin/unsuspend", {"srn": BOB})]:
+                             ("/admin/members", {}), ("/admin/suspend", {"srn": BOB}), ("/admin/unsuspend", {"srn": BOB}),
+                             ("/admin/admins", {}), ("/admin/export", {"kind": "events", "from": TODAY, "to": TODAY})]:
             answer = service.http.post(path, json=body(**fields))
             assert answer.status_code == 403 and answer.json() == {"detail": "Admins only"}, path
-            assert service.http.post(path, json=body(password="wrong", **fields)).status_code == 401, path
+            assert service.http.post(path, json=body(password="wrong", **fields)).status_code in (401, 429), path
         csv_body = service.http.post("/admin/members/remove", content=b"PES1UG20CS001", headers=bearer(token))
         assert csv_body.status_code == 403
+        grant = service.http.post("/admin/admins/grant", json=body(srn=ALICE))
+        assert grant.status_code == 403 and grant.json() == {"detail": "Owners only (ADMIN_SRNS)"}
+        huge = "".join(f"PES1UG20CS{n % 1000:03d}\n" for n in range(100_000)).encode()  # a 100,000-line import
+        refused = service.http.post("/admin/members/add", content=huge, headers=bearer(login(service, ADMIN)))
+        assert refused.status_code == 413  # refused by its length, before it is read
         assert service.book(9).status_code == 200  # nothing changed
 
 
@@ -987,14 +993,15 @@ def test_an_admin_books_and_cancels_for_a_member_and_both_names_are_kept(setting
             "detail": "Admins only"}
         assert service.http.post("/waitlist/join", json=body(10, ADMIN, **{"for": ALICE})).status_code == 422
         assert service.http.post("/book-slot", json=body(10, ADMIN, **{"for": "bad-srn!"})).status_code == 422
-        feed = service.http.get(service.http.post("/calendar/link", json=body()).json()["path"])
-        assert len(events_of(parse_feed(feed))) == 1  # on her feed, as her own
+        path = service.http.post("/calendar/link", json=body()).json()["path"]
+        assert len(events_of(parse_feed(service.http.get(path)))) == 1  # on her feed, as her own
         clock.set("2026-11-24 09:10")  # it has started: she could not cancel it now, an admin can for her
         cancelled = service.http.post("/cancel-slot", json=body(9, ADMIN, **{"for": ALICE}))
         assert cancelled.status_code == 200 and cancelled.json()["message"].endswith(f"for {ALICE}")
         history = service.http.post("/admin/history", json=body(username=ADMIN, srn=ALICE)).json()["events"]
         assert [(e["action"], e["srn"], e["note"]) for e in history[:2]] == [
             ("cancel", ALICE, f"by {ADMIN}"), ("book", ALICE, f"by {ADMIN}")]
+        assert str(events_of(parse_feed(service.http.get(path)))[uid(TODAY, 9)]["STATUS"]) == "CANCELLED"
 
 
 def export(service: Service, kind: str, form: str = "csv", **fields: Any) -> httpx.Response:
@@ -1287,6 +1294,29 @@ def test_two_members_joining_for_the_last_place_in_line_across_two_processes(set
                 assert "is full (1 waiting)" in next(a for a in answers if a.status_code == 400).json()["detail"]
 
 
+def test_a_holder_who_leaves_early_hands_the_rest_to_the_line_or_frees_it(settings: Settings, clock: Clock) -> None:
+    with running(settings, clock) as service:
+        assert service.book(9).status_code == 200 and waitlist(service, "join", 9, BOB).status_code == 200
+        assert service.book(11, username=CAROL).status_code == 200
+        carol = link(service, CAROL)
+        early = service.http.post("/leave-early", json=body(9))
+        assert early.status_code == 400 and "not under way" in early.json()["detail"]
+        clock.set("2026-11-24 09:00")
+        assert service.http.post("/check-in", json=body(9)).status_code == 200
+        clock.set("2026-11-24 09:40")  # past the grace: only the line can have the rest of it
+        assert service.http.post("/leave-early", json=body(9, BOB)).status_code == 400  # not his
+        left = service.http.post("/leave-early", json=body(9))
+        assert left.status_code == 200 and left.json()["message"] == "Left slot 9 early: the rest of it is for others"
+        now = service.http.get("/now").json()["current"]
+        assert (now["id"], now["holder"], now["checked_in"]) == (9, BOB, False)
+        clock.set("2026-11-24 11:10")
+        assert service.http.post("/leave-early", json=body(11, CAROL)).status_code == 200
+        assert service.http.get("/now").json()["current"]["holder"] is None  # nobody holds the lab
+        assert str(events_of(parse_feed(service.http.get(carol)))[uid(TODAY, 11, CAROL)]["STATUS"]) == "CANCELLED"
+        assert service.slots()["slots"][8]["status"] == "available"  # within the grace: anyone may have it
+        assert service.book(11, username=ALICE).status_code == 200
+
+
 def test_the_holder_checks_in_and_the_lab_knows_who_holds_it_now(settings: Settings, clock: Clock) -> None:
     with running(replace(settings, admin_srns=frozenset({"PES1UG20CS010"})), clock) as service:
         assert service.book(9).status_code == 200 and service.book(10, username=BOB).status_code == 200
@@ -1310,7 +1340,7 @@ def test_the_holder_checks_in_and_the_lab_knows_who_holds_it_now(settings: Setti
         assert service.http.get("/me", headers=bearer(alice)).json() == {
             "srn": ALICE, "holds_current_slot": True, "current": now["current"], "next_booking": {
                 "id": 13, "start_time": "13:00", "end_time": "14:00", "booked_at": "2026-11-24 09:20:00",
-                "date": TODAY}}  # the next one, not the one under way
+                "date": TODAY}, "lately": []}  # the next one, not the one under way; nothing done to her bookings
         mine = service.http.get("/me", headers=bearer(bob)).json()
         assert mine["holds_current_slot"] is False and mine["next_booking"]["id"] == 10
         assert service.http.get("/me").status_code == 401
@@ -1348,6 +1378,48 @@ def test_a_no_show_is_released_and_the_next_in_line_gets_the_slot(settings: Sett
         history = service.http.post("/admin/history", json=body(username="PES1UG20CS010")).json()["events"]
         actions = [(e["action"], e["srn"], e["slot_id"]) for e in history]
         assert actions.count(("no_show", ALICE, 9)) == 1 and ("promote", BOB, 9) in actions
+
+
+def test_a_member_moved_up_late_is_released_but_never_counted_and_every_automatic_action_reaches_them(
+        settings: Settings, clock: Clock) -> None:
+    admin = "PES1UG20CS010"
+    rules = replace(settings, checkin_required=True, no_show_limit=1, admin_srns=frozenset({admin}))
+    with running(rules, clock) as service:
+        bob_tab, alice_tab = service.socket(), service.socket()
+        for tab, srn in ((bob_tab, BOB), (alice_tab, ALICE)):  # (a token would expire before the morning)
+            assert send(tab, {"type": "identify", "username": srn, "password": PASSWORD})["success"] is True
+        bob_feed, alice_feed = link(service, BOB), link(service)
+        assert service.book(9).status_code == 200 and waitlist(service, "join", 9, BOB).status_code == 200
+        assert service.book(10, username=CAROL).status_code == 200 and service.book(12).status_code == 200
+        clock.set("2026-11-24 08:30")
+        assert service.cancel(9).status_code == 200  # Bob moves up half an hour before the start
+        assert receive_until(bob_tab, "booking_promoted")["slot_id"] == 9
+        clock.set("2026-11-24 09:15")  # he does not come: released, but it was not his choice of hour
+        released = receive_until(bob_tab, "booking_released")
+        assert released["slot_id"] == 9 and "not counted as a no-show" in released["message"]
+        assert service.book(11, username=BOB).status_code == 200  # not barred by NO_SHOW_LIMIT=1
+        clock.set("2026-11-24 10:15")  # Carol booked 10 herself and does not come: that one counts
+        deadline = time.monotonic() + 3
+        while service.slots()["slots"][7]["booked_by"] is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "no-show" in service.book(13, username=CAROL).json()["detail"]
+
+        assert service.cancel(12, username=admin).status_code == 200  # an admin cancels Alice's booking
+        cancelled = receive_until(alice_tab, "booking_cancelled")
+        assert cancelled == {"type": "booking_cancelled", "date": TODAY, "slot_id": 12,
+                             "message": f"Your booking of slot 12 on {TODAY} was cancelled by an admin"}
+        lately = service.http.get("/me", headers=bearer(login(service, BOB))).json()["lately"]
+        assert [(e["action"], e["slot_id"]) for e in lately] == [("release", 9), ("promote", 9)]
+        assert lately[0]["at"].endswith("+05:30")
+        alice = service.http.get("/me", headers=bearer(login(service, ALICE))).json()["lately"]
+        assert [(e["action"], e["slot_id"], e["by"]) for e in alice] == [("cancel", 12, admin)]
+        assert all(e["by"] is None for e in lately)  # the service did those on its own
+        for feed, slot, srn in ((bob_feed, 9, BOB), (alice_feed, 12, ALICE)):  # and their calendars say so
+            assert str(events_of(parse_feed(service.http.get(feed)))[uid(TODAY, slot, srn)]["STATUS"]) == "CANCELLED"
+        no_shows = service.http.post("/admin/export", json=body(username=admin, kind="usage", format="json",
+                                                                **{"from": TODAY, "to": TODAY})).json()["members"]
+        assert {m["srn"]: m["no_shows"] for m in no_shows}.get(BOB, 0) == 0
 
 
 def test_members_with_too_many_no_shows_cannot_book_until_they_age_or_are_forgiven(settings: Settings,
