@@ -1671,6 +1671,7 @@ SOCKET_ACTIONS = {
     "join_waitlist": ("join", "waitlist_response", "waitlist"),
     "leave_waitlist": ("leave", "waitlist_response", "waitlist"),
     "check_in": ("check_in", "check_in_response", "check-in"),
+    "leave_early": ("leave_early", "leave_early_response", "leave-early"),
 }
 
 

@@ -1310,7 +1310,10 @@ def test_a_holder_who_leaves_early_hands_the_rest_to_the_line_or_frees_it(settin
         now = service.http.get("/now").json()["current"]
         assert (now["id"], now["holder"], now["checked_in"]) == (9, BOB, False)
         clock.set("2026-11-24 11:10")
-        assert service.http.post("/leave-early", json=body(11, CAROL)).status_code == 200
+        tab = service.socket()  # over the socket alike
+        assert send(tab, {"type": "leave_early", **body(11, CAROL)}) == {
+            "type": "leave_early_response", "success": True, "slot_id": 11,
+            "message": "Left slot 11 early: the rest of it is for others"}
         assert service.http.get("/now").json()["current"]["holder"] is None  # nobody holds the lab
         assert str(events_of(parse_feed(service.http.get(carol)))[uid(TODAY, 11, CAROL)]["STATUS"]) == "CANCELLED"
         assert service.slots()["slots"][8]["status"] == "available"  # within the grace: anyone may have it
