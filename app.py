@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -2316,6 +2317,9 @@ app = create_app(SETTINGS)
 # - httptools: ``on_header(name, value)`` for headers and trailers, ``pipeline`` (requests sent ahead);
 # - sans-I/O WebSockets: ``close_sent``, ``read_paused``, ``client``, and ``send`` waiting on ``writable``
 #   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing.
+# - with WORKERS > 1, ``Config.bind_socket`` and ``supervisors.Multiprocess`` (its ``run`` and ``processes``,
+#   each with ``exitcode``), and ``config.STARTUP_FAILURE``: uvicorn.run returns normally, so exits 0, when a
+#   worker fails to start.
 
 
 RESERVED_FDS = 64  # descriptors kept for the database, the listening socket, logs and pipes, besides PESU's
@@ -2825,7 +2829,9 @@ class Metrics:
 
 USAGE = """usage: python app.py            run the server (settings from the environment; see README)
        python app.py backup PATH  copy the live database to PATH (safe while the server runs)
-       python app.py check        check the database's integrity; print its schema version and counts"""
+       python app.py check        check the database's integrity; print its schema version and counts
+       python app.py upgrade ORIGINAL.db [--date YYYY-MM-DD]
+                                  bring the original system's bookings in (safe while the server runs)"""
 
 
 def maintain(argv: list[str]) -> int:
@@ -2844,8 +2850,11 @@ def maintain(argv: list[str]) -> int:
             print(f"schema version {schema}; {report['bookings']} booking(s) and "
                   f"{report['closed_slots']} closed slot(s) over {report['days']} day(s); {report['events']} event(s)")
             return 0 if report["ok"] else 1
-    except FileNotFoundError:
-        print(f"no database at {path} (DATABASE_PATH)", file=sys.stderr)
+        if argv[0] == "upgrade" and (len(argv) == 2 or (len(argv) == 4 and argv[2] == "--date")):
+            return upgrade(path, argv[1], argv[3] if len(argv) == 4 else None)
+    except FileNotFoundError as exc:
+        print(f"no database at {exc.args[0] if exc.args else path}" + (" (DATABASE_PATH)" if not exc.args or
+                                                                        exc.args[0] == path else ""), file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
@@ -2857,6 +2866,41 @@ def maintain(argv: list[str]) -> int:
     return 2
 
 
+def upgrade(path: str, original: str, date: str | None) -> int:
+    """``upgrade ORIGINAL.db``: back the database up beside itself, then bring the original's bookings in,
+    one line each; the running workers see the commit within a poll and broadcast it."""
+    now = datetime.now(SETTINGS.rules().timezone)
+    today, stamp = now.date().isoformat(), now.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        if date is not None and parse_date(date) < today:
+            raise SlotError("in the past")
+    except SlotError:
+        print(f"--date must be a date (YYYY-MM-DD) from today ({today}) on", file=sys.stderr)
+        return 2
+    if Path(original).exists() and Path(path).exists() and Path(original).resolve() == Path(path).resolve():
+        print(f"{original} is DATABASE_PATH itself: it is upgraded when the server starts on it", file=sys.stderr)
+        return 2
+    done = db.brought_in(path, original)  # (not the original's, or unreadable: said before any backup)
+    if done is not None:
+        print(f"{original}: its bookings were brought in at {done}: nothing changed")
+        return 0
+    if Path(path).exists():
+        copy = f"{path}.before-upgrade-{now:%Y%m%d-%H%M%S}"
+        print(f"backed up {path} to {copy}: {db.backup(path, copy)} booking(s)")
+
+    async def bring_in() -> list[str]:
+        store = SlotStore(path, SETTINGS.hours)
+        await store.open(today, stamp)
+        try:
+            return await store.bring_in(original, date, today, stamp)
+        finally:
+            await store.close()
+
+    for line in asyncio.run(bring_in()):
+        print(line)
+    return 0
+
+
 def preflight(settings: Settings) -> None:
     """Stop with one line naming the setting if the address or the database cannot be used: uvicorn would
     otherwise log "serving" first and fail later, and a worker would fail with a traceback."""
@@ -2864,16 +2908,46 @@ def preflight(settings: Settings) -> None:
         socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise SystemExit(f"HOST={settings.host!r} cannot be used: {exc.strerror or exc}") from None
+    now = datetime.now(settings.rules().timezone)
     try:
-        db.check_writable(settings.database_path)
-    except (OSError, sqlite3.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        db.prepare(settings.database_path, settings.hours, now.date().isoformat(), now.strftime("%Y-%m-%d %H:%M:%S"))
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        reason = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror + (f": {exc.filename}" if exc.filename else "")
         raise SystemExit(f"DATABASE_PATH={settings.database_path!r} cannot be used: {reason}") from None
 
 
-def main(argv: list[str]) -> None:
+def serve(settings: Settings) -> int:
+    """Run uvicorn as ``python app.py`` does; the exit status: 0 after a clean stop, STARTUP_FAILURE (3) if
+    the server, or any one of its workers, failed to start (so systemd's Restart=on-failure acts)."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
+    config = uvicorn.Config(
+        app if settings.workers == 1 else "app:app",  # workers import it themselves; one process need not again
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_format),
+        **server_options(settings),
+    )
+    if settings.workers == 1:
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else STARTUP_FAILURE
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    failed = [process.pid for process in supervisor.processes if process.exitcode == STARTUP_FAILURE]
+    if failed:
+        print(f"rero-slots did not start: worker {failed[0]} failed to start (its error is above)", file=sys.stderr)
+        return STARTUP_FAILURE
+    return 0
+
+
+def main(argv: list[str]) -> None:
     if argv:
         raise SystemExit(maintain(argv))
     preflight(SETTINGS)
@@ -2882,15 +2956,7 @@ def main(argv: list[str]) -> None:
         # One random secret for all the workers (they inherit the environment), so a token from one
         # is good on the others; it still dies with this process.
         os.environ["SESSION_SECRET"] = os.urandom(32).hex()
-    uvicorn.run(
-        app if SETTINGS.workers == 1 else "app:app",  # workers import it themselves; one process need not again
-        host=SETTINGS.host,
-        port=SETTINGS.port,
-        workers=SETTINGS.workers,
-        log_level=SETTINGS.log_level,
-        log_config=uvicorn_log_config(SETTINGS.log_format),
-        **server_options(SETTINGS),
-    )
+    raise SystemExit(serve(SETTINGS))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -447,7 +448,8 @@ class SlotStore:
 
     def _open(self, today: str, now: str) -> int:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            check_own_files(self.path)
+            create_private(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # Another worker may be upgrading the file (building indexes over a long history takes seconds):
         # wait for it as long as it takes, then no more than 10 s for any one write.
@@ -459,6 +461,8 @@ class SlotStore:
         if self.path != ":memory:":
             self.generation = Generation(self.path + "-gen")
         self._upgrade(today, now)
+        if self.generation is not None:
+            self._mark_own()
         conn.execute("PRAGMA busy_timeout = 10000")
         if self.path != ":memory:":
             self._read_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -486,21 +490,76 @@ class SlotStore:
                 conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     def _migrate_undated(self, today: str, now: str) -> None:
-        """The original system's bookings had no date: they become bookings on the day of migration."""
+        """The original system's bookings had no date: when DATABASE_PATH is the original's own file, they
+        become bookings on the next day each slot is still ahead (as ``upgrade`` brings them in)."""
         rows = self.conn.execute(
             "SELECT id, booked_by, booked_at FROM slots WHERE is_booked ORDER BY id"
         ).fetchall()
         if not rows:
             return
+        placed = [(ahead(id_, today, now), id_, booked_by, booked_at or now) for id_, booked_by, booked_at in rows]
         self.conn.executemany(
-            "INSERT OR IGNORE INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
-            [(today, id_, booked_by, booked_at or now) for id_, booked_by, booked_at in rows],
-        )
+            "INSERT OR IGNORE INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)", placed)
         # The original's own table is left as it was, so the original backend can run on this file again
         # (it then shows its bookings as they were at the upgrade); meta's schema version marks the copy done.
-        self._log(now, None, "migrate", today, None, "system",
-                  f"{len(rows)} undated booking(s) from the original database (slots "
-                  f"{', '.join(str(r[0]) for r in rows)}) moved to {today}")
+        for date, slot_id, booked_by, booked_at in placed:
+            self._log(now, booked_by, "migrate", date, slot_id, "system",
+                      f"from the original database (booked at {booked_at})")
+
+    def _mark_own(self) -> None:
+        """Give the database an id of its own (PRAGMA application_id, in the file's header) and write it in
+        the -gen file too, so check_own_files can tell the files beside it are its own. Decided in a write
+        transaction, so two workers opening a new file agree; -gen learns it once the header on disk has it."""
+        assert self.generation is not None
+        with self._transaction():
+            own = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            if own == 0:
+                own = random.randint(1, 2**31 - 1)
+                self.conn.execute(f"PRAGMA application_id = {own}")
+        own_bytes = (own % 2**32).to_bytes(4, "big")
+        if self.generation.owner() == own_bytes:
+            return
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # (the header on disk: what check_own_files reads)
+        if header_of(self.path)[68:72] == own_bytes:
+            self.generation.set_owner(own_bytes)
+
+    async def bring_in(self, original: str, date: str | None, today: str, now: str) -> list[str]:
+        """``python app.py upgrade``: bring the original system's bookings (read from its database, read-only)
+        into this one in one transaction, each onto ``date`` or the next day its slot is still ahead; one
+        line per booking says what became of it. A second run with the same original changes nothing."""
+        rows = read_original(original)
+        key = upgrade_key(original, rows)
+
+        def bring_in() -> list[str]:
+            done = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if done is not None:
+                return [f"{original}: its {len(rows)} booking(s) were brought in at {done[0]}: nothing changed"]
+            lines = []
+            for slot_id, booked_by, booked_at in rows:
+                who = booked_by or "no member"
+                target = date or ahead(slot_id, today, now)
+                start, end = slot_times(slot_id) if 0 <= slot_id <= 23 else ("?", "?")
+                where = f"slot {slot_id} ({start}-{end}) of {who}"
+                current = self._current(target, slot_id) if slot_id in self.hours else None
+                if slot_id not in self.hours:
+                    lines.append(f"{where}: left out, not one of HOURS")
+                elif not not_started(target, slot_id, today, int(now[11:13])):
+                    lines.append(f"{where}: left out, it has started on {target}")
+                elif current is not None and current[0] == booked_by and booked_by and not current[1]:
+                    lines.append(f"{where}: already booked on {target}, unchanged")
+                elif current is not None:
+                    holder = "closed" if current[1] else f"booked by {current[0]}"
+                    lines.append(f"{where}: left out, slot {slot_id} on {target} is {holder}")
+                else:
+                    self.conn.execute("INSERT INTO bookings (date, slot_id, booked_by, booked_at) VALUES (?, ?, ?, ?)",
+                                      (target, slot_id, booked_by, booked_at or now))
+                    self._log(now, booked_by, "migrate", target, slot_id, "upgrade",
+                              f"from the original database {Path(original).name} (booked at {booked_at})")
+                    lines.append(f"{where}: booked on {target}")
+            self.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
+            return lines
+
+        return await self._run(self._commit, bring_in)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -1435,7 +1494,7 @@ class Generation:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # (as SQLite makes its own files)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # (readable by the service's user only)
         self.repairing = threading.Lock()
         if len(os.pread(self.fd, 8, 0)) < 8:  # new
             os.pwrite(self.fd, os.urandom(8), 0)
@@ -1454,6 +1513,13 @@ class Generation:
 
     def bump(self) -> None:
         os.pwrite(self.fd, ((int.from_bytes(self.read(), "little") + 1) % (1 << 64)).to_bytes(8, "little"), 0)
+
+    def owner(self) -> bytes:
+        """The id of the database this file belongs to (bytes 8 to 12; empty in a file from before ids)."""
+        return os.pread(self.fd, 4, 8)
+
+    def set_owner(self, owner: bytes) -> None:
+        os.pwrite(self.fd, owner, 8)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -1475,6 +1541,97 @@ class _Transaction:
         self.conn.execute("ROLLBACK" if exc_type or not self.keep else "COMMIT")
 
 
+# -- the files of a database -----------------------------------------------------------------------------
+
+
+class ForeignFiles(ValueError):
+    """-wal, -shm or -gen files beside a database that are not its own."""
+
+
+def header_of(path: str) -> bytes:
+    """The database file's 100-byte header as it is on disk (b"" for a missing or empty file)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(100)
+    except FileNotFoundError:
+        return b""
+
+
+def check_own_files(path: str) -> None:
+    """Refuse a database beside -wal, -shm or -gen files left by another one (a file copied over a stopped
+    service's, or over a running one's). SQLite would replay such a WAL into the file it finds and keep
+    only the other database's pages: the copy's bookings gone, "integrity ok". Ours are told by the header:
+    a database of ours is in WAL mode (bytes 18 and 19 are 2) and its id (application_id, bytes 68 to 72)
+    is the one its -gen file holds."""
+    header = header_of(path)
+    wal = header[18:20] == b"\x02\x02"
+    beside = [suffix for suffix in ("-wal", "-shm", "-gen") if Path(path + suffix).exists()]
+    if not beside or len(header) < 100:  # (a new database: no other's pages to lose)
+        return
+    owner = b""
+    if "-gen" in beside:
+        with open(path + "-gen", "rb") as file:
+            owner = file.read(12)[8:12]
+    if not wal or (owner and header[68:72] != owner):
+        names = [Path(path).name + suffix for suffix in beside]
+        files = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        raise ForeignFiles(f"{files} beside it {'are' if len(names) > 1 else 'is'} not its own (left by another"
+                           f" database): if {Path(path).name} is the original system's, move it away and bring its"
+                           " bookings in with the upgrade command (app.py upgrade ORIGINAL.db); otherwise move "
+                           + ("those files" if len(names) > 1 else "that file") + " away")
+
+
+def create_private(path: str) -> None:
+    """Create the database file readable and writable by its owner only, if it does not exist: SQLite gives
+    its -wal and -shm files the database file's mode."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+def ahead(slot_id: int, today: str, now: str) -> str:
+    """The next date on which slot ``slot_id`` is still ahead at ``now`` (a time of ``today``): today, or
+    tomorrow once it has started. Where an original's undated booking goes."""
+    if not_started(today, slot_id, today, int(now[11:13])):
+        return today
+    return (Date.fromisoformat(today) + timedelta(days=1)).isoformat()
+
+
+def upgrade_key(original: str, rows: list[tuple[int, str | None, str | None]]) -> str:
+    """meta's key that says an original (its name and its bookings) was brought in."""
+    return "upgrade " + hashlib.sha256(orjson.dumps([Path(original).name, rows])).hexdigest()[:32]
+
+
+def brought_in(path: str, original: str) -> str | None:
+    """When ``upgrade`` brought this original in to the database at path (read-only), or None."""
+    key = upgrade_key(original, read_original(original))
+    if not Path(path).exists():
+        return None
+    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+
+def read_original(path: str) -> list[tuple[int, str | None, str | None]]:
+    """The original system's booked slots (id, booked_by, booked_at), read without changing its file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "slots" not in tables:
+            raise ValueError(f"{path} is not the original system's database (it has no slots table)")
+        if "meta" in tables:
+            raise ValueError(f"{path} is a rero-slots database, not the original system's")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
+        who = "booked_by" if "booked_by" in columns else "NULL"
+        when = "booked_at" if "booked_at" in columns else "NULL"
+        return [(int(id_), by, None if at is None else str(at)) for id_, by, at in conn.execute(
+            f"SELECT id, {who}, {when} FROM slots WHERE is_booked ORDER BY id")]
+
+
 # -- maintenance: python app.py backup PATH / python app.py check ------------------------------------------
 
 
@@ -1492,6 +1649,8 @@ def backup(source: str, target: str) -> int:
             live.execute("PRAGMA busy_timeout = 10000")
             live.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # not a database: fail before the copy
             try:
+                if not existed:
+                    create_private(target)
                 copy = sqlite3.connect(target)
             except sqlite3.Error as exc:
                 raise sqlite3.OperationalError(f"cannot write the copy at {target}: {exc}") from None
@@ -1520,6 +1679,20 @@ def _counts(conn: sqlite3.Connection) -> dict[str, Any]:
     events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] if "events" in tables else 0
     return {"schema": schema[0] if schema else None, "bookings": booked, "closed_slots": closed, "days": days,
             "events": events}
+
+
+def prepare(path: str, hours: Sequence[int], today: str, now: str) -> None:
+    """Create or migrate the database once, then close it: what ``python app.py`` does before its workers
+    start, so that what would stop them (a file it may not write, files beside it not its own) is one line
+    from one process, and the workers never race to create the file."""
+    store = SlotStore(path, hours)
+    try:
+        store._open(today, now)
+    finally:
+        store._close()
+        store._close_reader()
+        store._executor.shutdown()
+        store._reader.shutdown()
 
 
 def check_writable(path: str) -> None:

@@ -3932,6 +3932,17 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     send = inspect.getsource(app_module.WebSocketsSansIOProtocol.send)
     if not send.lstrip().split("\n", 2)[1].strip().startswith("await self.writable.wait()"):
         missing.append("WebSocketsSansIOProtocol.send waiting for writable before anything else")
+    from uvicorn.config import STARTUP_FAILURE  # (what serve() needs to exit non-zero with WORKERS > 1)
+    from uvicorn.supervisors import Multiprocess
+    from uvicorn.supervisors.multiprocess import Process
+
+    missing += [f"Multiprocess.{name}" for name in ("run", "keep_subprocess_alive") if not hasattr(Multiprocess, name)]
+    missing += [] if hasattr(Process, "exitcode") else ["supervisors.multiprocess.Process.exitcode"]
+    missing += [] if hasattr(uvicorn.Config, "bind_socket") else ["Config.bind_socket"]
+    if "STARTUP_FAILURE" not in inspect.getsource(Multiprocess.keep_subprocess_alive) or STARTUP_FAILURE != 3:
+        missing.append("Multiprocess stopping when a worker exits with STARTUP_FAILURE")
+    if "self.processes" not in inspect.getsource(Multiprocess.__init__):
+        missing.append("Multiprocess.processes")
     assert not missing, f"uvicorn {uvicorn.__version__} lacks what app.py relies on: {missing}"
 
 
@@ -4071,8 +4082,8 @@ def test_an_original_database_opens_with_its_bookings(settings: Settings) -> Non
     with running(replace(settings, admin_srns=frozenset({ALICE}))) as service:  # opens again, nothing doubled
         assert service.slots()["booked_slots"] == [6, 7, 9]
         log = service.http.post("/admin/history", json=body()).json()["events"]
-        assert [e["action"] for e in log] == ["book", "migrate"]
-        assert log[1]["note"].startswith("2 undated booking(s) from the original database")
+        assert [(e["action"], e["slot_id"]) for e in log] == [("book", 7), ("migrate", 9), ("migrate", 6)]
+        assert log[1]["note"] == "from the original database (booked at 2025-07-28 10:15:30)"
 
 
 @pytest.mark.parametrize("tracked_users", [False, True])  # the original's first schema, and its later one
@@ -4103,6 +4114,134 @@ def test_upgrading_from_the_original_backend_and_back(settings: Settings, tmp_pa
     with contextlib.closing(sqlite3.connect(database)) as conn:  # rolling back: what the original reads
         kept = conn.execute("SELECT id FROM slots WHERE is_booked ORDER BY id").fetchall()
     assert kept == [(6,), (9,)]  # its bookings as they were at the upgrade; 7 lives only in rero-slots
+
+
+def original_database(path: Path, booked: dict[int, str]) -> None:
+    """A database as the original system leaves it: its slots table, some of them booked."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("""CREATE TABLE slots (id INTEGER PRIMARY KEY, start_time TEXT NOT NULL,
+            end_time TEXT NOT NULL, is_booked BOOLEAN DEFAULT FALSE, booked_by TEXT DEFAULT NULL,
+            booked_at DATETIME DEFAULT NULL, created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+            updated_at DATETIME DEFAULT CURRENT_TIMESTAMP)""")
+        for hour in range(3, 15):
+            conn.execute("INSERT INTO slots (id, start_time, end_time, is_booked, booked_by, booked_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)", (hour, f"{hour:02d}:00", f"{hour + 1:02d}:00", hour in booked,
+                                                        booked.get(hour), "2025-07-28 10:15:30" if hour in booked else None))
+        conn.commit()
+
+
+def evening() -> tuple[str, str]:
+    """A time zone where it is evening now (every slot of 3..15 has started, and midnight is hours away),
+    and tomorrow's date there: how the processes below, on the real clock, are upgraded in the evening."""
+    for east in range(-12, 15):
+        here = datetime.now(timezone.utc) + timedelta(hours=east)
+        if 18 <= here.hour <= 21:
+            return f"Etc/GMT{-east:+d}", (here + timedelta(days=1)).date().isoformat()
+    raise AssertionError("no evening anywhere")
+
+
+def test_an_upgrade_while_two_workers_run_brings_each_original_booking_in_once(settings: Settings,
+                                                                              tmp_path: Path) -> None:
+    zone, tomorrow = evening()
+    original = tmp_path / "original" / "rero.db"
+    original.parent.mkdir()
+    original_database(original, {6: ALICE, 9: BOB, 11: "PES1UG20CS004"})
+    environ = {"WORKERS": "2", "TIMEZONE": zone, "SESSION_SECRET": "s" * 32}
+    with process(settings, **environ) as (_, url), contextlib.ExitStack() as stack:
+        taken = httpx.post(f"{url}/book-slot", json=body(11, CAROL, date=tomorrow))  # a member's own, first
+        assert taken.status_code == 200, taken.text
+        tabs = [stack.enter_context(ws_connect(url.replace("http", "ws") + "/slot-booking", open_timeout=5))
+                for _ in range(6)]
+        for tab in tabs:  # watching tomorrow
+            assert receive(tab)["type"] == "slots_update"
+            assert send(tab, {"type": "get_slots", "date": tomorrow})["data"]["booked_slots"] == [11]
+        upgrade = [sys.executable, str(HERE / "app.py"), "upgrade", str(original)]
+        run = lambda: subprocess.run(upgrade, env={**os.environ, "DATABASE_PATH": settings.database_path,  # noqa: E731
+                                                   "TIMEZONE": zone}, cwd=HERE, capture_output=True, text=True,
+                                     timeout=30)
+        first = run()
+        assert first.returncode == 0, first.stderr
+        lines = first.stdout.splitlines()
+        assert lines[0].startswith(f"backed up {settings.database_path} to {settings.database_path}.before-upgrade-")
+        assert lines[1:] == [f"slot 6 (06:00-07:00) of {ALICE}: booked on {tomorrow}",  # not today: all started
+                             f"slot 9 (09:00-10:00) of {BOB}: booked on {tomorrow}",
+                             f"slot 11 (11:00-12:00) of PES1UG20CS004: left out, slot 11 on {tomorrow} is booked by"
+                             f" {CAROL}"]
+        for tab in tabs:  # every worker's listeners hear of it
+            update = receive_until(tab, "slots_update")
+            while update["data"]["booked_slots"] != [6, 9, 11]:
+                update = receive_until(tab, "slots_update")
+        mine = httpx.post(f"{url}/my-bookings", json=body(username=ALICE)).json()["bookings"]
+        assert [(b["id"], b["date"]) for b in mine] == [(6, tomorrow)]
+        second = run()
+        assert second.returncode == 0 and second.stdout.splitlines() == [
+            f"{original}: its bookings were brought in at {first_at(settings)}: nothing changed"]
+    after = run_app("check", database=settings.database_path)
+    assert "3 booking(s)" in after.stdout  # Carol's and the two brought in, once
+    assert len(list(Path(settings.database_path).parent.glob("*.before-upgrade-*"))) == 1  # the second backed up nothing
+
+
+def first_at(settings: Settings) -> str:
+    """When the upgrade brought an original in, as meta records it."""
+    with contextlib.closing(sqlite3.connect(settings.database_path)) as conn:
+        return conn.execute("SELECT value FROM meta WHERE key LIKE 'upgrade %'").fetchone()[0]
+
+
+@pytest.mark.parametrize("stop", ["killed", "stopped"])
+def test_start_up_refuses_an_original_copied_over_a_database_beside_files_not_its_own(
+        settings: Settings, tmp_path: Path, stop: str) -> None:
+    """README's old way (copy the original's file into the state folder) lost its bookings: SQLite replayed
+    the -wal left beside it. Now the start refuses it, with one line, and exits non-zero."""
+    with process(settings, WORKERS="2", SESSION_SECRET="s" * 32) as (proc, url):
+        assert httpx.post(f"{url}/book-slot", json=body(7, date=real_tomorrow())).status_code == 200
+        proc.send_signal(signal.SIGKILL if stop == "killed" else signal.SIGTERM)
+        proc.wait(10)
+    left = sorted(path.name for path in Path(settings.database_path).parent.iterdir())
+    assert left == (["rero.db", "rero.db-gen", "rero.db-shm", "rero.db-wal"] if stop == "killed" else
+                    ["rero.db", "rero.db-gen"])
+    original_database(tmp_path / "original.db", {6: ALICE})
+    shutil.copy(tmp_path / "original.db", settings.database_path)
+    for workers in ("1", "2"):
+        started = subprocess.run([sys.executable, str(HERE / "app.py")], capture_output=True, text=True, timeout=30,
+                                 env={**os.environ, "DATABASE_PATH": settings.database_path, "WORKERS": workers,
+                                      "PORT": str(free_port())}, cwd=HERE)
+        assert started.returncode != 0 and started.stdout == ""
+        said = started.stderr.strip().splitlines()
+        assert len(said) == 1 and "beside it" in said[0] and "not its own" in said[0], started.stderr
+        assert said[0].startswith(f"DATABASE_PATH={settings.database_path!r} cannot be used: rero.db-")
+    with contextlib.closing(sqlite3.connect(tmp_path / "original.db")) as conn:  # the original's file untouched
+        assert conn.execute("SELECT id, booked_by FROM slots WHERE is_booked").fetchall() == [(6, ALICE)]
+
+
+def test_a_start_that_fails_exits_non_zero_with_any_number_of_workers(settings: Settings, tmp_path: Path) -> None:
+    """systemd's Restart=on-failure acts only on a non-zero exit; uvicorn's supervisor exits 0 when a worker
+    fails to start. (A directory where the -gen file goes: the database cannot be opened.)"""
+    Path(settings.database_path).parent.mkdir(parents=True)
+    Path(settings.database_path + "-gen").mkdir()
+    environ = {**os.environ, "DATABASE_PATH": settings.database_path, "LOG_LEVEL": "warning"}
+    for workers in ("1", "2"):
+        started = subprocess.run([sys.executable, str(HERE / "app.py")], capture_output=True, text=True, timeout=30,
+                                 env={**environ, "WORKERS": workers, "PORT": str(free_port())}, cwd=HERE)
+        assert started.returncode == 1 and started.stderr.count("\n") == 1, started.stderr
+        assert "DATABASE_PATH=" in started.stderr and "rero.db-gen" in started.stderr
+        # past the check before the workers (as when the file changes in between): the worker fails, and so
+        # does the process
+        served = subprocess.run([sys.executable, "-c", "import app, sys; sys.exit(app.serve(app.SETTINGS))"],
+                                capture_output=True, text=True, timeout=30, cwd=HERE,
+                                env={**environ, "WORKERS": workers, "PORT": str(free_port())})
+        assert served.returncode == 3, served.stderr
+    assert "rero-slots did not start: worker" in served.stderr
+
+
+def test_database_files_are_readable_by_the_service_user_only(settings: Settings, tmp_path: Path) -> None:
+    with process(settings) as (_, url):
+        assert httpx.post(f"{url}/book-slot", json=body(7, date=real_tomorrow())).status_code == 200
+        files = sorted(Path(settings.database_path).parent.iterdir())
+        assert [path.name for path in files] == ["rero.db", "rero.db-gen", "rero.db-shm", "rero.db-wal"]
+        assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == {
+            path.name: "0o600" for path in files}
+        assert run_app("backup", str(tmp_path / "copy.db"), database=settings.database_path).returncode == 0
+        assert oct((tmp_path / "copy.db").stat().st_mode & 0o777) == "0o600"
 
 
 def test_backup_copies_a_running_database_and_check_reads_it(settings: Settings, tmp_path: Path) -> None:
