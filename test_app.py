@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 import resource
 import select
 import shutil
@@ -468,6 +469,22 @@ def test_every_setting_is_in_the_readmes_table() -> None:
     table = (HERE / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
     names = [spec.metadata["env"] for spec in fields(Settings) if "env" in spec.metadata]
     assert len(names) == len(set(names)) and [name for name in names if f"| `{name}` |" not in table] == []
+
+
+def test_the_quick_starts_club_file_sets_what_it_says_for_the_shell_and_for_systemd(tmp_path: Path) -> None:
+    quick = (HERE / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = quick.split("cat > club.env <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    lines = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Z_]+=[^\s#]+", line) for line in lines), lines  # (systemd: no comment after a value)
+    (tmp_path / "club.env").write_text(block + "\n")
+    shell = subprocess.run(["sh", "-c", "set -a && . ./club.env && set +a && env"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=10, env={"PATH": os.environ["PATH"]})
+    environ = dict(line.split("=", 1) for line in shell.stdout.splitlines() if "=" in line)
+    club = Settings.from_env(environ)
+    assert (club.hours, club.timezone, club.membership) == (range(9, 21), "Asia/Kolkata", "roster")
+    assert club.admin_srns and ALICE not in club.admin_srns  # an example admin, not the example member
+    assert Settings.from_env({}).hours == range(3, 15)  # the original's defaults stay
+    assert '"status": "started"' in quick and "every slot of that day shows as started" in " ".join(quick.split())
 
 
 def test_slot_hours_follow_the_settings(settings: Settings) -> None:
@@ -3856,19 +3873,59 @@ def test_the_readmes_nginx_snippet_passes_nginx_t(tmp_path: Path) -> None:
     assert "location /events" in snippet and "proxy_buffering off" in snippet
 
 
-def test_the_readmes_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+def deployment() -> str:
+    """README's Deployment section, as an admin reads it."""
+    return (HERE / "README.md").read_text().split("\n## Deployment\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_systemd_units_pass_systemd_analyze_and_rate_as_it_says(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed here")
-    unit = (HERE / "README.md").read_text().split("```ini\n", 1)[1].split("```", 1)[0]
+    section = deployment()
+    units = {}
+    for block in section.split("```ini\n")[1:]:  # each unit, under the name README gives its file
+        text = block.split("```", 1)[0]
+        name = re.findall(r"/etc/systemd/system/([\w.-]+)", section[:section.index(text)])[-1]
+        units[name] = text
+    assert list(units) == ["rero-slots.service", "rero-slots-backup.service", "rero-slots-backup.timer"]
+    unit = units["rero-slots.service"]
     for needed in ("Wants=network-online.target", "StateDirectory=rero-slots", "EnvironmentFile=/etc/rero-slots.env",
-                   "LimitNOFILE=", "NoNewPrivileges=yes", "ProtectSystem=strict", "User=rero"):
+                   "LimitNOFILE=", "NoNewPrivileges=yes", "ProtectSystem=strict", "User=rero", "UMask=0077",
+                   "StateDirectoryMode=0700", "Restart=on-failure"):
         assert needed in unit
-    # as printed, but for the interpreter, which exists only once the README's steps have made the venv
-    (tmp_path / "rero-slots.service").write_text(unit.replace("/opt/rero-slots/.venv/bin/python", sys.executable))
-    checked = subprocess.run([analyze, "verify", str(tmp_path / "rero-slots.service")], capture_output=True,
+    # "the fifth failure within 60 s leaves the unit failed": five starts, 2 s apart, fit in the interval
+    value = lambda key: int(re.search(rf"^{key}=(\d+)", unit, re.M).group(1))  # noqa: E731
+    assert value("StartLimitBurst") * (value("RestartSec") + 1) < value("StartLimitIntervalSec")
+    assert f"the fifth failure within {value('StartLimitIntervalSec')} s" in " ".join(section.split())
+    for name, text in units.items():  # as printed, but for the interpreter, which the README's steps make
+        (tmp_path / name).write_text(text.replace("/opt/rero-slots/.venv/bin/python", sys.executable))
+    checked = subprocess.run([analyze, "verify", *(str(tmp_path / name) for name in units)], capture_output=True,
                              text=True, timeout=60)
     assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    rated = subprocess.run([analyze, "security", "--offline=true", str(tmp_path / "rero-slots.service")],
+                           capture_output=True, text=True, timeout=60)
+    exposure = re.search(r"Overall exposure level for rero-slots.service: ([\d.]+) (\w+)", rated.stdout)
+    assert exposure is not None, rated.stdout + rated.stderr
+    assert float(exposure[1]) <= 2.5
+    assert f"**Exposure {exposure[1]} ({exposure[2]})**" in section and f"{exposure[1]} {exposure[2]}" in section
+
+
+def test_the_readmes_deployment_commands_work_on_a_debian_without_python_or_cron() -> None:
+    section = deployment()
+    commands = [line for block in re.findall(r"```(?:bash|ini)\n(.*?)```", section, re.S) for line in block.splitlines()]
+    bare = [line for line in commands if re.search(r"(^|[\s;&(=])python\s", line)]
+    assert not bare, bare  # Debian has python3, and the venv's own: never a bare "python"
+    assert not [line for line in commands if "cron" in line]  # the backup is a systemd timer
+    assert "ADMIN_SRNS=PES1UG20CS001" not in section  # the example member is no example admin
+    # logrotate takes one directive a line ("weekly rotate 8 ..." on one line: "bad weekly directive")
+    rotate = section.split("/etc/logrotate.d/rero-slots", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    directives = rotate.strip().splitlines()[1:-1]
+    assert rotate.strip().splitlines()[0].endswith("{") and rotate.strip().endswith("}")
+    assert directives and all(len(line.split()) <= 2 for line in directives), directives
+    nginx = section.split("```nginx", 1)[0]
+    assert "/etc/nginx/sites-available/rero-slots" in nginx and "sites-enabled" in nginx
+    assert "default_server" in nginx and "nginx -t && systemctl reload nginx" in nginx
 
 
 def test_sigterm_closes_sockets_with_1001_and_exits(settings: Settings) -> None:
