@@ -553,6 +553,7 @@ class State(TypedDict):
     pesu: PesuChecker
     sessions: Sessions
     metrics: Metrics
+    metrics_share: MetricsShare | None  # None: this process's own metrics are the service's (":memory:")
 
 
 async def srn_of(state: State, ask: Ask) -> str:
@@ -1583,7 +1584,21 @@ async def metrics(request: Request[State]) -> Response:
     state = request.state
     if not state["settings"].metrics:
         raise HTTPException(404, "Not Found")
-    return Response(state["metrics"].render(state), media_type="text/plain; version=0.0.4")
+    share = state["metrics_share"]
+    own = state["metrics"].samples(state)
+    if share is None:  # (":memory:": one process)
+        return Response(render_metrics([(True, own)]), media_type="text/plain; version=0.0.4")
+
+    def gather() -> list[tuple[bool, dict[str, float]]]:
+        share.write(own)  # first: then no scrape, on any worker, sees this worker's counters go back
+        return share.read()
+
+    try:
+        shares = await asyncio.to_thread(gather)
+    except OSError as exc:
+        logger.warning("metrics: cannot share through %s: %s", share.folder, exc.strerror or exc)
+        shares = [(True, own)]
+    return Response(render_metrics(shares), media_type="text/plain; version=0.0.4")
 
 
 async def openapi_json(request: Request) -> Response:
@@ -2264,6 +2279,8 @@ def create_app(
                                   max_concurrency=budget.pesu_places, max_queue=settings.pesu_max_queue,
                                   on_upstream=counters.observe_upstream)
             watcher = asyncio.create_task(housekeeping(board, hub, sessions, settings.watch_interval))
+            share = MetricsShare(settings.database_path) if settings.metrics and settings.database_path != ":memory:" \
+                else None
             # (not the address: uvicorn names the one it really listens on, whichever way it was started)
             logger.info("rero-slots %s: database %s, PESU %s", __version__, os.path.abspath(settings.database_path),
                         public_url(settings.pesu_auth_url))
@@ -2272,19 +2289,16 @@ def create_app(
             logger.info("open files allowed: %d; connections at most %d, of which listeners at most %d;"
                         " PESU checks at most %d at once", *budget)
             restore_sigterm = close_sockets_on_sigterm(hub)
+            state: State = {"settings": settings, "board": board, "door": door, "hub": hub, "pesu": checker,
+                            "sessions": sessions, "metrics": counters, "metrics_share": share}
+            sharing = None if share is None else asyncio.create_task(share_metrics(state, share))
             try:
-                yield {
-                    "settings": settings,
-                    "board": board,
-                    "door": door,
-                    "hub": hub,
-                    "pesu": checker,
-                    "sessions": sessions,
-                    "metrics": counters,
-                }
+                yield state
             finally:
                 restore_sigterm()
                 watcher.cancel()
+                if sharing is not None:
+                    sharing.cancel()
                 hub.close_all(1001)
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
@@ -2771,9 +2785,27 @@ def configure_logging(level: str, form: str = "text") -> None:
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+# name: (type, help); the order /metrics lists them in
+FAMILIES = {
+    "rero_workers": ("gauge", "Worker processes of the service that answered this scrape's round."),
+    "rero_open_sockets": ("gauge", "Open WebSockets."),
+    "rero_open_listeners": ("gauge", "Open WebSockets and /events streams."),
+    "rero_open_connections": ("gauge", "TCP connections."),
+    "rero_connections_refused_total": ("counter", "Connections closed at once or evicted for want of room."),
+    "rero_slot_changes_total": ("counter", "Bookings, cancellations, closings and reopenings, by route kind."),
+    "rero_logins_total": ("counter", "Password checks by result."),
+    "rero_pesu_upstream_seconds": ("histogram", "Time PESU took to answer."),
+    "rero_auth_cache_total": ("counter", "Password checks answered from the cache, or not."),
+    "rero_broadcasts_total": ("counter", "Broadcast rounds."),
+    "rero_broadcast_seconds_total": ("counter", "Time spent handing states to listeners."),
+}
+METRICS_EVERY = 1.0  # seconds between a worker's writes of its share, when it changed
+
+
 class Metrics:
-    """Counters and one histogram, rendered in the Prometheus text format. Labels are kinds and results,
-    never members: nothing here names an SRN."""
+    """Counters and one histogram, in the Prometheus text format. Labels are kinds and results, never
+    members: nothing here names an SRN. Each worker keeps its own; a scrape describes the whole service
+    (see MetricsShare), whichever worker answers it."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -2787,41 +2819,115 @@ class Metrics:
         self.upstream_sum += seconds
         self.upstream[bisect.bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
 
-    def render(self, state: State) -> str:
+    def samples(self, state: State) -> dict[str, float]:
+        """This process's series ("name{labels}": value), in FAMILIES' order."""
         hub, pesu_ = state["hub"], state["pesu"]
-        lines = [
-            "# HELP rero_open_sockets Open WebSockets.", "# TYPE rero_open_sockets gauge",
-            f"rero_open_sockets {hub.sockets}",
-            "# HELP rero_open_listeners Open WebSockets and /events streams.", "# TYPE rero_open_listeners gauge",
-            f"rero_open_listeners {len(hub.peers)}",
-            "# HELP rero_open_connections TCP connections of this process.", "# TYPE rero_open_connections gauge",
-            f"rero_open_connections {len(state['door'].open)}",
-            "# HELP rero_connections_refused_total Connections closed at once or evicted for want of room.",
-            "# TYPE rero_connections_refused_total counter",
-            f"rero_connections_refused_total {state['door'].refused}",
-        ]
-        helps = {"rero_slot_changes_total": "Bookings, cancellations, closings and reopenings, by route kind.",
-                 "rero_logins_total": "Password checks by result."}
-        for name, help_ in helps.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
-            lines += [f"{name}{{{labels}}} {n}" for (metric, labels), n in sorted(self.counts.items()) if metric == name]
-        lines += ["# HELP rero_pesu_upstream_seconds Time PESU took to answer.",
-                  "# TYPE rero_pesu_upstream_seconds histogram"]
+        series: dict[str, float] = {
+            "rero_workers": 1,
+            "rero_open_sockets": hub.sockets,
+            "rero_open_listeners": len(hub.peers),
+            "rero_open_connections": len(state["door"].open),
+            "rero_connections_refused_total": state["door"].refused,
+        }
+        for name in ("rero_slot_changes_total", "rero_logins_total"):
+            series.update({f"{name}{{{labels}}}": n for (metric, labels), n in sorted(self.counts.items())
+                           if metric == name})
         total = 0
         for bound, n in zip([*map(str, UPSTREAM_BUCKETS), "+Inf"], self.upstream):
             total += n
-            lines.append(f'rero_pesu_upstream_seconds_bucket{{le="{bound}"}} {total}')
-        lines += [f"rero_pesu_upstream_seconds_sum {self.upstream_sum:.6f}", f"rero_pesu_upstream_seconds_count {total}",
-                  "# HELP rero_auth_cache_total Password checks answered from the cache, or not.",
-                  "# TYPE rero_auth_cache_total counter",
-                  f'rero_auth_cache_total{{result="hit"}} {pesu_.cache_hits}',
-                  f'rero_auth_cache_total{{result="miss"}} {pesu_.cache_misses}',
-                  "# HELP rero_broadcasts_total Broadcast rounds.", "# TYPE rero_broadcasts_total counter",
-                  f"rero_broadcasts_total {hub.rounds}",
-                  "# HELP rero_broadcast_seconds_total Time spent handing states to listeners.",
-                  "# TYPE rero_broadcast_seconds_total counter",
-                  f"rero_broadcast_seconds_total {hub.round_seconds:.6f}"]
-        return "\n".join(lines) + "\n"
+            series[f'rero_pesu_upstream_seconds_bucket{{le="{bound}"}}'] = total
+        series.update({
+            "rero_pesu_upstream_seconds_sum": round(self.upstream_sum, 6),
+            "rero_pesu_upstream_seconds_count": total,
+            'rero_auth_cache_total{result="hit"}': pesu_.cache_hits,
+            'rero_auth_cache_total{result="miss"}': pesu_.cache_misses,
+            "rero_broadcasts_total": hub.rounds,
+            "rero_broadcast_seconds_total": round(hub.round_seconds, 6),
+        })
+        return series
+
+
+def render_metrics(shares: list[tuple[bool, dict[str, float]]]) -> str:
+    """The Prometheus text of the whole service: each series summed over the workers' shares (``alive``:
+    whether that worker still runs; a worker gone counts in the counters, which must never go back, but
+    not in the gauges)."""
+    summed: dict[str, float] = {}
+    for alive, series in shares:
+        for key, value in series.items():
+            family = key.split("{", 1)[0].removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            if alive or FAMILIES.get(family, ("gauge",))[0] != "gauge":
+                summed[key] = summed.get(key, 0) + value
+    lines = []
+    for family, (kind, help_) in FAMILIES.items():
+        lines += [f"# HELP {family} {help_}", f"# TYPE {family} {kind}"]
+        for key, value in summed.items():
+            if key == family or key.startswith((family + "{", family + "_bucket", family + "_sum", family + "_count")):
+                lines.append(f"{key} {round(value, 6) if isinstance(value, float) else value}")
+    return "\n".join(lines) + "\n"
+
+
+class MetricsShare:
+    """Each worker's metrics in a small file of its own, in a folder beside the database
+    (``rero.db-metrics/PID``), so that whichever worker answers a scrape sums them all: with WORKERS=2,
+    successive scrapes would otherwise alternate between two workers' counters under the same names.
+
+    Only this service's workers count (the files of one supervisor's children: their parent's pid); a
+    scrape first writes its own worker's file, then reads them all, so two scrapes served by two workers
+    never see a counter go back. Files of a former run are removed by the first worker that sees them."""
+
+    def __init__(self, database_path: str) -> None:
+        self.folder = Path(database_path + "-metrics")
+        self.pid, self.parent = os.getpid(), os.getppid()
+        self.written: dict[str, float] | None = None
+
+    def write(self, series: dict[str, float]) -> None:
+        if series == self.written:
+            return
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        temporary = self.folder / f".{self.pid}"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(orjson.dumps({"parent": self.parent, "series": series}))
+        os.replace(temporary, self.folder / str(self.pid))
+        self.written = series
+
+    def read(self) -> list[tuple[bool, dict[str, float]]]:
+        shares = []
+        for path in self.folder.iterdir() if self.folder.is_dir() else ():
+            if path.name.startswith("."):
+                continue
+            try:
+                share = orjson.loads(path.read_bytes())
+                pid = int(path.name)
+            except (OSError, ValueError):
+                continue
+            if share.get("parent") != self.parent:  # another run's, or another service's
+                with contextlib.suppress(OSError):
+                    if not alive(pid):
+                        path.unlink()
+                continue
+            shares.append((pid == self.pid or alive(pid), share.get("series") or {}))
+        return shares
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (someone else's process)
+        return True
+    return True
+
+
+async def share_metrics(state: State, share: MetricsShare) -> None:
+    """Write this worker's share every METRICS_EVERY while it changes, so other workers' scrapes see it."""
+    while True:
+        await asyncio.sleep(METRICS_EVERY)
+        try:
+            await asyncio.to_thread(share.write, state["metrics"].samples(state))
+        except OSError as exc:
+            logger.warning("metrics: cannot write %s: %s", share.folder, exc.strerror or exc)
 
 
 # -- command line --------------------------------------------------------------------------------------------

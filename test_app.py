@@ -4097,6 +4097,38 @@ def test_metrics_are_off_unless_asked_for_and_never_name_a_member(settings: Sett
     assert ALICE not in text and BOB not in text
 
 
+def scrape(url: str) -> dict[str, float]:
+    """One /metrics answer's samples, on a connection of its own (so any worker may answer it)."""
+    text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}).text
+    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                 if not line.startswith("#"))}
+
+
+def test_metrics_describe_the_whole_service_whichever_worker_answers(settings: Settings) -> None:
+    """With WORKERS=2 a scrape used to get one worker's counters, and the next the other's, under the same
+    names: a graph of bookings went up and down."""
+    day = real_tomorrow()
+    booked = 'rero_slot_changes_total{action="book",via="http"}'
+    with process(settings, WORKERS="2", METRICS="1", SESSION_SECRET="s" * 32) as (proc, url):
+        with ThreadPoolExecutor(8) as pool:  # on many connections, so both workers book
+            answers = list(pool.map(lambda slot: httpx.post(f"{url}/book-slot", json=body(slot, date=day),
+                                                            headers={"Connection": "close"}), range(3, 15)))
+        assert [answer.status_code for answer in answers] == [200] * 12
+        deadline = time.monotonic() + 5
+        while scrape(url).get(booked) != 12:  # every worker's share is in within a second
+            assert time.monotonic() < deadline, scrape(url)
+            time.sleep(0.1)
+        seen = [scrape(url) for _ in range(30)]
+        assert {sample[booked] for sample in seen} == {12}  # whichever worker answered
+        assert {sample["rero_workers"] for sample in seen} == {2}
+        logins = [sample['rero_logins_total{result="ok"}'] for sample in seen]
+        assert logins == sorted(logins) and logins[0] >= 1  # a counter never goes back
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    files = list(Path(settings.database_path + "-metrics").iterdir())
+    assert len(files) == 2 and all(oct(path.stat().st_mode & 0o777) == "0o600" for path in files)
+
+
 # -- upgrading from the original, backup and check -----------------------------------------------------------
 
 
