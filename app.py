@@ -2724,6 +2724,10 @@ class TextFormatter(logging.Formatter):
     """A plain line per record, with control characters escaped: a username with a newline in it cannot
     forge a line of its own (a traceback, added after the message, keeps its newlines)."""
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """UTC, with its offset (as JSON lines have it): "2026-11-24T03:45:02.118+00:00"."""
+        return datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
         return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), line)

@@ -513,7 +513,8 @@ class Board:
         self.admin_only(admin)
         granted = await self.store.admins()
         return {"owners": sorted(self.rules.admins),
-                "admins": [{"srn": srn, "granted_by": by, "granted_at": at} for srn, by, at in granted]}
+                "admins": [{"srn": srn, "granted_by": by, "granted_at": self.with_offset(at)}
+                           for srn, by, at in granted]}
 
     def admin_only(self, srn: str) -> None:
         """Forbidden (403) unless srn is an admin."""
@@ -538,7 +539,8 @@ class Board:
         action: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         self.admin_only(srn)
-        return await self.store.history(since, until, who, page_size, (page - 1) * page_size, action)
+        total, events = await self.store.history(since, until, who, page_size, (page - 1) * page_size, action)
+        return total, [{**event, "at": self.with_offset(event["at"])} for event in events]
 
     async def forgive_no_show(self, admin: str, srn: str, date: str, slot_id: int, via: str) -> None:
         """An admin forgives a member's no-show: it no longer counts against NO_SHOW_LIMIT."""
@@ -600,7 +602,8 @@ class Board:
 
     async def members(self, admin: str, search: str, page: int, page_size: int) -> tuple[int, list[dict[str, Any]]]:
         self.admin_only(admin)
-        return await self.store.members(search, page_size, (page - 1) * page_size)
+        total, members = await self.store.members(search, page_size, (page - 1) * page_size)
+        return total, [{**member, "added_at": self.with_offset(member["added_at"])} for member in members]
 
     async def suspend(self, admin: str, srn: str, until: str | None, reason: str | None, via: str, *,
                       cancel_bookings: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -722,7 +725,7 @@ class Board:
             upcoming, following = today, later[0]
         else:  # the day's slots are over: tomorrow's first
             upcoming, following = await self.day((now.date() + timedelta(days=1)).isoformat()), self.rules.hours[0]
-        return {"now": now.isoformat(timespec="seconds"),
+        return {"now": now.replace(tzinfo=self.rules.timezone).isoformat(timespec="seconds"),
                 "current": describe_slot(today, now.hour) if now.hour in self.rules.hours else None,
                 "next": describe_slot(upcoming, following)}
 
@@ -803,7 +806,9 @@ class Board:
     async def series_list(self, admin: str) -> list[dict[str, Any]]:
         self.admin_only(admin)
         today, hour = self.hour()
-        return await self.store.series_list(today, hour)
+        return [{**series, "created_at": self.with_offset(series["created_at"]),
+                 "cancelled_at": self.with_offset(series["cancelled_at"])}
+                for series in await self.store.series_list(today, hour)]
 
     async def _remember_all(self, version: int, days: dict[str, list[DayRow]]) -> None:
         """Take in (and broadcast) many days a write changed, letting the loop breathe between them."""

@@ -711,7 +711,7 @@ def test_history_records_every_change_for_admins(settings: Settings, clock: Cloc
             ("cancel", ALICE, TODAY, 3, "websocket"),
             ("book", ALICE, TODAY, 3, "http"),
         ]
-        assert log["events"][-1]["at"] == "2026-11-24 01:00:00"
+        assert log["events"][-1]["at"] == "2026-11-24T01:00:00+05:30"  # club time, with its offset
 
         alice = service.http.post("/admin/history", json=body(username=BOB, srn=ALICE.lower())).json()
         assert [e["action"] for e in alice["events"]] == ["cancel", "book"]
@@ -1638,7 +1638,7 @@ def test_an_admin_closes_a_term_of_tuesdays_in_one_call(settings: Settings, cloc
         listed = service.http.get("/admin/series", headers=bearer(login(service, CAROL))).json()["series"]
         assert listed == [{"id": answer["series_id"], "action": "close", "srn": None, "slots": [13, 14],
                            "weekdays": ["tue"], "from": "2026-11-24", "until": "2027-02-23",
-                           "title": "Arduino workshop", "created_by": CAROL, "created_at": "2026-11-24 13:20:00",
+                           "title": "Arduino workshop", "created_by": CAROL, "created_at": "2026-11-24T13:20:00+05:30",
                            "cancelled_by": None, "cancelled_at": None, "upcoming": 26}]
         steps = service.http.post("/admin/history", json=body(username=CAROL, page_size=500)).json()["events"]
         mine = [e for e in steps if e["series"] == answer["series_id"]]
@@ -4001,6 +4001,39 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     if "self.processes" not in inspect.getsource(Multiprocess.__init__):
         missing.append("Multiprocess.processes")
     assert not missing, f"uvicorn {uvicorn.__version__} lacks what app.py relies on: {missing}"
+
+
+OFFSET = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?[+-]\d{2}:\d{2}")
+
+
+def test_every_time_the_service_writes_beyond_the_originals_fields_carries_its_offset(settings: Settings,
+                                                                                     clock: Clock) -> None:
+    with running(replace(settings, admin_srns=frozenset({ADMIN}), membership="roster"), clock) as service:
+        assert roster(service, "add", [ALICE]).status_code == 200
+        assert service.http.post("/admin/admins/grant", json=body(username=ADMIN, srn=BOB)).status_code == 200
+        assert series(service, ADMIN, action="close", slots=[13], weekdays=["tue"], **{"from": TODAY,
+                                                                                      "until": TOMORROW}).status_code == 200
+        assert service.book(9).status_code == 200
+        times = [service.http.get("/now").json()["now"],
+                 *(e["at"] for e in service.http.post("/admin/history", json=body(username=ADMIN)).json()["events"]),
+                 service.http.post("/admin/members", json=body(username=ADMIN)).json()["members"][0]["added_at"],
+                 service.http.post("/admin/admins", json=body(username=ADMIN)).json()["admins"][0]["granted_at"],
+                 service.http.get("/admin/series", headers=bearer(login(service, ADMIN))).json()["series"][0][
+                     "created_at"]]
+        assert len(times) > 5 and all(OFFSET.fullmatch(at) and at.endswith("+05:30") for at in times), times
+        slot = service.slots()["slots"][6]  # the original's own field keeps its shape
+        assert slot["booked_at"] == "2026-11-24 01:00:00"
+
+
+def test_text_logs_carry_their_offset(settings: Settings) -> None:
+    with process(settings, LOG_LEVEL="info") as (proc, url):
+        assert httpx.post(f"{url}/book-slot", json=body(7, date=real_tomorrow())).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.stdout is not None
+        ours = [line for line in proc.stdout.read().decode().splitlines() if " rero: " in line]
+    assert ours and all(OFFSET.fullmatch(line.split(" ", 1)[0]) and line.split(" ", 1)[0].endswith("+00:00")
+                        for line in ours), ours
 
 
 def test_json_logs_one_object_per_line_with_fields_and_no_secrets(settings: Settings) -> None:
