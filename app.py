@@ -389,14 +389,12 @@ async def read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object (413 over MAX_BODY_BYTES, 400 if it is not one).
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (413 over MAX_BODY_BYTES, 400 if it is not one)."""
+    return json_object(await read_body(request))
 
-    With ``empty_ok`` (a Bearer token already says who is asking), no body at all reads as ``{}``.
-    """
-    body = await read_body(request)
-    if empty_ok and not body.strip():
-        return {}
+
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -477,8 +475,13 @@ def address_of(connection: Request | WebSocket) -> str:
 async def parse(request: Request[State], *, slot: bool) -> Ask:
     """The request's JSON body, checked: 400/413/422 if it is not what the route takes."""
     token = bearer_token(request)
-    data = await read_json(request, empty_ok=token is not None)
-    return ask_of(request.state["board"], data, token, address_of(request), slot=slot)
+    body = await read_body(request)
+    if not body.strip():  # no body: a Bearer token says who asks, or nothing does
+        if token is None:
+            raise HTTPException(401, "Sign in: send username and password, or Authorization: Bearer TOKEN",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return ask_of(request.state["board"], {}, token, address_of(request), slot=slot)
+    return ask_of(request.state["board"], json_object(body), token, address_of(request), slot=slot)
 
 
 def page_field(data: dict[str, Any], name: str, default: int, most: int) -> int:

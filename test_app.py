@@ -3028,14 +3028,18 @@ def stuck_socket_slows_no_one_and_is_dropped(service: Service) -> None:
     # The stuck client sends thousands of requests and never reads an answer: replies pile up that the
     # server cannot deliver.
     stuck.sendall(client_frame(b'{"type": "book_slot"}') * 5000)
-    for i in range(24):
+    def until_booked(slots: list[int]) -> None:  # (a state in between may come first, when the loop is busy)
+        while booked(receive_until(ws, "slots_update")) != slots:
+            pass
+
+    for i in range(24):  # the working socket is never held up: each answer and state within receive's 5 s
         slot = 3 + i % 12
-        response = send(ws, {"type": "book_slot", "slot_id": slot, "username": ALICE, "password": PASSWORD})
-        assert response.get("success") is True, response
-        assert booked(receive(ws)) == [slot]  # the working socket is never held up
-        assert send(ws, {"type": "cancel_slot", "slot_id": slot, "username": ALICE,
-                         "password": PASSWORD})["success"] is True
-        assert booked(receive(ws)) == []
+        ws.send(orjson.dumps({"type": "book_slot", **body(slot)}).decode())
+        assert receive_until(ws, "booking_response")["success"] is True
+        until_booked([slot])
+        ws.send(orjson.dumps({"type": "cancel_slot", **body(slot)}).decode())
+        assert receive_until(ws, "cancellation_response")["success"] is True
+        until_booked([])
     deadline = time.monotonic() + 10
     while service.http.get("/stats").json()["websocket"]["active_connections"] != 1:
         assert time.monotonic() < deadline, "the stuck socket was never dropped"
@@ -3150,6 +3154,47 @@ def test_a_listener_that_vanishes_mid_broadcast_is_dropped_and_the_rest_still_he
         hub.close_all(1001)
 
     asyncio.run(scenario())
+
+
+def test_what_readme_says_of_tokens_feeds_links_and_series_is_what_a_reader_gets(settings: Settings,
+                                                                                  clock: Clock) -> None:
+    readme = " ".join((HERE / "README.md").read_text().split())
+    with running(replace(settings, admin_srns=frozenset({ADMIN})), clock) as service:
+        # "curl -X POST /auth/login -H "Authorization: Bearer $TOKEN"   # whose token, time left"
+        assert '-H "Authorization: Bearer $TOKEN" # whose token, time left' in readme
+        token = login(service)
+        clock.set("2026-11-24 01:10")
+        whose = service.http.post("/auth/login", headers=bearer(token))
+        assert whose.status_code == 200 and whose.json()["user"] == {"srn": ALICE}
+        assert whose.json()["token"] == token and whose.json()["expires_in"] == 3000  # the same token, time left
+        # "POST /calendar/link (signed in)": with neither credentials nor a body, a 401 (it was a 400)
+        assert "`POST /calendar/link` (signed in)" in readme
+        for content in (b"", b" \r\n"):
+            refused = service.http.post("/calendar/link", content=content)
+            assert refused.status_code == 401 and "Bearer" in refused.json()["detail"], refused.text
+        # "version grows with every change (it is the number of the newest entry in the history)"
+        assert "`version` grows with every change (it is the number of the newest entry in the history)" in readme
+        with httpx.stream("GET", f"{service.server.url}/events", timeout=5) as stream:
+            lines = stream.iter_lines()
+            next(lines), next(lines), next(lines)
+            service.http.post("/book-slot", json=body(6, date=TOMORROW))  # another day's entry comes first
+            service.book(5, username=BOB)
+            id_line, data_line = next(lines), next(lines)
+        newest = service.http.post("/admin/history", json=body(username=ADMIN)).json()["events"][0]
+        assert (newest["action"], newest["slot_id"]) == ("book", 5)
+        assert int(id_line[4:]) == orjson.loads(data_line[6:])["data"]["version"] == newest["id"]
+        # the series dry run, as printed
+        example = readme.split("# the Arduino workshop", 1)[1].split("-d '", 1)[1].split("'", 1)[0]
+        request = orjson.loads(example.replace("ADMIN_SRN", ADMIN).replace("ADMIN_PASSWORD", PASSWORD))
+        answer = service.http.post("/admin/series", json=request).json()
+        assert f'"message":"{answer["message"]}"' in readme.replace('", "', '","')
+        assert f'"done":{answer["done"]},"conflicts":{answer["conflicts"]},"skipped":{answer["skipped"]}' in readme
+        clock.set("2027-01-01 09:00")  # and as README says it would be, had a member booked slot 14 on 5 January
+        assert service.http.post("/book-slot", json=body(14, date="2027-01-05")).status_code == 200
+        request["username"] = ADMIN
+        again = service.http.post("/admin/series", json={**request, "password": PASSWORD}).json()
+        first = orjson.dumps(again["dates"][0]).decode()
+        assert (again["done"], again["conflicts"]) == (67, 1) and first in readme.replace(", ", ",").replace(": ", ":")
 
 
 def test_the_events_feed_streams_slots_updates_for_curl(service: Service) -> None:
