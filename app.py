@@ -3005,7 +3005,7 @@ def upgrade(path: str, original: str, date: str | None) -> int:
         store = SlotStore(path, SETTINGS.hours)
         await store.open(today, stamp)
         try:
-            return await store.bring_in(original, date, today, stamp)
+            return await store.bring_in(original, date, today, stamp, now.isoformat(timespec="seconds"))
         finally:
             await store.close()
 

@@ -523,10 +523,11 @@ class SlotStore:
         if header_of(self.path)[68:72] == own_bytes:
             self.generation.set_owner(own_bytes)
 
-    async def bring_in(self, original: str, date: str | None, today: str, now: str) -> list[str]:
+    async def bring_in(self, original: str, date: str | None, today: str, now: str, stamp: str) -> list[str]:
         """``python app.py upgrade``: bring the original system's bookings (read from its database, read-only)
         into this one in one transaction, each onto ``date`` or the next day its slot is still ahead; one
-        line per booking says what became of it. A second run with the same original changes nothing."""
+        line per booking says what became of it. A second run with the same original changes nothing (meta
+        keeps ``stamp``, ``now`` with its offset, under the original's key)."""
         rows = read_original(original)
         key = upgrade_key(original, rows)
 
@@ -556,7 +557,7 @@ class SlotStore:
                     self._log(now, booked_by, "migrate", target, slot_id, "upgrade",
                               f"from the original database {Path(original).name} (booked at {booked_at})")
                     lines.append(f"{where}: booked on {target}")
-            self.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, now))
+            self.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, stamp))
             return lines
 
         return await self._run(self._commit, bring_in)
@@ -1583,8 +1584,8 @@ def check_own_files(path: str) -> None:
 
 def create_private(path: str) -> None:
     """Create the database file readable and writable by its owner only, if it does not exist: SQLite gives
-    its -wal and -shm files the database file's mode."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    its -wal and -shm files the database file's mode. A folder it makes is its owner's alone too."""
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
 
 
@@ -1642,7 +1643,7 @@ def backup(source: str, target: str) -> int:
         raise FileNotFoundError(source)
     if Path(target).exists() and Path(target).resolve() == Path(source).resolve():
         raise ValueError("the copy would overwrite the database itself")
-    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     existed = Path(target).exists()
     try:
         with contextlib.closing(sqlite3.connect(source)) as live:

@@ -4407,8 +4407,9 @@ def test_database_files_are_readable_by_the_service_user_only(settings: Settings
         assert [path.name for path in files] == ["rero.db", "rero.db-gen", "rero.db-shm", "rero.db-wal"]
         assert {path.name: oct(path.stat().st_mode & 0o777) for path in files} == {
             path.name: "0o600" for path in files}
-        assert run_app("backup", str(tmp_path / "copy.db"), database=settings.database_path).returncode == 0
-        assert oct((tmp_path / "copy.db").stat().st_mode & 0o777) == "0o600"
+        assert run_app("backup", str(tmp_path / "backups" / "copy.db"), database=settings.database_path).returncode == 0
+        assert oct((tmp_path / "backups" / "copy.db").stat().st_mode & 0o777) == "0o600"
+        assert oct((tmp_path / "backups").stat().st_mode & 0o777) == "0o700"  # a folder it makes: the same
 
 
 def test_backup_copies_a_running_database_and_check_reads_it(settings: Settings, tmp_path: Path) -> None:
