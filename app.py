@@ -447,7 +447,7 @@ def ask_of(board: Board, data: dict[str, Any], token: str | None, address: str, 
     slot_id = slot_id_of(data) if slot else 0
     username, password = ("", "") if token is not None else credentials_of(data)
     date = board.resolve(data.get("date")) if slot else ""
-    member = None if not slot or data.get("for") is None else member_field({"srn": data["for"]})
+    member = None if not slot or data.get("for") is None else member_field(data, "for")
     return Ask(username, password, token, address, date, slot_id, data, member)
 
 
@@ -557,6 +557,7 @@ class State(TypedDict):
     sessions: Sessions
     metrics: Metrics
     metrics_share: MetricsShare | None  # None: this process's own metrics are the service's (":memory:")
+    reports: asyncio.Semaphore  # places for admins' reports (REPORTS_AT_ONCE)
 
 
 async def srn_of(state: State, ask: Ask) -> str:
@@ -1303,6 +1304,9 @@ def csv_line(values: tuple[Any, ...] | list[Any]) -> str:
     return out.getvalue()
 
 
+REPORTS_AT_ONCE = 2  # per worker: each streams from the reports' own reader, holding about a chunk in memory
+
+
 async def admin_export(request: Request[State]) -> Response:
     """A report for a date range (``from``, ``to``: the slots' dates) for a spreadsheet: every booking or
     history event, the no-shows, or a per-member usage table; CSV (UTF-8, a header row, streamed, no page
@@ -1319,6 +1323,52 @@ async def admin_export(request: Request[State]) -> Response:
     since, until = parse_date(data["from"]), parse_date(data["to"])
     admin = await srn_of(request.state, ask)
     name = f"rero-{kind}-{since}-{until}"
+    reports = request.state["reports"]
+    if reports.locked():
+        raise HTTPException(503, f"{REPORTS_AT_ONCE} reports are being prepared; try again in a moment",
+                            headers={"Retry-After": "5"})
+    permit = Permit(reports)
+    await reports.acquire()  # (at once: it was not locked)
+    try:
+        response = await export_report(board, admin, kind, form, since, until, name)
+    except BaseException:
+        permit.release()
+        raise
+    if not isinstance(response, ReportStream):
+        permit.release()
+        return response
+    response.permit = permit
+    return response
+
+
+class Permit:
+    """One place of a semaphore, given back once, whichever way its holder ends."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore, self.held = semaphore, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
+
+class ReportStream(StreamingResponse):
+    """A streamed report, which holds its place among REPORTS_AT_ONCE until it is sent or its reader goes."""
+
+    permit: Permit | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.permit is not None:
+                self.permit.release()
+
+
+async def export_report(board: Board, admin: str, kind: str, form: str, since: str, until: str,
+                        name: str) -> Response:
+    """admin_export's answer: made here, or a ReportStream made as it is sent."""
 
     def record(row: tuple[Any, ...]) -> list[Any]:
         if kind == "bookings":
@@ -1349,7 +1399,7 @@ async def admin_export(request: Request[State]) -> Response:
         async for chunk in chunks:
             yield "".join(csv_line(record(row)) for row in chunk).encode()
 
-    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8",
+    return ReportStream(lines(), media_type="text/csv; charset=utf-8",
                              headers={"content-disposition": f'attachment; filename="{name}.csv"'})
 
 
@@ -1461,12 +1511,13 @@ def reason_of(data: dict[str, Any]) -> str | None:
     return (reason or "").strip() or None
 
 
-def member_field(data: dict[str, Any]) -> str:
-    srn = data.get("srn")
+def member_field(data: dict[str, Any], name: str = "srn") -> str:
+    """A member's SRN from the field ``name``, as the roster writes it."""
+    srn = data.get(name)
     if srn is None:
-        raise Missing("srn is required")
+        raise Missing(f"{name} is required")
     if not isinstance(srn, str) or not SRN.fullmatch(roster_srn(srn)):
-        raise BadInput("srn must be a member's SRN")
+        raise BadInput(f"{name} must be a member's SRN")
     return roster_srn(srn)
 
 
@@ -2293,7 +2344,8 @@ def create_app(
                         " PESU checks at most %d at once", *budget)
             restore_sigterm = close_sockets_on_sigterm(hub)
             state: State = {"settings": settings, "board": board, "door": door, "hub": hub, "pesu": checker,
-                            "sessions": sessions, "metrics": counters, "metrics_share": share}
+                            "sessions": sessions, "metrics": counters, "metrics_share": share,
+                            "reports": asyncio.Semaphore(REPORTS_AT_ONCE)}
             sharing = None if share is None else asyncio.create_task(share_metrics(state, share))
             try:
                 yield state

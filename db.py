@@ -397,6 +397,10 @@ class SlotStore:
         # they read a snapshot while writes go on, so no booking waits behind them.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
         self._read_conn: sqlite3.Connection | None = None
+        # Reports (an admin's exports: seconds over years of history) on a third, so no member's read (/me,
+        # a feed, the history) ever queues behind one.
+        self._reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-report")
+        self._report_conn: sqlite3.Connection | None = None
         self.generation: Generation | None = None  # None for ":memory:"
         self._data_version = 0  # no connection reports 0: the first look reads everything
 
@@ -429,6 +433,21 @@ class SlotStore:
         executor = self._reader if self._read_conn is not None else self._executor
         return await asyncio.get_running_loop().run_in_executor(executor, read)
 
+    async def _report(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(connection) in one read transaction on the reports' own connection and thread."""
+
+        def read() -> T:
+            if self._report_conn is None:
+                return fn(self.conn)
+            self._report_conn.execute("BEGIN")
+            try:
+                return fn(self._report_conn)
+            finally:
+                self._report_conn.execute("COMMIT")
+
+        executor = self._reports if self._report_conn is not None else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, read)
+
     # -- lifetime -----------------------------------------------------------------------------------------
 
     async def open(self, today: str, now: str) -> int:
@@ -438,6 +457,8 @@ class SlotStore:
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._reports, self._close_reports)
+        self._reports.shutdown(wait=True)
         await self._run(self._close)
         self._executor.shutdown(wait=True)
 
@@ -445,6 +466,11 @@ class SlotStore:
         if self._read_conn is not None:
             self._read_conn.close()
             self._read_conn = None
+
+    def _close_reports(self) -> None:
+        if self._report_conn is not None:
+            self._report_conn.close()
+            self._report_conn = None
 
     def _open(self, today: str, now: str) -> int:
         if self.path != ":memory:":
@@ -467,6 +493,8 @@ class SlotStore:
         if self.path != ":memory:":
             self._read_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA busy_timeout = 10000")
+            self._report_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._report_conn.execute("PRAGMA busy_timeout = 10000")
         return self._version()
 
     def _upgrade(self, today: str, now: str) -> None:
@@ -1169,12 +1197,16 @@ class SlotStore:
 
     async def happened_to(self, srn: str, since: str, limit: int = 10) -> list[tuple[str, str, str, int, str | None]]:
         """(action, at, date, slot_id, the admin who did it or None) of the NOTICES about srn's bookings from
-        ``since`` (a time), newest first: what /me lists."""
-        return await self._read(lambda: self.reader.execute(
-            "SELECT action, at, date, slot_id, CASE WHEN note LIKE 'booked by %' THEN srn WHEN action = 'cancel'"
-            f" THEN substr(note, 4) END FROM events WHERE at >= ? AND {NOTICES}"
-            f" AND (srn = ? OR note = 'booked by ' || ?) AND {MEMBER_OF_EVENT} = ? ORDER BY id DESC LIMIT ?",
-            (since, srn, srn, srn, limit)).fetchall())
+        ``since`` (a time; so of slots dated from its day on), newest first: what /me lists. Two steps down
+        an index (events_by_member, events_by_note), however long the member's history."""
+        columns = ("id, action, at, date, slot_id, CASE WHEN note LIKE 'booked by %' THEN srn WHEN action = 'cancel'"
+                   " THEN substr(note, 4) END")
+        rows = await self._read(lambda: self.reader.execute(
+            f"SELECT * FROM (SELECT {columns} FROM events WHERE srn = ? AND date >= ? AND at >= ? AND {NOTICES}"
+            " AND (note IS NULL OR note NOT LIKE 'booked by %')"
+            f" UNION ALL SELECT {columns} FROM events WHERE note = 'booked by ' || ? AND at >= ? AND {NOTICES})"
+            " ORDER BY id DESC LIMIT ?", (srn, since[:10], since, srn, since, limit)).fetchall())
+        return [row[1:] for row in rows]
 
     # -- reports ---------------------------------------------------------------------------------------
 
@@ -1193,14 +1225,14 @@ class SlotStore:
             query = (f"SELECT id, at, srn, date, slot_id, note, NOT ({UNFORGIVEN}) FROM events e WHERE e.id > ?"
                      " AND e.action = 'no_show' AND e.date BETWEEN ? AND ? ORDER BY e.id LIMIT ?")
         params = (since, until, *after, limit) if kind == "bookings" else (*after, since, until, limit)
-        return await self._read(lambda: self.reader.execute(query, params).fetchall())
+        return await self._report(lambda conn: conn.execute(query, params).fetchall())
 
     async def usage(self, since: str, until: str) -> dict[str, dict[str, int]]:
         """Per member, for the slots dated ``since`` to ``until``: hours booked and checked in (the bookings
         held), no-shows counted and forgiven, late cancels (their own, made within an hour of the start), lines
         joined and places promoted. A handful of grouped reads, whatever the span."""
 
-        def usage() -> dict[str, dict[str, int]]:
+        def usage(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
             table: dict[str, dict[str, int]] = {}
             queries = {
                 ("hours_booked", "hours_checked_in"): "SELECT booked_by, COUNT(*), SUM(checked_in) FROM bookings"
@@ -1216,12 +1248,12 @@ class SlotStore:
                 " GROUP BY srn",
             }
             for columns, query in queries.items():
-                for srn, *counts in self.reader.execute(query, (since, until)):
+                for srn, *counts in conn.execute(query, (since, until)):
                     row = table.setdefault(srn, dict.fromkeys(USAGE_COLUMNS, 0))
                     row.update(zip(columns, (int(count or 0) for count in counts)))
             return dict(sorted(table.items()))
 
-        return await self._read(usage)
+        return await self._report(usage)
 
     # -- the roster and suspensions --------------------------------------------------------------------
 
@@ -1244,10 +1276,11 @@ class SlotStore:
 
         return await self._run(self._commit, change)
 
-    async def set_admin(self, srn: str, admin: bool, owner: str, at: str, via: str) -> bool:
-        """Grant srn the admin role (or revoke it), an event; whether anything changed."""
+    async def set_admin(self, srn: str, admin: bool, owner: str, at: str, via: str) -> tuple[bool, frozenset[str]]:
+        """Grant srn the admin role (or revoke it), an event: whether anything changed, and the admins granted
+        at run time as the commit leaves them (read in it: never behind a long read)."""
 
-        def set_admin() -> bool:
+        def set_admin() -> tuple[bool, frozenset[str]]:
             if admin:
                 done = self.conn.execute("INSERT OR IGNORE INTO admins (srn, granted_by, granted_at) VALUES (?, ?, ?)",
                                          (srn, owner, at)).rowcount
@@ -1255,7 +1288,7 @@ class SlotStore:
                 done = self.conn.execute("DELETE FROM admins WHERE srn = ?", (srn,)).rowcount
             if done:
                 self._log(at, srn, "admin_grant" if admin else "admin_revoke", None, None, via, f"by {owner}")
-            return bool(done)
+            return bool(done), frozenset(srn for (srn,) in self.conn.execute("SELECT srn FROM admins"))
 
         return await self._run(self._commit, set_admin)
 
@@ -1692,8 +1725,10 @@ def prepare(path: str, hours: Sequence[int], today: str, now: str) -> None:
     finally:
         store._close()
         store._close_reader()
+        store._close_reports()
         store._executor.shutdown()
         store._reader.shutdown()
+        store._reports.shutdown()
 
 
 def check_writable(path: str) -> None:

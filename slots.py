@@ -505,9 +505,10 @@ class Board:
         self.owner_only(owner)
         if srn in self.rules.admins:
             raise SlotError(f"{srn} is an owner (ADMIN_SRNS): the role comes from the settings")
-        if not await self.store.set_admin(srn, admin, owner, self.stamp(), via):
+        changed, granted = await self.store.set_admin(srn, admin, owner, self.stamp(), via)
+        self.admins = frozenset(self.rules.admins) | granted  # at once, on this worker
+        if not changed:
             raise SlotError(f"{srn} is already an admin" if admin else f"{srn} is not an admin")
-        await self._load_admins()
 
     async def admin_list(self, admin: str) -> dict[str, Any]:
         self.admin_only(admin)
@@ -565,14 +566,15 @@ class Board:
     # -- reports (admins only) -----------------------------------------------------------------------
 
     async def export(self, admin: str, kind: str, since: str, until: str) -> AsyncIterator[list[tuple[Any, ...]]]:
-        """An export's rows, a chunk at a time (see SlotStore.export_chunk); checked before the first."""
+        """An export's rows, a chunk at a time (see SlotStore.export_chunk); the admin is checked before each
+        one, so an export of years ends where its admin's role was revoked."""
         self.admin_only(admin)
         if until < since:
             raise SlotError(f"to ({until}) is before from ({since})")
 
         async def chunks() -> AsyncIterator[list[tuple[Any, ...]]]:
             after: tuple[Any, ...] = ("", 0) if kind == "bookings" else (0,)
-            while rows := await self.store.export_chunk(kind, since, until, after):
+            while self.is_admin(admin) and (rows := await self.store.export_chunk(kind, since, until, after)):
                 yield rows
                 after = rows[-1][:2] if kind == "bookings" else rows[-1][:1]
 
