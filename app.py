@@ -2980,13 +2980,18 @@ def alive(pid: int) -> bool:
 
 
 async def share_metrics(state: State, share: MetricsShare) -> None:
-    """Write this worker's share every METRICS_EVERY while it changes, so other workers' scrapes see it."""
+    """Write this worker's share every METRICS_EVERY while it changes, so other workers' scrapes see it (a
+    folder it cannot write is logged once, not every second)."""
+    failing = False
     while True:
         await asyncio.sleep(METRICS_EVERY)
         try:
             await asyncio.to_thread(share.write, state["metrics"].samples(state))
+            failing = False
         except OSError as exc:
-            logger.warning("metrics: cannot write %s: %s", share.folder, exc.strerror or exc)
+            if not failing:
+                logger.warning("metrics: cannot write %s: %s", share.folder, exc.strerror or exc)
+            failing = True
 
 
 # -- command line --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import logging
 import os
+import random
 import re
 import resource
 import select
@@ -4419,6 +4420,44 @@ def test_an_upgrade_while_two_workers_run_brings_each_original_booking_in_once(s
     after = run_app("check", database=settings.database_path)
     assert "3 booking(s)" in after.stdout  # Carol's and the two brought in, once
     assert len(list(Path(settings.database_path).parent.glob("*.before-upgrade-*"))) == 1  # the second backed up nothing
+
+
+def test_an_upgrade_racing_members_booking_the_same_slots_on_two_workers_gives_each_slot_once(
+        settings: Settings, tmp_path: Path) -> None:
+    zone, tomorrow = evening()
+    original = tmp_path / "original.db"
+    original_database(original, {hour: f"PES1UG20CS{hour:03d}" for hour in range(3, 15)})
+    environ = {"WORKERS": "2", "TIMEZONE": zone, "SESSION_SECRET": "s" * 32}
+    with process(settings, **environ) as (_, url), ThreadPoolExecutor(24) as pool:
+        go = threading.Event()
+
+        def member(n: int) -> list[int]:  # books one of slots 3 to 8 at a moment of the upgrade's run
+            with httpx.Client(base_url=url, timeout=10) as client:
+                token = client.post("/auth/login", json=body(username=f"PES1UG20CS{100 + n:03d}")).json()["token"]
+                go.wait(30)
+                time.sleep(random.uniform(0, 0.8))  # (the upgrade's process takes some 0.3-0.5 s to its commit)
+                answer = client.post("/book-slot", json={"slot_id": 3 + n % 6, "date": tomorrow}, headers=bearer(token))
+            return [3 + n % 6] if answer.status_code == 200 else []
+
+        members = [pool.submit(member, n) for n in range(20)]
+        time.sleep(0.5)  # (the members are signed in)
+        upgrade = subprocess.Popen([sys.executable, str(HERE / "app.py"), "upgrade", str(original)], cwd=HERE,
+                                   env={**os.environ, "DATABASE_PATH": settings.database_path, "TIMEZONE": zone},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        go.set()
+        out, err = upgrade.communicate(timeout=60)
+        backed_up, *lines = out.splitlines()
+        acknowledged = {slot: f"PES1UG20CS{100 + n:03d}" for n, future in enumerate(members)
+                        for slot in future.result()}
+        assert upgrade.returncode == 0 and backed_up.startswith("backed up"), err
+        holders = {s["id"]: s["booked_by"] for s in httpx.get(f"{url}/slots", params={"date": tomorrow}).json()["slots"]}
+    assert len(lines) == 12 and all(holders[slot] for slot in range(3, 15))  # every slot held, by one
+    assert len(acknowledged) == len([slot for slot in acknowledged if slot < 9])  # (members asked for 3 to 8)
+    for slot, line in zip(range(3, 15), lines):
+        if line.endswith(f"booked on {tomorrow}"):  # the original's member has it, and no member was told yes
+            assert holders[slot] == f"PES1UG20CS{slot:03d}" and slot not in acknowledged, line
+        else:  # a member booked it first: theirs, and the upgrade says it left the original's out
+            assert line.endswith(f"is booked by {acknowledged[slot]}") and holders[slot] == acknowledged[slot], line
 
 
 def first_at(settings: Settings) -> str:
