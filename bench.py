@@ -14,6 +14,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import os
 import re
 import select
@@ -117,9 +118,96 @@ def ceiling_app(slots_body: bytes, update: bytes, my_bookings: bytes, feed: byte
     ])
 
 
+class BareFrames(asyncio.Protocol):
+    """The wire's ceiling: a WebSocket server in plain asyncio that, on each book or cancel, builds one
+    frame (the app's own slots_update, with the new version) and writes it to every transport, deflated
+    once for those that agreed to compression (without context takeover, as the app agrees to it). No
+    ASGI, no state machine, no database: what this machine and Python can do at most."""
+
+    clients: set[BareFrames] = set()
+    version = 0
+    update = b""  # the slots_update with "version":0, set at start-up
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buffer, self.open, self.deflate = b"", False, False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        BareFrames.clients.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.open:
+            if b"\r\n\r\n" not in self.buffer:
+                return
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            if head.startswith(b"GET /health"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                self.transport.close()
+                return
+            key = re.search(rb"(?i)sec-websocket-key: *([^\r]+)", head).group(1)  # type: ignore[union-attr]
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            self.deflate = b"permessage-deflate" in head.lower()
+            extension = (b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                         b"client_no_context_takeover; server_max_window_bits=12; client_max_window_bits=12\r\n"
+                         if self.deflate else b"")
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extension + b"\r\n")
+            self.open = True
+            BareFrames.clients.add(self)
+            self.transport.write(self.frames(self.state())[self.deflate])
+        while len(self.buffer) >= 6:  # client frames: masked, short
+            first, size = self.buffer[0], self.buffer[1] & 0x7F
+            start = 2 + {126: 2, 127: 8}.get(size, 0)
+            if size >= 126:
+                size = int.from_bytes(self.buffer[2:start], "big")
+            if len(self.buffer) < start + 4 + size:
+                return
+            mask, payload = self.buffer[start:start + 4], self.buffer[start + 4:start + 4 + size]
+            self.buffer = self.buffer[start + 4 + size:]
+            text = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if first & 0x0F == 0x9:  # a ping: its pong
+                self.transport.write(self.frame(text, 0x8A))
+            elif b"book_slot" in text or b"cancel_slot" in text:
+                BareFrames.version += 1
+                self.transport.write(self.frame(b'{"type":"booking_response","success":true}'))
+                frames = self.frames(self.state())
+                for client in list(BareFrames.clients):
+                    client.transport.write(frames[client.deflate])
+
+    @staticmethod
+    def state() -> bytes:
+        return BareFrames.update.replace(b'"version":0', b'"version":%d' % BareFrames.version, 1)
+
+    @staticmethod
+    def frame(payload: bytes, first: int = 0x81) -> bytes:
+        size = len(payload)
+        head = bytes([first, size]) if size < 126 else (bytes([first, 126]) + size.to_bytes(2, "big") if size < 65536
+                                                       else bytes([first, 127]) + size.to_bytes(8, "big"))
+        return head + payload
+
+    @classmethod
+    def frames(cls, payload: bytes) -> tuple[bytes, bytes]:
+        encoder = zlib.compressobj(wbits=-12, memLevel=5)
+        deflated = encoder.compress(payload) + encoder.flush(zlib.Z_SYNC_FLUSH)
+        return cls.frame(payload), cls.frame(deflated[:-4], 0xC1)
+
+
+def serve_bare(port: int, extra: str) -> None:
+    BareFrames.update = orjson.loads(Path(extra).read_bytes())["update"].encode()
+
+    async def run() -> None:
+        server = await asyncio.get_running_loop().create_server(BareFrames, "127.0.0.1", port, backlog=4096)
+        await server.serve_forever()
+
+    asyncio.run(run())
+
+
 def serve(name: str, port: int, extra: str) -> None:
     import uvicorn
 
+    if name == "bare":
+        return serve_bare(port, extra)
     if name == "pesu":
         app = fake_pesu_app()
     else:
@@ -354,7 +442,7 @@ class Booker:
     async def open(self) -> None:
         from websockets.asyncio.client import connect
 
-        self.ws = await connect(f"ws://127.0.0.1:{self.port}/slot-booking", max_size=2**20)
+        self.ws = await connect(f"ws://127.0.0.1:{self.port}/slot-booking", max_size=2**20, compression=None)
         await self.ws.recv()
 
     async def change(self, kind: str, slot: int) -> None:
@@ -392,9 +480,11 @@ class Rig:
         """Book or cancel slot 9 (an even number of changes leaves it free), waiting each time until every
         listener holds the new state; the seconds each took."""
         delays = []
+        self.replies = []
         for i in range(changes):
             started = time.perf_counter()
             await self.booker.change("book_slot" if i % 2 == 0 else "cancel_slot", 9)
+            self.replies.append(time.perf_counter() - started)
             self.version += 1
             delays.append(await asyncio.to_thread(self.listeners.all_hold, self.version) - started)
         return delays
@@ -512,6 +602,103 @@ def measure(servers: dict[str, Server], feed: str) -> dict[str, dict[str, float]
     return results
 
 
+# -- the wire: server CPU per broadcast against the bare-frame ceiling (python bench.py wire [RUNS]) ----------
+
+
+WIRE_LISTENERS = (1000, 5000)
+WIRE_CHANGES = (24, 120)  # CPU per broadcast: the difference between the two runs, per change
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's own CPU time (user + system), from /proc: the listeners share the cores, so wall time
+    would count their work too."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wire_round(server: Server, count: int, browser: bool) -> dict[str, float]:
+    """COUNT listeners on one server: CPU per broadcast (ms), one change's lag until every listener holds it
+    (p50, p99, ms), and the booker's reply (p99, ms)."""
+    rig = await Rig.open(server, count, browser)
+    try:
+        spent = []
+        delays: list[float] = []
+        replies: list[float] = []
+        for changes in WIRE_CHANGES:
+            before = cpu_seconds(server.proc.pid)
+            delays = await rig.one_at_a_time(changes)
+            replies = rig.replies
+            spent.append(cpu_seconds(server.proc.pid) - before)
+        assert rig.listeners.proc.poll() is None, "a listener was closed by the server"
+    finally:
+        await rig.close()
+    return {"cpu": (spent[1] - spent[0]) / (WIRE_CHANGES[1] - WIRE_CHANGES[0]) * 1000,
+            "p50": statistics.median(delays) * 1000, "p99": percentile(delays, 0.99) * 1000,
+            "reply_p99": percentile(replies, 0.99) * 1000}
+
+
+def wire(runs: int) -> None:
+    """The app (python app.py, WS_COMPRESSION=1 for the browser-like listeners, 0 for the plain) against
+    the bare-frame ceiling, RUNS times; prints the first run's table and the ratios' spread over all."""
+    tomorrow = (datetime.now(ZoneInfo("Asia/Kolkata")) + timedelta(days=1)).date().isoformat()
+    table: list[dict[str, float]] = []
+    for run in range(runs):
+        row: dict[str, float] = {}
+        for compression in ("0", "1"):
+            with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
+                pesu_port, app_port, bare_port = free_port(), free_port(), free_port()
+                running.enter_context(process([sys.executable, __file__, "--serve", "pesu", str(pesu_port), ""],
+                                              pesu_port))
+                env = {"HOST": "127.0.0.1", "PORT": str(app_port), "DATABASE_PATH": f"{tmp}/rero.db",
+                       "LOG_LEVEL": "warning", "PESU_AUTH_URL": f"http://127.0.0.1:{pesu_port}/authenticate",
+                       "WS_RATE_PER_SECOND": "0", "WS_PING_SECONDS": "0", "MAX_CONNECTIONS": "20000",
+                       "WS_COMPRESSION": compression}
+                app = Server(app_port, *running.enter_context(process([sys.executable, "app.py"], app_port, env)),
+                             tomorrow)
+                slots = httpx.get(f"http://127.0.0.1:{app_port}/slots", params={"date": tomorrow}).text
+                update = orjson.dumps({"type": "slots_update", "data": {**orjson.loads(slots), "version": 0},
+                                       "timestamp": datetime.now().isoformat()})
+                Path(f"{tmp}/bytes.json").write_bytes(orjson.dumps({"update": update.decode()}))
+                args = [sys.executable, __file__, "--serve", "bare", str(bare_port), f"{tmp}/bytes.json"]
+                bare = Server(bare_port, *running.enter_context(process(args, bare_port)), None)
+                browser = compression == "1"
+                kind = "browser" if browser else "plain"
+                for name, server in (("bare", bare), ("app", app)):  # on a fresh server: nothing freed to reuse
+                    plain_kib, browser_kib = idle_memory(server.proc.pid, server.port)
+                    row[f"{name}_{kind}_memory"] = browser_kib if browser else plain_kib
+                for count in WIRE_LISTENERS:
+                    for name, server in (("bare", bare), ("app", app)):
+                        print(f"  run {run + 1}: {name}, {count} {kind} listeners", file=sys.stderr, flush=True)
+                        for key, value in asyncio.run(wire_round(server, count, browser)).items():
+                            row[f"{name}_{kind}_{key}_{count}"] = value
+        table.append(row)
+    wire_report(table)
+
+
+def wire_report(table: list[dict[str, float]]) -> None:
+    first = table[0]
+    print("| measure | app | bare frames | app / bare | spread of the ratio over the runs |")
+    print("|---|---:|---:|---:|---:|")
+    for kind in ("plain", "browser"):
+        for count in WIRE_LISTENERS:
+            for key, label, fmt in (("cpu", "server CPU per broadcast (ms)", "{:.2f}"),
+                                    ("p50", "change until all hold it, p50 (ms)", "{:.1f}"),
+                                    ("p99", "change until all hold it, p99 (ms)", "{:.1f}"),
+                                    ("reply_p99", "booker's reply p99 (ms)", "{:.2f}")):
+                app, bare = first[f"app_{kind}_{key}_{count}"], first[f"bare_{kind}_{key}_{count}"]
+                ratios = [row[f"app_{kind}_{key}_{count}"] / row[f"bare_{kind}_{key}_{count}"] for row in table]
+                print(f"| {count} {kind} listeners: {label} | {fmt.format(app)} | {fmt.format(bare)} | "
+                      f"{app / bare:.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+        app, bare = first[f"app_{kind}_memory"], first[f"bare_{kind}_memory"]
+        print(f"| {kind} listeners: memory per idle socket (KiB) | {app:.1f} | {bare:.1f} | {app / bare:.2f} | "
+              f"{min(r[f'app_{kind}_memory'] for r in table):.1f}-{max(r[f'app_{kind}_memory'] for r in table):.1f}"
+              " KiB |")
+    compressing = [row["app_browser_cpu_5000"] / row["app_plain_cpu_5000"] for row in table]
+    print(f"\ncompressing / plain, the app's CPU per broadcast at 5000: {compressing[0]:.2f} "
+          f"(over the runs {min(compressing):.2f}-{max(compressing):.2f}); {len(table)} run(s), "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {os.uname().machine}")
+
+
 def main() -> None:
     tomorrow = (datetime.now(ZoneInfo("Asia/Kolkata")) + timedelta(days=1)).date().isoformat()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
@@ -618,5 +805,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "--load":
         port, method, path, body = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].encode()
         print(asyncio.run(load(port, method, path, body, HTTP_SECONDS)))
+    elif len(sys.argv) > 1 and sys.argv[1] == "wire":
+        wire(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     else:
         main()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -1134,9 +1135,11 @@ def test_reports_never_hold_up_members_a_revoke_or_more_than_two_places(settings
         with held(store._reports):  # reports in progress: they wait for their own thread, not the reader
             slow = [pool.submit(export, service, kind) for kind in ("events", "usage")]
             deadline = time.monotonic() + 5
-            while (third := export(service, "bookings")).status_code != 503:  # a third waits for a place
-                assert time.monotonic() < deadline, third.text
-            assert third.headers["retry-after"] == "5" and "2 reports" in third.json()["detail"]
+            while not service.state["reports"].locked():  # both have their places
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            third = export(service, "bookings")  # a third is told to come back
+            assert third.status_code == 503 and third.headers["retry-after"] == "5" and "2 reports" in third.json()["detail"]
             token = login(service)
             assert service.http.get("/me", headers=bearer(token), timeout=3).status_code == 200
             assert service.http.post("/admin/history", json=body(username=ADMIN), timeout=3).status_code == 200
@@ -3158,6 +3161,108 @@ def test_reading_other_days_pushes_no_unchanged_state_and_evicts_no_watched_day(
     assert service.book(9).status_code == 200  # a real change still reaches every page
     for page in pages:
         assert booked(receive(page)) == [9]
+
+
+def states_until(ws: ClientConnection, slots: list[int]) -> list[str]:
+    """The slots_update texts a listener gets until one shows ``slots`` booked (replies are skipped)."""
+    texts = []
+    while True:
+        text = ws.recv(timeout=5)
+        assert isinstance(text, str)
+        if orjson.loads(text)["type"] == "slots_update":
+            texts.append(text)
+            if booked(orjson.loads(text)) == slots:
+                return texts
+
+
+@pytest.mark.parametrize("protocol", ["ours", "uvicorn's"])
+@pytest.mark.parametrize("compression", [False, True])
+def test_written_straight_or_sent_every_listener_gets_the_same_states_in_order(
+        settings: Settings, protocol: str, compression: bool) -> None:
+    """Under python app.py an idle listener's state is one frame, built once and written to its socket; a
+    listener with a reply queued, or whose reads lag, goes through its pump; under bare uvicorn every state
+    is sent through ASGI. Either way the same texts, versions only growing, ending on the newest."""
+    options = {} if protocol == "ours" else {"ws": app_module.WebSocketsSansIOProtocol}
+    with running(replace(settings, ws_compression=compression), **options) as service:
+        idle = service.sockets(3)
+        plain = service.stack.enter_context(ws_connect(service.server.ws_url, compression=None, open_timeout=5))
+        receive(plain)
+        busy = service.socket()  # asks for the state between changes: replies queued while a round goes out
+        for slot in range(3, 15):
+            assert service.book(slot).status_code == 200
+            busy.send('{"type": "get_slots"}')
+        everything = list(range(3, 15))
+        seen = [states_until(ws, everything) for ws in [*idle, plain]]
+        for texts in [*seen, states_until(busy, everything)]:
+            versions = [orjson.loads(text)["data"]["version"] for text in texts]
+            assert versions == sorted(versions) and len(set(versions)) >= 1
+        newest = {texts[-1] for texts in seen}
+        assert len(newest) == 1  # every listener holds the very same state, byte for byte
+        hub = service.state["hub"]
+        assert (hub.direct_writes > 0) == (protocol == "ours")
+
+
+class BrowserSocket:
+    """A socket that offers what Chrome and Firefox offer (permessage-deflate; client_max_window_bits) and
+    reads the frames as they come, inflating each message on its own, as the agreed no-context-takeover
+    lets it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /slot-booking HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(65536)
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        self.head = head.decode()
+
+    def message(self) -> tuple[bool, dict[str, Any]]:
+        """The next message: whether it came deflated, and what it says."""
+        while True:
+            if len(self.buffer) >= 2:
+                first, size = self.buffer[0], self.buffer[1] & 0x7F
+                start = 2 + {126: 2, 127: 8}.get(size, 0)
+                if len(self.buffer) >= start:
+                    if size >= 126:
+                        size = int.from_bytes(self.buffer[2:start], "big")
+                    if len(self.buffer) >= start + size:
+                        payload, self.buffer = self.buffer[start:start + size], self.buffer[start + size:]
+                        assert first & 0x8F == 0x81  # a whole text frame
+                        if first & 0x40:  # RSV1: deflated, on its own
+                            payload = zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
+                        return bool(first & 0x40), orjson.loads(payload)
+            self.buffer += self.sock.recv(65536)
+
+
+def test_a_compressing_browser_gets_each_state_deflated_once_and_it_inflates_to_what_the_plain_get(
+        settings: Settings) -> None:
+    with running(replace(settings, ws_compression=True)) as service:
+        browser = BrowserSocket(service.server.port)
+        assert "permessage-deflate" in browser.head and "server_no_context_takeover" in browser.head
+        assert "client_no_context_takeover" in browser.head  # no window kept on either side
+        others = [BrowserSocket(service.server.port) for _ in range(3)]
+        plain = service.stack.enter_context(ws_connect(service.server.ws_url, compression=None, open_timeout=5))
+        python = service.stack.enter_context(ws_connect(service.server.ws_url, open_timeout=5))  # websockets' offer
+        for ws in (plain, python):
+            receive(ws)
+        for listener in (browser, *others):
+            assert listener.message()[1]["type"] == "slots_update"
+        hub = service.state["hub"]
+        before = hub.direct_writes
+        for slot in (5, 6, 7):
+            assert service.book(slot).status_code == 200
+            states = [listener.message() for listener in (browser, *others)]
+            assert all(deflated for deflated, _ in states)
+            texts = {orjson.dumps(state).decode() for _, state in states}
+            assert {orjson.dumps(receive_until(ws, "slots_update")).decode() for ws in (plain, python)} == texts
+            assert len(texts) == 1 and booked(states[0][1])[-1] == slot
+        assert hub.direct_writes - before >= 3 * 6  # straight to every idle listener
+        for listener in (browser, *others):
+            listener.sock.close()
 
 
 def test_every_slots_update_carries_a_version_that_only_grows(service: Service) -> None:
