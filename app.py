@@ -3041,8 +3041,13 @@ class MetricsShare:
         self.folder = Path(database_path + "-metrics")
         self.pid, self.parent = os.getpid(), os.getppid()
         self.written: dict[str, float] | None = None
+        self.writing = threading.Lock()
 
     def write(self, series: dict[str, float]) -> None:
+        with self.writing:  # (scrapes write from threads of their own: one temporary file at a time)
+            self._write(series)
+
+    def _write(self, series: dict[str, float]) -> None:
         if series == self.written:
             return
         self.folder.mkdir(mode=0o700, exist_ok=True)
@@ -3158,7 +3163,7 @@ def upgrade(path: str, original: str, date: str | None) -> int:
         print(f"{original}: its bookings were brought in at {done}: nothing changed")
         return 0
     if Path(path).exists():
-        copy = f"{path}.before-upgrade-{now:%Y%m%d-%H%M%S}"
+        copy = db.reserve(f"{path}.before-upgrade-{now:%Y%m%d-%H%M%S}")  # (two in one second: two copies)
         print(f"backed up {path} to {copy}: {db.backup(path, copy)} booking(s)")
 
     async def bring_in() -> list[str]:
@@ -3181,6 +3186,13 @@ def preflight(settings: Settings) -> None:
         socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise SystemExit(f"HOST={settings.host!r} cannot be used: {exc.strerror or exc}") from None
+    try:  # (as uvicorn will bind it: taken, not this host's, or a port below 1024 for a user)
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise SystemExit(f"HOST={settings.host!r} PORT={settings.port} cannot be used: {exc.strerror or exc}") from None
     now = datetime.now(settings.rules().timezone)
     try:
         db.prepare(settings.database_path, settings.hours, now.date().isoformat(), now.strftime("%Y-%m-%d %H:%M:%S"))

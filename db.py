@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import date as Date
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -489,6 +489,7 @@ class SlotStore:
         self._upgrade(today, now)
         if self.generation is not None:
             self._mark_own()
+            self.generation.set_open(True)
         conn.execute("PRAGMA busy_timeout = 10000")
         if self.path != ":memory:":
             self._read_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -556,14 +557,14 @@ class SlotStore:
         into this one in one transaction, each onto ``date`` or the next day its slot is still ahead; one
         line per booking says what became of it. A second run with the same original changes nothing (meta
         keeps ``stamp``, ``now`` with its offset, under the original's key)."""
-        rows = read_original(original)
-        key = upgrade_key(original, rows)
+        rows, unusable = read_original(original)
+        key = upgrade_key(rows)
 
         def bring_in() -> list[str]:
             done = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             if done is not None:
                 return [f"{original}: its {len(rows)} booking(s) were brought in at {done[0]}: nothing changed"]
-            lines = []
+            lines = list(unusable)
             for slot_id, booked_by, booked_at in rows:
                 who = booked_by or "no member"
                 target = date or ahead(slot_id, today, now)
@@ -595,6 +596,8 @@ class SlotStore:
             self._conn.close()
             self._conn = None
         if self.generation is not None:
+            if not Path(self.path + "-wal").exists():  # the last to close: SQLite removed the WAL
+                self.generation.set_open(False)
             self.generation.close()
             self.generation = None
 
@@ -1555,6 +1558,12 @@ class Generation:
     def set_owner(self, owner: bytes) -> None:
         os.pwrite(self.fd, owner, 8)
 
+    def set_open(self, open_: bool) -> None:
+        """Byte 12: 1 while a process has the database open, 0 once the last one closed it cleanly (and
+        SQLite removed the WAL): a WAL beside a database closed cleanly is another's (check_own_files)."""
+        if len(self.owner()) == 4:
+            os.pwrite(self.fd, b"\x01" if open_ else b"\x00", 12)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -1596,17 +1605,22 @@ def check_own_files(path: str) -> None:
     service's, or over a running one's). SQLite would replay such a WAL into the file it finds and keep
     only the other database's pages: the copy's bookings gone, "integrity ok". Ours are told by the header:
     a database of ours is in WAL mode (bytes 18 and 19 are 2) and its id (application_id, bytes 68 to 72)
-    is the one its -gen file holds."""
+    is the one its -gen file holds; and a WAL beside it is its own only if it was not closed cleanly (the
+    last process to close removes the WAL, and -gen says so). A database with an id whose -gen is gone or
+    cut short is refused too while a WAL or -shm lies beside it: which database they belong to is unknown."""
     header = header_of(path)
     wal = header[18:20] == b"\x02\x02"
     beside = [suffix for suffix in ("-wal", "-shm", "-gen") if Path(path + suffix).exists()]
     if not beside or len(header) < 100:  # (a new database: no other's pages to lose)
         return
-    owner = b""
+    gen = b""
     if "-gen" in beside:
         with open(path + "-gen", "rb") as file:
-            owner = file.read(12)[8:12]
-    if not wal or (owner and header[68:72] != owner):
+            gen = file.read(13)
+    owner, closed = gen[8:12], gen[12:13] == b"\x00"
+    has_id = header[68:72] != b"\x00\x00\x00\x00"
+    unknown = has_id and len(owner) < 4 and ("-wal" in beside or "-shm" in beside)
+    if not wal or (owner and header[68:72] != owner) or unknown or ("-wal" in beside and closed):
         names = [Path(path).name + suffix for suffix in beside]
         files = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         raise ForeignFiles(f"{files} beside it {'are' if len(names) > 1 else 'is'} not its own (left by another"
@@ -1617,9 +1631,34 @@ def check_own_files(path: str) -> None:
 
 def create_private(path: str) -> None:
     """Create the database file readable and writable by its owner only, if it does not exist: SQLite gives
-    its -wal and -shm files the database file's mode. A folder it makes is its owner's alone too."""
-    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    its -wal and -shm files the database file's mode. Folders it makes are its owner's alone too."""
+    private_folders(Path(path).parent)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+def private_folders(folder: Path) -> None:
+    """Make the folder and any missing above it, each 0700 (mkdir's parents=True gives the umask's mode to
+    all but the last)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+
+
+def reserve(name: str) -> str:
+    """A new file's name, name or name-2, -3 ...: created empty (0600) here, so two callers never share one."""
+    for n in range(1, 1000):
+        candidate = name if n == 1 else f"{name}-{n}"
+        try:
+            private_folders(Path(candidate).parent)
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(name)
 
 
 def ahead(slot_id: int, today: str, now: str) -> str:
@@ -1630,14 +1669,15 @@ def ahead(slot_id: int, today: str, now: str) -> str:
     return (Date.fromisoformat(today) + timedelta(days=1)).isoformat()
 
 
-def upgrade_key(original: str, rows: list[tuple[int, str | None, str | None]]) -> str:
-    """meta's key that says an original (its name and its bookings) was brought in."""
-    return "upgrade " + hashlib.sha256(orjson.dumps([Path(original).name, rows])).hexdigest()[:32]
+def upgrade_key(rows: list[tuple[int, str | None, str | None]]) -> str:
+    """meta's key that says these bookings of an original were brought in (by any name: a copy of the
+    same file is the same original)."""
+    return "upgrade " + hashlib.sha256(orjson.dumps(rows)).hexdigest()[:32]
 
 
 def brought_in(path: str, original: str) -> str | None:
     """When ``upgrade`` brought this original in to the database at path (read-only), or None."""
-    key = upgrade_key(original, read_original(original))
+    key = upgrade_key(read_original(original).rows)
     if not Path(path).exists():
         return None
     with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
@@ -1648,22 +1688,46 @@ def brought_in(path: str, original: str) -> str | None:
         return None if row is None else str(row[0])
 
 
-def read_original(path: str) -> list[tuple[int, str | None, str | None]]:
-    """The original system's booked slots (id, booked_by, booked_at), read without changing its file."""
+MEMBER_FORMAT = re.compile(r"[A-Z0-9]{1,32}")  # an SRN as the app takes one (app.SRN)
+
+
+class Original(NamedTuple):
+    """What the original system's database holds booked: the bookings to bring in (slot id, the member's
+    SRN or None, when it was booked), and a line for each booked row that cannot be one."""
+
+    rows: list[tuple[int, str | None, str | None]]
+    unusable: list[str]
+
+
+def read_original(path: str) -> Original:
+    """The original system's booked slots, read without changing its file; a fault of the file is named
+    as the original's (ValueError), never as the live database's."""
     if not Path(path).is_file():
         raise FileNotFoundError(path)
-    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "slots" not in tables:
-            raise ValueError(f"{path} is not the original system's database (it has no slots table)")
-        if "meta" in tables:
-            raise ValueError(f"{path} is a rero-slots database, not the original system's")
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
-        who = "booked_by" if "booked_by" in columns else "NULL"
-        when = "booked_at" if "booked_at" in columns else "NULL"
-        return [(int(id_), by, None if at is None else str(at)) for id_, by, at in conn.execute(
-            f"SELECT id, {who}, {when} FROM slots WHERE is_booked ORDER BY id")]
+    try:
+        with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "slots" not in tables:
+                raise ValueError(f"{path} is not the original system's database (it has no slots table)")
+            if "meta" in tables:
+                raise ValueError(f"{path} is a rero-slots database, not the original system's")
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(slots)")}
+            who = "booked_by" if "booked_by" in columns else "NULL"
+            when = "booked_at" if "booked_at" in columns else "NULL"
+            found = conn.execute(f"SELECT id, {who}, {when} FROM slots WHERE is_booked ORDER BY id").fetchall()
+    except sqlite3.Error as exc:
+        raise ValueError(f"{path} (the original): {exc}") from None
+    rows, unusable = [], []
+    for id_, by, at in found:
+        member = by.strip().upper() if isinstance(by, str) else by
+        if not isinstance(id_, int) or isinstance(id_, bool):
+            unusable.append(f"a booked row whose id is {str(id_)[:40]!r}: left out, not a slot")
+        elif member is not None and not (isinstance(member, str) and MEMBER_FORMAT.fullmatch(member)):
+            unusable.append(f"slot {id_}: left out, booked_by {str(member)[:40]!r} is not an SRN")
+        else:
+            rows.append((id_, member, None if at is None else str(at)[:40]))
+    return Original(rows, unusable)
 
 
 # -- maintenance: python app.py backup PATH / python app.py check ------------------------------------------
@@ -1676,7 +1740,7 @@ def backup(source: str, target: str) -> int:
         raise FileNotFoundError(source)
     if Path(target).exists() and Path(target).resolve() == Path(source).resolve():
         raise ValueError("the copy would overwrite the database itself")
-    Path(target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_folders(Path(target).parent)
     existed = Path(target).exists()
     try:
         with contextlib.closing(sqlite3.connect(source)) as live:
@@ -1690,6 +1754,7 @@ def backup(source: str, target: str) -> int:
                 raise sqlite3.OperationalError(f"cannot write the copy at {target}: {exc}") from None
             with contextlib.closing(copy):
                 live.backup(copy)
+                os.chmod(target, 0o600)  # (a copy written over an older file is private too)
                 return _counts(copy)["bookings"]
     except BaseException:
         if not existed:  # leave no empty or partial copy behind
@@ -1723,9 +1788,9 @@ def prepare(path: str, hours: Sequence[int], today: str, now: str) -> None:
     try:
         store._open(today, now)
     finally:
-        store._close()
         store._close_reader()
         store._close_reports()
+        store._close()
         store._executor.shutdown()
         store._reader.shutdown()
         store._reports.shutdown()

@@ -4375,6 +4375,8 @@ def test_metrics_describe_the_whole_service_whichever_worker_answers(settings: S
         while scrape(url).get(booked) != 12:  # every worker's share is in within a second
             assert time.monotonic() < deadline, scrape(url)
             time.sleep(0.1)
+        with ThreadPoolExecutor(16) as pool:  # scrapes at the same instant: each still the whole service
+            assert {sample[booked] for sample in pool.map(lambda _: scrape(url), range(100))} == {12}
         seen = [scrape(url) for _ in range(30)]
         assert {sample[booked] for sample in seen} == {12}  # whichever worker answered
         assert {sample["rero_workers"] for sample in seen} == {2}
@@ -4565,6 +4567,44 @@ def test_an_upgrade_racing_members_booking_the_same_slots_on_two_workers_gives_e
             assert line.endswith(f"is booked by {acknowledged[slot]}") and holders[slot] == acknowledged[slot], line
 
 
+def test_an_upgrade_names_what_it_cannot_bring_in_and_a_copy_of_the_original_is_the_same_original(
+        settings: Settings, tmp_path: Path) -> None:
+    odd = tmp_path / "odd.db"  # what a hand-made or damaged file may hold: ids that are no slot, a blob
+    with contextlib.closing(sqlite3.connect(odd)) as conn, conn:
+        conn.execute("CREATE TABLE slots (id, start_time, end_time, is_booked, booked_by, booked_at)")
+        conn.execute("INSERT INTO slots VALUES (NULL, '', '', 1, 'X', NULL), (1e300, '', '', 1, 'X', NULL),"
+                     " (12, '', '', 1, x'00ff', NULL), (6, '', '', 1, 'PES1UG20CS001', NULL),"
+                     " (9, '', '', 1, ' pes1ug20cs002 ', NULL)")
+    original = odd
+    run = lambda path, *more: subprocess.run(  # noqa: E731
+        [sys.executable, str(HERE / "app.py"), "upgrade", str(path), *more], cwd=HERE, capture_output=True,
+        text=True, timeout=30, env={**os.environ, "DATABASE_PATH": settings.database_path})
+    first = run(original, "--date", real_tomorrow())
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    lines = first.stdout.splitlines()  # (no backup line: there was no database yet)
+    assert [line for line in lines if "left out" in line and ("not a slot" in line or "not an SRN" in line)] != []
+    assert len([line for line in lines if "left out" in line]) == 3  # (NULL, 1e300, a blob), each named
+    assert f"slot 9 (09:00-10:00) of {BOB}: booked on {real_tomorrow()}" in lines  # spaces and case forgiven
+    copy = tmp_path / "renamed.db"
+    shutil.copy(original, copy)  # the same bookings under another name: already brought in
+    again = run(copy, "--date", (datetime.now(IST) + timedelta(days=2)).date().isoformat())
+    assert again.returncode == 0 and again.stdout.strip().endswith("nothing changed"), again.stdout
+    broken = tmp_path / "broken.db"
+    broken.write_text("not a database")
+    said = run(broken)
+    assert said.returncode == 1 and str(broken) in said.stderr and "Traceback" not in said.stderr, said.stderr
+    other = tmp_path / "other.db"
+    original_database(other, {7: CAROL})
+    original_database(tmp_path / "third.db", {8: CAROL})
+    for path in (other, tmp_path / "third.db"):  # two in one second: two copies, neither written over
+        assert run(path).returncode == 0
+    copies = sorted(Path(settings.database_path).parent.glob("*.before-upgrade-*"))
+    assert len(copies) == 2 and all(oct(path.stat().st_mode & 0o777) == "0o600" for path in copies)
+    name = str(tmp_path / "backups" / "rero.db.before-upgrade-20261204-000000")  # two in one second: two names
+    assert [db.reserve(name), db.reserve(name)] == [name, name + "-2"]
+    assert not [line for line in first.stdout.splitlines() if line.startswith("backed up")]
+
+
 def first_at(settings: Settings) -> str:
     """When the upgrade brought an original in, as meta records it."""
     with contextlib.closing(sqlite3.connect(settings.database_path)) as conn:
@@ -4598,6 +4638,41 @@ def test_start_up_refuses_an_original_copied_over_a_database_beside_files_not_it
         assert said[0].startswith(f"DATABASE_PATH={settings.database_path!r} cannot be used: rero.db-")
     with contextlib.closing(sqlite3.connect(tmp_path / "original.db")) as conn:  # the original's file untouched
         assert conn.execute("SELECT id, booked_by FROM slots WHERE is_booked").fetchall() == [(6, ALICE)]
+
+
+def test_a_wal_is_the_databases_own_only_after_a_crash_of_that_database(tmp_path: Path) -> None:
+    """The attack: another database's -wal beside ours (whose -gen is its own), or ours with -gen cut short,
+    was replayed at start-up and its bookings replaced ours, "integrity ok"."""
+    def opened(path: Path, slots: range) -> db.SlotStore:
+        store = db.SlotStore(str(path), range(3, 15))
+
+        async def run() -> None:
+            await store.open(TODAY, "2026-11-24 01:00:00")
+            for slot in slots:
+                await store.book(TODAY, slot, ALICE, "2026-11-24 01:00:00", db.Limits(0, 0, TODAY, 1), "http")
+        asyncio.run(run())
+        return store
+
+    ours, other = tmp_path / "ours" / "rero.db", tmp_path / "other" / "rero.db"
+    store = opened(ours, range(3, 6))
+    asyncio.run(store.close())  # stopped cleanly: no WAL of its own is left
+    assert not Path(f"{ours}-wal").exists()
+    running = opened(other, range(9, 10))  # another database, running (or killed): its WAL is there
+    shutil.copy(f"{other}-wal", f"{ours}-wal")
+    with pytest.raises(db.ForeignFiles, match="rero.db-wal"):
+        db.check_own_files(str(ours))
+    Path(f"{ours}-wal").unlink()
+    db.check_own_files(str(ours))  # as it was
+    crashed = tmp_path / "crashed"  # a crash of our own: the WAL, -shm and -gen as the running one left them
+    crashed.mkdir()
+    for suffix in ("", "-wal", "-shm", "-gen"):
+        shutil.copy(f"{other}{suffix}", crashed / f"rero.db{suffix}")
+    db.check_own_files(str(crashed / "rero.db"))
+    with open(crashed / "rero.db-gen", "r+b") as gen:
+        gen.truncate(8)  # cut short: whose the WAL is cannot be told
+    with pytest.raises(db.ForeignFiles):
+        db.check_own_files(str(crashed / "rero.db"))
+    asyncio.run(running.close())
 
 
 def test_a_start_that_fails_exits_non_zero_with_any_number_of_workers(settings: Settings, tmp_path: Path) -> None:
