@@ -2789,15 +2789,18 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if not self.close_sent:  # (accepted: the app's task has been made, not run, so it sees this)
             self.scope["extensions"][DIRECT_WRITES] = self
-            self.deflating = bool(self.conn.extensions)  # (agreed in accept(), above)
+            # (agreed in accept(), above) the shared deflated frame uses a 2^WINDOW_BITS window: a client that
+            # asked for a smaller one gets the plain frame instead (an uncompressed message is always valid)
+            self.deflating = any(getattr(extension, "local_max_window_bits", 0) >= WINDOW_BITS
+                                 for extension in self.conn.extensions)
 
     deflating = False  # this connection agreed to permessage-deflate (without context takeover: ours)
 
     def write_state(self, frames: Frames) -> bool:
         """Write a state's whole frame now (deflated if this connection agreed to compression), as uvicorn's
         send would once writable: only while the connection is open, our writes are flowing (not paused by a
-        reader that stopped reading) and no close has begun (uvicorn sets close_sent whenever a close frame
-        comes in or goes out, in the same call). Then it is the same bytes, in the same order with uvicorn's
+        reader that stopped reading) and no close has begun (close_sent: ours went out; is_closing(): the
+        transport is on its way down, as after the peer's close frame is answered). Then it is the same bytes, in the same order with uvicorn's
         own writes (a send writes at once once it runs, and the hub calls this only when none of ours is
         under way); otherwise False, and the listener's pump sends it through ASGI, with its timeout."""
         if (self.close_sent or self.disconnected or not self.handshake_complete or not self.writable.is_set()

@@ -3207,13 +3207,15 @@ class BrowserSocket:
     reads the frames as they come, inflating each message on its own, as the agreed no-context-takeover
     lets it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, offer: str = "permessage-deflate; client_max_window_bits",
+                 window_bits: int = 15) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.window_bits = window_bits  # what this client keeps to inflate: a strict window (zlib's is lenient)
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             f"GET /slot-booking HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode())
+            f"Sec-WebSocket-Extensions: {offer}\r\n\r\n".encode())
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self.sock.recv(65536)
@@ -3233,7 +3235,8 @@ class BrowserSocket:
                         payload, self.buffer = self.buffer[start:start + size], self.buffer[start + size:]
                         assert first & 0x8F == 0x81  # a whole text frame
                         if first & 0x40:  # RSV1: deflated, on its own
-                            payload = zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
+                            payload = zlib.decompressobj(wbits=-self.window_bits).decompress(
+                                payload + b"\x00\x00\xff\xff")
                         return bool(first & 0x40), orjson.loads(payload)
             self.buffer += self.sock.recv(65536)
 
@@ -3261,7 +3264,12 @@ def test_a_compressing_browser_gets_each_state_deflated_once_and_it_inflates_to_
             assert {orjson.dumps(receive_until(ws, "slots_update")).decode() for ws in (plain, python)} == texts
             assert len(texts) == 1 and booked(states[0][1])[-1] == slot
         assert hub.direct_writes - before >= 3 * 6  # straight to every idle listener
-        for listener in (browser, *others):
+        small = BrowserSocket(service.server.port, "permessage-deflate; server_max_window_bits=9", window_bits=9)
+        assert "server_max_window_bits=9" in small.head and small.message()[1]["type"] == "slots_update"
+        assert service.book(8).status_code == 200  # it asked for a smaller window than the shared frame's
+        deflated, state = small.message()
+        assert not deflated and booked(state)[-1] == 8  # so it gets the plain frame, which it reads as is
+        for listener in (browser, *others, small):
             listener.sock.close()
 
 
