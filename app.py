@@ -818,8 +818,7 @@ class Hub:
                 if day is None:
                     continue
                 wire = peer.wire
-                if wire is not None and peer.held is not day and not (
-                        peer.sending or peer.due or peer.replies or peer.close_code is not None):
+                if wire is not None and peer.idle:
                     # the common case, kept lean (a few µs a listener add up over thousands): an idle socket
                     # behind this state is written the frame built once, straight away
                     if peer.behind(day) and wire.write_state(self.frames[date]):
@@ -2416,7 +2415,10 @@ app = create_app(SETTINGS)
 #   ``transport.set_protocol`` on upgrade;
 # - httptools: ``on_header(name, value)`` for headers and trailers, ``pipeline`` (requests sent ahead);
 # - sans-I/O WebSockets: ``close_sent``, ``read_paused``, ``client``, and ``send`` waiting on ``writable``
-#   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing.
+#   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing;
+#   for the direct writes, ``conn`` (websockets' ServerProtocol, made in __init__ from ``config``, and
+#   replaced there with our deflate offer), ``handshake_complete``, ``disconnected``, ``initial_response``,
+#   ``transport``, and ``scope`` built in ``handle_connect`` before the app's task first runs.
 # - with WORKERS > 1, ``Config.bind_socket`` and ``supervisors.Multiprocess`` (its ``run`` and ``processes``,
 #   each with ``exitcode``), and ``config.STARTUP_FAILURE``: uvicorn.run returns normally, so exits 0, when a
 #   worker fails to start.
@@ -2800,9 +2802,10 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
         """Write a state's whole frame now (deflated if this connection agreed to compression), as uvicorn's
         send would once writable: only while the connection is open, our writes are flowing (not paused by a
         reader that stopped reading) and no close has begun (close_sent: ours went out; is_closing(): the
-        transport is on its way down, as after the peer's close frame is answered). Then it is the same bytes, in the same order with uvicorn's
-        own writes (a send writes at once once it runs, and the hub calls this only when none of ours is
-        under way); otherwise False, and the listener's pump sends it through ASGI, with its timeout."""
+        transport is on its way down, as after the peer's close frame is answered). Then it is the same
+        bytes, in the same order with uvicorn's own writes (a send writes at once once it runs, and the hub
+        calls this only when none of ours is under way); otherwise False, and the listener's pump sends it
+        through ASGI, with its timeout."""
         if (self.close_sent or self.disconnected or not self.handshake_complete or not self.writable.is_set()
                 or self.initial_response is not None or self.transport.is_closing()):
             return False

@@ -257,6 +257,7 @@ SUSPENDED = "EXISTS (SELECT 1 FROM suspensions WHERE srn = ? AND (until IS NULL 
 NOTICES = ("(action IN ('promote', 'no_show', 'release') OR (action = 'cancel' AND (note LIKE 'booked by %'"
            " OR note LIKE 'by %')))")
 MEMBER_OF_EVENT = "CASE WHEN note LIKE 'booked by %' THEN substr(note, 11) ELSE srn END"
+FILED_FOR_SRN = "(note IS NULL OR note NOT LIKE 'booked by %')"  # about srn's own booking: MEMBER_OF_EVENT = srn
 EXPORT_CHUNK = 1000  # rows an export reads at a time
 USAGE_COLUMNS = ("hours_booked", "hours_checked_in", "no_shows", "no_shows_forgiven", "late_cancels",
                  "lines_joined", "promoted")
@@ -420,33 +421,27 @@ class SlotStore:
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) in one read transaction on the reader's thread: one consistent snapshot of the file."""
-
-        def read() -> T:
-            if self._read_conn is None:
-                return fn(*args)
-            self._read_conn.execute("BEGIN")
-            try:
-                return fn(*args)
-            finally:
-                self._read_conn.execute("COMMIT")
-
-        executor = self._reader if self._read_conn is not None else self._executor
-        return await asyncio.get_running_loop().run_in_executor(executor, read)
+        return await self._snapshot(self._read_conn, self._reader, lambda _: fn(*args))
 
     async def _report(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """fn(connection) in one read transaction on the reports' own connection and thread."""
+        return await self._snapshot(self._report_conn, self._reports, fn)
+
+    async def _snapshot(self, conn: sqlite3.Connection | None, executor: ThreadPoolExecutor,
+                        fn: Callable[[sqlite3.Connection], T]) -> T:
+        """fn(conn) in one read transaction on conn's own thread (for ":memory:", which no other connection
+        can open: on the writer's connection and thread)."""
 
         def read() -> T:
-            if self._report_conn is None:
+            if conn is None:
                 return fn(self.conn)
-            self._report_conn.execute("BEGIN")
+            conn.execute("BEGIN")
             try:
-                return fn(self._report_conn)
+                return fn(conn)
             finally:
-                self._report_conn.execute("COMMIT")
+                conn.execute("COMMIT")
 
-        executor = self._reports if self._report_conn is not None else self._executor
-        return await asyncio.get_running_loop().run_in_executor(executor, read)
+        return await asyncio.get_running_loop().run_in_executor(self._executor if conn is None else executor, read)
 
     # -- lifetime -----------------------------------------------------------------------------------------
 
@@ -1206,7 +1201,7 @@ class SlotStore:
                    " THEN substr(note, 4) END")
         rows = await self._read(lambda: self.reader.execute(
             f"SELECT * FROM (SELECT {columns} FROM events WHERE srn = ? AND date >= ? AND at >= ? AND {NOTICES}"
-            " AND (note IS NULL OR note NOT LIKE 'booked by %')"
+            f" AND {FILED_FOR_SRN}"
             f" UNION ALL SELECT {columns} FROM events WHERE note = 'booked by ' || ? AND at >= ? AND {NOTICES})"
             " ORDER BY id DESC LIMIT ?", (srn, since[:10], since, srn, since, limit)).fetchall())
         return [row[1:] for row in rows]
@@ -1413,9 +1408,8 @@ class SlotStore:
                 break
             pair = (row[0], row[1])
             last = self.reader.execute(
-                "SELECT at FROM events WHERE srn = ? AND date = ? AND slot_id = ? AND (action IN ('no_show', 'release', 'leave')"
-                " OR (action = 'cancel' AND (note IS NULL OR note NOT LIKE 'booked by %')))"  # (their own, or for them)
-                " ORDER BY id DESC LIMIT 1", (srn, *pair),
+                "SELECT at FROM events WHERE srn = ? AND date = ? AND slot_id = ? AND (action IN ('no_show', 'release',"
+                f" 'leave') OR (action = 'cancel' AND {FILED_FOR_SRN})) ORDER BY id DESC LIMIT 1", (srn, *pair),
             ).fetchone()
             if last is not None and last[0] >= removed_since:
                 removed[pair] = last[0]
@@ -1669,6 +1663,12 @@ def ahead(slot_id: int, today: str, now: str) -> str:
     return (Date.fromisoformat(today) + timedelta(days=1)).isoformat()
 
 
+def read_only(path: str) -> sqlite3.Connection:
+    """A connection that cannot change the file: as a URI, since as_uri() escapes "#" and "?", so that it
+    names exactly this file."""
+    return sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+
+
 def upgrade_key(rows: list[tuple[int, str | None, str | None]]) -> str:
     """meta's key that says these bookings of an original were brought in (by any name: a copy of the
     same file is the same original)."""
@@ -1680,7 +1680,7 @@ def brought_in(path: str, original: str) -> str | None:
     key = upgrade_key(read_original(original).rows)
     if not Path(path).exists():
         return None
-    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+    with contextlib.closing(read_only(path)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
             return None
@@ -1705,7 +1705,7 @@ def read_original(path: str) -> Original:
     if not Path(path).is_file():
         raise FileNotFoundError(path)
     try:
-        with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+        with contextlib.closing(read_only(path)) as conn:
             conn.execute("PRAGMA busy_timeout = 10000")
             tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "slots" not in tables:
@@ -1784,16 +1784,14 @@ def prepare(path: str, hours: Sequence[int], today: str, now: str) -> None:
     """Create or migrate the database once, then close it: what ``python app.py`` does before its workers
     start, so that what would stop them (a file it may not write, files beside it not its own) is one line
     from one process, and the workers never race to create the file."""
-    store = SlotStore(path, hours)
-    try:
-        store._open(today, now)
-    finally:
-        store._close_reader()
-        store._close_reports()
-        store._close()
-        store._executor.shutdown()
-        store._reader.shutdown()
-        store._reports.shutdown()
+    async def once() -> None:
+        store = SlotStore(path, hours)
+        try:
+            await store.open(today, now)
+        finally:
+            await store.close()
+
+    asyncio.run(once())
 
 
 def check_writable(path: str) -> None:
@@ -1810,8 +1808,7 @@ def check(path: str) -> dict[str, Any]:
     """PRAGMA integrity_check, the schema version and booking counts, read without changing anything."""
     if not Path(path).exists():
         raise FileNotFoundError(path)
-    # as a URI, so that it opens read-only; as_uri() escapes "#" and "?", so it names exactly this file
-    with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+    with contextlib.closing(read_only(path)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
         return {"ok": problems == ["ok"], "integrity": problems, **_counts(conn)}

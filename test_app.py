@@ -4204,7 +4204,8 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
         if protocol_class is not app_module.GuardedWebSocket:
             names += ["cycle", "on_response_complete", "handle_websocket_upgrade"]
         else:
-            names += ["close_sent", "read_paused", "writable"]
+            names += ["close_sent", "read_paused", "writable", "conn", "handshake_complete", "disconnected",
+                      "initial_response", "handle_connect"]
         if protocol_class is HttpToolsProtocol:
             names += ["on_header", "pipeline"]
         missing += [f"{protocol_class.__name__}.{name}" for name in names if not hasattr(protocol, name)]
@@ -4216,6 +4217,9 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     for protocol_class, arguments in ((HttpToolsProtocol, ["self"]), (H11Protocol, ["self", "event"])):
         if list(inspect.signature(protocol_class.handle_websocket_upgrade).parameters) != arguments:
             missing.append(f"{protocol_class.__name__}.handle_websocket_upgrade({', '.join(arguments)})")
+    connect = inspect.getsource(app_module.WebSocketsSansIOProtocol.handle_connect)
+    if connect.index("self.scope") > connect.index("create_task(self.run_asgi())"):
+        missing.append("WebSocketsSansIOProtocol.handle_connect building the scope before the app's task")
     if "pause_writing" not in vars(app_module.WebSocketsSansIOProtocol):  # (what clears writable)
         missing.append("WebSocketsSansIOProtocol.pause_writing")
     send = inspect.getsource(app_module.WebSocketsSansIOProtocol.send)
