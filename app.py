@@ -607,7 +607,8 @@ class Peer:
     Replies to this client queue in order; the slot state does not queue at all: only the newest ``Day``
     waits, so a slow reader gets the latest state instead of a backlog of stale ones. The peer's own pump
     task sends whatever waits; the hub's fan-out writes a state itself only when the pump is idle and the
-    socket takes it at once, so a slow reader can only ever stall itself.
+    socket takes it at once, so a slow reader can only ever stall itself. ``direct`` says the fan-out may
+    write the frame to the socket now: every change of what it depends on sets it again (``reckon``).
     """
 
     def __init__(self, address: str) -> None:
@@ -624,7 +625,9 @@ class Peer:
         self.date: str | None = None  # the day this peer watches; None follows "today" across midnight
         self.due = False  # the newest state may be sent now (set by send_state and by the hub's fan-out)
         self.sending = False  # a send to this peer has started and not finished
-        self.wire: GuardedWebSocket | None = None  # what a state may be written to straight away (SocketPeer)
+        self.wire: GuardedWebSocket | None = None  # our protocol, under python app.py (SocketPeer)
+        self.direct: asyncio.WriteTransport | None = None  # its transport while a state may be written to it now
+        self.deflating = False  # ... a frame deflated once for everyone (the connection agreed to compression)
 
     # -- what this peer holds, and what it is owed (the hub decides when; the peer keeps the books)
 
@@ -642,6 +645,7 @@ class Peer:
     def owe_state(self) -> None:
         """The waiting state is the pump's to send."""
         self.due = True
+        self.reckon()
         self.wake.set()
 
     def send_state(self, day: Day) -> None:
@@ -655,6 +659,7 @@ class Peer:
         """A get_slots answer: this state goes in order with the replies, and an older one waiting is
         not sent after it; the text to queue."""
         self.latest, self.due, self.held = None, False, day
+        self.reckon()
         return day.update_text
 
     def add_reply(self, text: str, max_backlog: int) -> bool:
@@ -662,6 +667,7 @@ class Peer:
         if len(self.replies) >= max_backlog:
             return False
         self.replies.append(text)
+        self.reckon()
         self.wake.set()
         return True
 
@@ -670,23 +676,34 @@ class Peer:
         """Nothing being sent, owed or queued, and not closing: a state may be written to it straight away."""
         return not (self.sending or self.due or self.replies or self.close_code is not None)
 
+    def reckon(self) -> None:
+        """Set ``direct`` again, after a change to what it depends on: this peer is idle and its connection
+        takes writes (the fan-out then reads one attribute a listener, not the six conditions on three
+        objects: at thousands of listeners each object read is a cache miss)."""
+        wire = self.wire
+        self.direct = wire.transport if wire is not None and wire.flowing and self.idle else None
+
     def take(self) -> str | Day | None:
         """What is due next: a reply (owed even while closing: a flood's warning, the answers to what it sent
         before), else the waiting state unless it is closing; None when nothing is."""
         if self.replies:
-            return self.replies.popleft()
+            text = self.replies.popleft()
+            self.reckon()
+            return text
         if self.close_code is None and self.due and self.latest is not None:
             day, self.latest, self.due = self.latest, None, False
+            self.reckon()
             return day
         return None
 
     async def write(self, item: str | Day) -> None:
         """Write one reply or state (``sending`` while it is under way, however it ends)."""
-        self.sending = True
+        self.sending, self.direct = True, None
         try:
             await (self.deliver(item) if isinstance(item, str) else self.deliver_day(item))
         finally:
             self.sending = False
+            self.reckon()
 
     def sent(self, day: Day) -> None:
         """A state written outside the pump (by the fan-out) is no longer waiting."""
@@ -695,7 +712,7 @@ class Peer:
 
     def close(self, code: int) -> None:
         if self.close_code is None:
-            self.close_code = code
+            self.close_code, self.direct = code, None
             self.wake.set()
 
     async def deliver(self, text: str) -> None:
@@ -717,6 +734,9 @@ class SocketPeer(Peer):
         # our protocol (GuardedWebSocket, under python app.py), to write a state's frame to straight away;
         # None under bare uvicorn, where every state goes through ASGI
         self.wire = websocket.scope.get("extensions", {}).get(DIRECT_WRITES)
+        if self.wire is not None:
+            self.wire.listener, self.deflating = self, self.wire.deflating  # (it tells us when writes stop)
+            self.reckon()
 
     async def deliver(self, text: str) -> None:
         await self.websocket.send_text(text)
@@ -812,16 +832,28 @@ class Hub:
             self.rounds += 1
             written = 0
             today = self.today
+            last: tuple[Day | None, Day | None] = (None, None)  # (held, day): whether day is news to held
+            news = False
             for peer in list(self.peers):
                 date = peer.date or today
                 day = self.newest.get(date)
                 if day is None:
                     continue
-                wire = peer.wire
-                if wire is not None and peer.idle:
-                    # the common case, kept lean (a few µs a listener add up over thousands): an idle socket
-                    # behind this state is written the frame built once, straight away
-                    if peer.behind(day) and wire.write_state(self.frames[date]):
+                transport = peer.direct
+                if transport is not None:
+                    # the common case, kept to the peer and its transport (each other object read a listener
+                    # costs a cache miss at thousands of them): the frame built once, written straight away.
+                    # Most hold the same older state: whether this one is news to it is worked out once.
+                    held = peer.held
+                    if held is day:
+                        continue
+                    if last[0] is not held or last[1] is not day:
+                        last, news = (held, day), peer.behind(day)
+                    if not news:
+                        continue
+                    if not transport.is_closing():  # (a close our wire was not told of: the pump's, below)
+                        frames = self.frames[date]
+                        transport.write(frames.deflated if peer.deflating else frames.plain)
                         peer.held, peer.latest = day, None
                         written += 1
                         if written % DIRECT_BATCH == 0:
@@ -2418,7 +2450,10 @@ app = create_app(SETTINGS)
 #   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing;
 #   for the direct writes, ``conn`` (websockets' ServerProtocol, made in __init__ from ``config``, and
 #   replaced there with our deflate offer), ``handshake_complete``, ``disconnected``, ``initial_response``,
-#   ``transport``, and ``scope`` built in ``handle_connect`` before the app's task first runs.
+#   ``transport``, and ``scope`` built in ``handle_connect`` before the app's task first runs; ``close_sent``
+#   only ever assigned as an attribute (ours is a property that tells the listener), ``disconnected`` set in
+#   ``connection_lost``, and ``writable`` changed only in ``pause_writing``, ``resume_writing`` and
+#   ``connection_lost`` (the hooks where we tell the listener its writes stopped or flow again).
 # - with WORKERS > 1, ``Config.bind_socket`` and ``supervisors.Multiprocess`` (its ``run`` and ``processes``,
 #   each with ``exitcode``), and ``config.STARTUP_FAILURE``: uvicorn.run returns normally, so exits 0, when a
 #   worker fails to start.
@@ -2798,19 +2833,43 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
 
     deflating = False  # this connection agreed to permessage-deflate (without context takeover: ours)
 
-    def write_state(self, frames: Frames) -> bool:
-        """Write a state's whole frame now (deflated if this connection agreed to compression), as uvicorn's
-        send would once writable: only while the connection is open, our writes are flowing (not paused by a
-        reader that stopped reading) and no close has begun (close_sent: ours went out; is_closing(): the
-        transport is on its way down, as after the peer's close frame is answered). Then it is the same
-        bytes, in the same order with uvicorn's own writes (a send writes at once once it runs, and the hub
-        calls this only when none of ours is under way); otherwise False, and the listener's pump sends it
-        through ASGI, with its timeout."""
-        if (self.close_sent or self.disconnected or not self.handshake_complete or not self.writable.is_set()
-                or self.initial_response is not None or self.transport.is_closing()):
-            return False
-        self.transport.write(frames.deflated if self.deflating else frames.plain)
-        return True
+    listener: Peer | None = None  # the hub's peer for this connection, told when our writes stop or start
+    _close_sent = False
+
+    @property
+    def flowing(self) -> bool:
+        """Whether a state's frame may be written to the transport now, as uvicorn's send would once
+        writable: the connection is open, our writes flow (not paused by a reader that stopped reading) and
+        no close has begun (close_sent: ours went out; the fan-out also asks the transport whether it is
+        closing, as after the peer's close frame is answered). Then it is the same bytes, in the same order
+        with uvicorn's own writes (a send writes at once once it runs, and the hub writes only to a peer none
+        of whose sends is under way); otherwise the listener's pump sends it through ASGI, with its timeout."""
+        return not (self._close_sent or self.disconnected or not self.handshake_complete
+                    or not self.writable.is_set() or self.initial_response is not None)
+
+    @property  # type: ignore[override]
+    def close_sent(self) -> bool:
+        return self._close_sent
+
+    @close_sent.setter
+    def close_sent(self, value: bool) -> None:
+        """(uvicorn sets it wherever it sends a close frame or a refusal, in the step that writes it: no
+        state of ours can come in between)"""
+        self._close_sent = value
+        self.tell_listener()
+
+    def tell_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.reckon()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.tell_listener()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.tell_listener()
+        self.listener = None  # (no cycle left for the collector)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -2820,6 +2879,7 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self.tell_listener()
         if self.held_back:
             self.held_back = False
             if not self.read_paused:  # uvicorn's own pause (a message the app has not taken yet) stays

@@ -9,6 +9,7 @@ app's state) comes first.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -26,6 +27,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import zlib
@@ -3202,6 +3204,46 @@ def test_written_straight_or_sent_every_listener_gets_the_same_states_in_order(
         assert (hub.direct_writes > 0) == (protocol == "ours")
 
 
+def test_a_listener_whose_reads_lag_leaves_the_straight_path_until_it_reads_again(settings: Settings) -> None:
+    """The fan-out writes straight only to a listener whose writes flow: once one that stopped reading has
+    its writes paused, its states wait in its pump (back-pressure, the stall timeout); once it reads them all
+    it is written straight again, and holds the newest state like everyone else."""
+    with running(replace(settings, send_timeout=30)) as service:
+        lagging = service.stack.enter_context(contextlib.closing(raw_socket_that_never_reads(service.server.port)))
+        reader = service.socket()
+        hub = service.state["hub"]
+        peer = next(peer for peer in hub.peers if peer.wire is not None and peer.wire.client[1] == lagging.getsockname()[1])
+        assert peer.direct is peer.wire.transport
+        for change in range(400):  # book and cancel until our writes to it back up
+            assert (service.cancel(9) if change % 2 else service.book(9)).status_code == 200
+            if not peer.wire.writable.is_set():
+                break
+        assert not peer.wire.writable.is_set(), "the lagging socket's writes never backed up"
+        assert peer.direct is None  # so no state is written past the transport's limit
+        def newest_with(slot: int) -> int:
+            """The version of the state in which the reader first sees slot booked."""
+            while slot not in booked(state := receive_until(reader, "slots_update")):
+                pass
+            return state["data"]["version"]
+
+        def lagging_reads_until(version: int) -> None:
+            seen = b""
+            while not (versions := re.findall(rb'"version":(\d+)', seen)) or int(versions[-1]) < version:
+                seen = seen[-64:] + lagging.recv(65536)
+
+        assert service.book(11).status_code == 200
+        lagging.settimeout(5)
+        lagging_reads_until(newest_with(11))  # it reads everything at last
+        deadline = time.monotonic() + 5
+        while peer.direct is None:  # (its pump's last send finishes, and its writes flow)
+            assert time.monotonic() < deadline, "the listener never went back to the straight path"
+            time.sleep(0.01)
+        before = hub.direct_writes
+        assert service.book(10).status_code == 200
+        lagging_reads_until(newest_with(10))
+        assert hub.direct_writes - before == 2  # the newest state, straight to both
+
+
 class BrowserSocket:
     """A socket that offers what Chrome and Firefox offer (permessage-deflate; client_max_window_bits) and
     reads the frames as they come, inflating each message on its own, as the agreed no-context-takeover
@@ -4225,6 +4267,17 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     send = inspect.getsource(app_module.WebSocketsSansIOProtocol.send)
     if not send.lstrip().split("\n", 2)[1].strip().startswith("await self.writable.wait()"):
         missing.append("WebSocketsSansIOProtocol.send waiting for writable before anything else")
+    # the direct writes' flag is set again wherever what it depends on changes (GuardedWebSocket's hooks)
+    hooked = {"writable": {"__init__", "pause_writing", "resume_writing", "connection_lost"},
+              "disconnected": {"__init__", "connection_lost"}}
+    for function in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(app_module.WebSocketsSansIOProtocol)))):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                changed = (node.value.attr if isinstance(node, ast.Attribute) and node.attr in ("set", "clear")
+                           and isinstance(node.value, ast.Attribute) else
+                           node.attr if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) else None)
+                if changed in hooked and function.name not in hooked[changed]:
+                    missing.append(f"WebSocketsSansIOProtocol.{function.name} changing {changed} unhooked")
     from uvicorn.config import STARTUP_FAILURE  # (what serve() needs to exit non-zero with WORKERS > 1)
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import Process
