@@ -625,9 +625,9 @@ class Peer:
         self.date: str | None = None  # the day this peer watches; None follows "today" across midnight
         self.due = False  # the newest state may be sent now (set by send_state and by the hub's fan-out)
         self.sending = False  # a send to this peer has started and not finished
-        self.wire: GuardedWebSocket | None = None  # our protocol, under python app.py (SocketPeer)
+        self.wire: GuardedWebSocket | EventWire | None = None  # our protocol's side, under python app.py
         self.direct: asyncio.WriteTransport | None = None  # its transport while a state may be written to it now
-        self.deflating = False  # ... a frame deflated once for everyone (the connection agreed to compression)
+        self.frame = "plain"  # which of a state's Frames that is (see Frames)
 
     # -- what this peer holds, and what it is owed (the hub decides when; the peer keeps the books)
 
@@ -675,6 +675,12 @@ class Peer:
     def idle(self) -> bool:
         """Nothing being sent, owed or queued, and not closing: a state may be written to it straight away."""
         return not (self.sending or self.due or self.replies or self.close_code is not None)
+
+    def attach(self, wire: GuardedWebSocket | EventWire) -> None:
+        """Have states written straight to this connection whenever it flows (under python app.py)."""
+        self.wire, self.frame = wire, wire.frame
+        wire.listen(self)  # (it tells us when our writes stop or flow again)
+        self.reckon()
 
     def reckon(self) -> None:
         """Set ``direct`` again, after a change to what it depends on: this peer is idle and its connection
@@ -733,10 +739,9 @@ class SocketPeer(Peer):
         self.websocket = websocket
         # our protocol (GuardedWebSocket, under python app.py), to write a state's frame to straight away;
         # None under bare uvicorn, where every state goes through ASGI
-        self.wire = websocket.scope.get("extensions", {}).get(DIRECT_WRITES)
-        if self.wire is not None:
-            self.wire.listener, self.deflating = self, self.wire.deflating  # (it tells us when writes stop)
-            self.reckon()
+        wire = websocket.scope.get("extensions", {}).get(DIRECT_WRITES)
+        if wire is not None:
+            self.attach(wire)
 
     async def deliver(self, text: str) -> None:
         await self.websocket.send_text(text)
@@ -752,9 +757,11 @@ class StreamPeer(Peer):
     """A Server-Sent Events listener: the same slots_update messages, with ``id:`` = version; its only
     "replies" are the hub's heartbeat comments."""
 
-    def __init__(self, send: Send, address: str) -> None:
+    def __init__(self, send: Send, address: str, wire: EventWire | None = None) -> None:
         super().__init__(address)
         self.send = send
+        if wire is not None:  # our HTTP protocol's side of this response, under python app.py
+            self.attach(wire)
 
     async def deliver(self, text: str) -> None:
         await self.send({"type": "http.response.body", "body": text.encode(), "more_body": True})
@@ -852,8 +859,7 @@ class Hub:
                     if not news:
                         continue
                     if not transport.is_closing():  # (a close our wire was not told of: the pump's, below)
-                        frames = self.frames[date]
-                        transport.write(frames.deflated if peer.deflating else frames.plain)
+                        transport.write(getattr(self.frames[date], peer.frame))
                         peer.held, peer.latest = day, None
                         written += 1
                         if written % DIRECT_BATCH == 0:
@@ -974,7 +980,7 @@ class Hub:
         known = self.newest.get(day.date)
         if known is None or day.news_to(known):
             self.newest[day.date] = day
-            self.frames[day.date] = Frames(day.update_text.encode())
+            self.frames[day.date] = Frames(day)
             self.pending.set()
 
     def roll_over(self, day: Day) -> None:
@@ -1747,7 +1753,7 @@ class EventStream:
             raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
         headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        peer = StreamPeer(send, address)
+        peer = StreamPeer(send, address, scope.get("extensions", {}).get(DIRECT_WRITES))
         hub.join(peer)
         hub.watch(peer, date)
         peer.send_state(await board.day(date or board.today()))
@@ -2446,6 +2452,10 @@ app = create_app(SETTINGS)
 #   ``app_state``, ``handle_websocket_upgrade`` (no argument for httptools, the h11 event for h11) and
 #   ``transport.set_protocol`` on upgrade;
 # - httptools: ``on_header(name, value)`` for headers and trailers, ``pipeline`` (requests sent ahead);
+#   for the /events chunks written straight (EventWire), the cycle's ``response_started``,
+#   ``chunked_encoding``, ``response_complete``, ``disconnected``, ``flow`` and ``transport``, ``send``
+#   framing a chunk as we do, and ``disconnected`` and the flow's ``write_paused`` changed only in the
+#   protocol's ``pause_writing``, ``resume_writing`` and ``connection_lost`` (where we tell the listener);
 # - sans-I/O WebSockets: ``close_sent``, ``read_paused``, ``client``, and ``send`` waiting on ``writable``
 #   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing;
 #   for the direct writes, ``conn`` (websockets' ServerProtocol, made in __init__ from ``config``, and
@@ -2626,6 +2636,7 @@ class Counted:
     protocol.)"""
 
     requested = False  # whether a connection already carries a whole request when it reaches us
+    listener: Peer | None = None  # the hub's peer whose states are written straight to this connection
     app_state: dict[str, Any]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -2639,18 +2650,27 @@ class Counted:
         if door is not None:
             door.leave(self)  # type: ignore[arg-type]
         super().connection_lost(exc)  # type: ignore[misc]
+        self.tell_listener()
+        self.listener = None  # (no cycle left for the collector)
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
         door = door_of(self)
         if door is not None:
             door.stall(self)  # type: ignore[arg-type]
+        self.tell_listener()
 
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
         door = door_of(self)
         if door is not None:
             door.flowing(self)  # type: ignore[arg-type]
+        self.tell_listener()
+
+    def tell_listener(self) -> None:
+        """What the listener's straight path depends on changed (our writes stopped or flow, a close)."""
+        if self.listener is not None:
+            self.listener.reckon()
 
     def listening(self) -> None:
         """Tell the Door this connection is a listener, and of which client address."""
@@ -2670,13 +2690,15 @@ DEFLATE_SETTINGS = {"memLevel": 5}
 
 class Frames:
     """One state as the wire carries it, built once for every listener: the plain text frame, and (only
-    once a compressing listener needs it) the frame deflated on its own, which any listener that agreed to
-    server_no_context_takeover inflates alike."""
+    once a listener needs them) the frame deflated on its own, which any listener that agreed to
+    server_no_context_takeover inflates alike, and the /events chunk."""
 
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.plain = text_frame(payload)
+    def __init__(self, day: Day) -> None:
+        self.day = day
+        self.payload = day.update_text.encode()
+        self.plain = text_frame(self.payload)
         self._deflated: bytes | None = None
+        self._chunk: bytes | None = None
 
     @property
     def deflated(self) -> bytes:
@@ -2685,6 +2707,14 @@ class Frames:
             data = encoder.compress(self.payload) + encoder.flush(zlib.Z_SYNC_FLUSH)
             self._deflated = text_frame(data[:-4], rsv1=True)  # (less the sync flush's empty block, RFC 7692)
         return self._deflated
+
+    @property
+    def chunk(self) -> bytes:
+        """The Server-Sent Event as one chunk of a chunked HTTP response, as uvicorn's send frames a body."""
+        if self._chunk is None:
+            event = self.day.event_bytes
+            self._chunk = b"%x\r\n%s\r\n" % (len(event), event)
+        return self._chunk
 
 
 def text_frame(payload: bytes, rsv1: bool = False) -> bytes:
@@ -2749,6 +2779,8 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 if self.cycle.scope.get("path") in STREAM_PATHS:
                     keep_send_buffer_small(self.transport)
                     self.listening()
+                    if DIRECT_CHUNKS and not self.pipeline:  # (started now; one sent ahead goes through ASGI)
+                        self.cycle.scope.setdefault("extensions", {})[DIRECT_WRITES] = EventWire(self, self.cycle)
         self._tell_door()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -2761,6 +2793,7 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self.listener = None  # (a stream is the only response under way while it lasts: it ended)
         self._tell_door()
 
     def _tell_door(self) -> None:
@@ -2789,6 +2822,31 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if door is not None:
             door.leave(self)  # the WebSocket protocol that takes over the connection enters it anew
         super().handle_websocket_upgrade(*args)
+
+
+# httptools frames a chunk as we do; h11 (where httptools is missing) frames its own: those streams go through ASGI
+DIRECT_CHUNKS = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
+
+
+class EventWire:
+    """An /events response on our HTTP protocol, for the hub to write a state's chunk to straight away, as
+    the response's own send would (same framing, same transport): once its head is out and chunked, while
+    our writes flow (not paused by a reader that stopped reading), and until it is complete or cut off.
+    Then it is the same bytes in the same order with uvicorn's own writes, as for GuardedWebSocket."""
+
+    frame = "chunk"
+
+    def __init__(self, protocol: GuardedHttp, cycle: Any) -> None:
+        self.protocol, self.cycle, self.transport = protocol, cycle, cycle.transport
+
+    @property
+    def flowing(self) -> bool:
+        cycle = self.cycle
+        return (cycle.response_started and cycle.chunked_encoding is True and not cycle.response_complete
+                and not cycle.disconnected and not cycle.flow.write_paused)
+
+    def listen(self, peer: Peer) -> None:
+        self.protocol.listener = peer
 
 
 PONG_BACKLOG = 64 * 1024  # bytes of our own writes waiting for a peer, past which we stop reading from it
@@ -2828,12 +2886,12 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
             self.scope["extensions"][DIRECT_WRITES] = self
             # (agreed in accept(), above) the shared deflated frame uses a 2^WINDOW_BITS window: a client that
             # asked for a smaller one gets the plain frame instead (an uncompressed message is always valid)
-            self.deflating = any(getattr(extension, "local_max_window_bits", 0) >= WINDOW_BITS
-                                 for extension in self.conn.extensions)
+            if any(getattr(extension, "local_max_window_bits", 0) >= WINDOW_BITS
+                   for extension in self.conn.extensions):
+                self.frame = "deflated"
 
-    deflating = False  # this connection agreed to permessage-deflate (without context takeover: ours)
+    frame = "plain"  # which of a state's Frames it is written: "deflated" once it agreed to our compression
 
-    listener: Peer | None = None  # the hub's peer for this connection, told when our writes stop or start
     _close_sent = False
 
     @property
@@ -2858,18 +2916,8 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
         self._close_sent = value
         self.tell_listener()
 
-    def tell_listener(self) -> None:
-        if self.listener is not None:
-            self.listener.reckon()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.tell_listener()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.tell_listener()
-        self.listener = None  # (no cycle left for the collector)
+    def listen(self, peer: Peer) -> None:
+        self.listener = peer
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -2879,7 +2927,6 @@ class GuardedWebSocket(Counted, WebSocketsSansIOProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.tell_listener()
         if self.held_back:
             self.held_back = False
             if not self.read_paused:  # uvicorn's own pause (a message the app has not taken yet) stays

@@ -3204,21 +3204,38 @@ def test_written_straight_or_sent_every_listener_gets_the_same_states_in_order(
         assert (hub.direct_writes > 0) == (protocol == "ours")
 
 
-def test_a_listener_whose_reads_lag_leaves_the_straight_path_until_it_reads_again(settings: Settings) -> None:
+def raw_events_reader_that_never_reads(port: int) -> socket.socket:
+    """An /events client that sends its request and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock
+
+
+@pytest.mark.parametrize("kind", ["socket", "events"])
+def test_a_listener_whose_reads_lag_leaves_the_straight_path_until_it_reads_again(settings: Settings,
+                                                                                   kind: str) -> None:
     """The fan-out writes straight only to a listener whose writes flow: once one that stopped reading has
     its writes paused, its states wait in its pump (back-pressure, the stall timeout); once it reads them all
     it is written straight again, and holds the newest state like everyone else."""
     with running(replace(settings, send_timeout=30)) as service:
-        lagging = service.stack.enter_context(contextlib.closing(raw_socket_that_never_reads(service.server.port)))
+        opener = raw_socket_that_never_reads if kind == "socket" else raw_events_reader_that_never_reads
+        lagging = service.stack.enter_context(contextlib.closing(opener(service.server.port)))
         reader = service.socket()
         hub = service.state["hub"]
-        peer = next(peer for peer in hub.peers if peer.wire is not None and peer.wire.client[1] == lagging.getsockname()[1])
+        port = lagging.getsockname()[1]
+        deadline = time.monotonic() + 5
+        while not (peer := next((peer for peer in hub.peers if peer.wire is not None and port in (
+                getattr(peer.wire, "client", None) or peer.wire.protocol.client)), None)):
+            assert time.monotonic() < deadline, "the lagging listener never joined"
+            time.sleep(0.01)
         assert peer.direct is peer.wire.transport
         for change in range(400):  # book and cancel until our writes to it back up
             assert (service.cancel(9) if change % 2 else service.book(9)).status_code == 200
-            if not peer.wire.writable.is_set():
+            if not peer.wire.flowing:
                 break
-        assert not peer.wire.writable.is_set(), "the lagging socket's writes never backed up"
+        assert not peer.wire.flowing, "the lagging listener's writes never backed up"
         assert peer.direct is None  # so no state is written past the transport's limit
         def newest_with(slot: int) -> int:
             """The version of the state in which the reader first sees slot booked."""
@@ -3242,6 +3259,66 @@ def test_a_listener_whose_reads_lag_leaves_the_straight_path_until_it_reads_agai
         assert service.book(10).status_code == 200
         lagging_reads_until(newest_with(10))
         assert hub.direct_writes - before == 2  # the newest state, straight to both
+
+
+class RawEvents:
+    """An /events reader on a plain socket that takes the chunked body apart strictly: each chunk its size
+    in hex, CRLF, that many bytes, CRLF; and each chunk one whole event."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.buffer = b""
+        head = self.take(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+
+    def take(self, end: bytes) -> bytes:
+        while end not in self.buffer:
+            self.buffer += self.sock.recv(65536)
+        taken, self.buffer = self.buffer.split(end, 1)
+        return taken
+
+    def chunk(self) -> bytes:
+        size = int(self.take(b"\r\n"), 16)
+        while len(self.buffer) < size + 2:
+            self.buffer += self.sock.recv(65536)
+        chunk, after, self.buffer = self.buffer[:size], self.buffer[size:size + 2], self.buffer[size + 2:]
+        assert after == b"\r\n" and chunk.endswith(b"\n\n"), chunk
+        return chunk
+
+    def events_until(self, slots: list[int]) -> list[tuple[int, bytes]]:
+        """The (id, data) of the events until one shows ``slots`` booked (heartbeats are skipped)."""
+        events = []
+        while True:
+            chunk = self.chunk()
+            if chunk != b": keep-alive\n\n":
+                id_line, data_line, _, _ = chunk.split(b"\n")
+                assert id_line.startswith(b"id: ") and data_line.startswith(b"data: ")
+                events.append((int(id_line[4:]), data_line[6:]))
+                if booked(orjson.loads(data_line[6:])) == slots:
+                    return events
+
+
+@pytest.mark.parametrize("protocol", ["ours", "uvicorn's"])
+def test_an_events_reader_gets_each_state_as_one_whole_chunk_written_straight_or_sent(
+        settings: Settings, protocol: str) -> None:
+    """Under python app.py an idle /events reader's state is one chunk, built once and written to its
+    connection, between the heartbeats its pump sends; under bare uvicorn every state is sent through ASGI.
+    Either way whole chunks, ids only growing, ending on the very state the hub holds."""
+    options = {} if protocol == "ours" else {"http": app_module.AutoHTTPProtocol}
+    with running(replace(settings, heartbeat_seconds=0.005), **options) as service:
+        reader = RawEvents(service.server.port)
+        service.stack.enter_context(contextlib.closing(reader.sock))
+        hub = service.state["hub"]
+        before = hub.direct_writes
+        for slot in range(3, 15):
+            assert service.book(slot).status_code == 200
+        events = reader.events_until(list(range(3, 15)))
+        ids = [id for id, _ in events]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        (newest,) = hub.newest.values()
+        assert events[-1] == (newest.version, newest.update_text.encode())  # byte for byte
+        assert (hub.direct_writes > before) == (protocol == "ours")
 
 
 class BrowserSocket:
@@ -4267,17 +4344,28 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     send = inspect.getsource(app_module.WebSocketsSansIOProtocol.send)
     if not send.lstrip().split("\n", 2)[1].strip().startswith("await self.writable.wait()"):
         missing.append("WebSocketsSansIOProtocol.send waiting for writable before anything else")
-    # the direct writes' flag is set again wherever what it depends on changes (GuardedWebSocket's hooks)
-    hooked = {"writable": {"__init__", "pause_writing", "resume_writing", "connection_lost"},
-              "disconnected": {"__init__", "connection_lost"}}
-    for function in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(app_module.WebSocketsSansIOProtocol)))):
-        if isinstance(function, ast.FunctionDef):
-            for node in ast.walk(function):
-                changed = (node.value.attr if isinstance(node, ast.Attribute) and node.attr in ("set", "clear")
-                           and isinstance(node.value, ast.Attribute) else
-                           node.attr if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) else None)
-                if changed in hooked and function.name not in hooked[changed]:
-                    missing.append(f"WebSocketsSansIOProtocol.{function.name} changing {changed} unhooked")
+    # the direct writes' flag is set again wherever what it depends on changes (the guarded protocols' hooks)
+    hooks = {"__init__", "connection_made", "pause_writing", "resume_writing", "connection_lost"}
+    import uvicorn.protocols.http.flow_control as flow_control
+    import uvicorn.protocols.http.httptools_impl as httptools_impl
+
+    for where, hooked in ((app_module.WebSocketsSansIOProtocol, {"writable": hooks, "disconnected": hooks}),
+                          (httptools_impl, {"flow": hooks, "disconnected": hooks}),
+                          (flow_control.FlowControl, {"write_paused": hooks})):
+        for function in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(where)))):
+            if isinstance(function, ast.FunctionDef):
+                for node in ast.walk(function):
+                    changed = (node.value.attr if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                               and node.attr in ("set", "clear", "pause_writing", "resume_writing") else
+                               node.attr if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) else None)
+                    if changed in hooked and function.name not in hooked[changed]:
+                        missing.append(f"{where.__name__}.{function.name} changing {changed} unhooked")
+    send = inspect.getsource(HttpToolsCycle.send)  # (what an /events chunk written straight must match)
+    if 'content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]' not in send:
+        missing.append("httptools RequestResponseCycle.send framing a chunk as EventWire's")
+    missing += [f"httptools RequestResponseCycle.{name}" for name in
+                ("response_started", "chunked_encoding", "disconnected", "flow", "transport")
+                if f"self.{name}" not in inspect.getsource(HttpToolsCycle)]
     from uvicorn.config import STARTUP_FAILURE  # (what serve() needs to exit non-zero with WORKERS > 1)
     from uvicorn.supervisors import Multiprocess
     from uvicorn.supervisors.multiprocess import Process
