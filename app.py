@@ -1753,17 +1753,22 @@ class EventStream:
             raise HTTPException(503, "Too many connections; try again later", {"Retry-After": "30"})
         headers = [(b"content-type", b"text/event-stream"), (b"x-accel-buffering", b"no")]  # nginx: no buffering
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["method"] == "HEAD":  # the head a GET gets, and no stream (it had held the connection)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         peer = StreamPeer(send, address, scope.get("extensions", {}).get(DIRECT_WRITES))
         hub.join(peer)
-        hub.watch(peer, date)
-        peer.send_state(await board.day(date or board.today()))
-        assert peer.task is not None
-        disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
-        try:
-            # Ends when the client goes away, or when the pump ends the stream (shutdown, or a reader too slow).
-            await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        try:  # (from here: a failed read gives its place back too)
+            hub.watch(peer, date)
+            peer.send_state(await board.day(date or board.today()))
+            assert peer.task is not None
+            disconnected = asyncio.ensure_future(wait_for_disconnect(receive))
+            try:
+                # Ends when the client goes away, or when the pump ends the stream (shutdown, a slow reader).
+                await asyncio.wait({peer.task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                disconnected.cancel()
         finally:
-            disconnected.cancel()
             await hub.leave(peer)
 
 
@@ -1827,9 +1832,9 @@ async def slot_socket(websocket: WebSocket[State]) -> None:
         return
     peer = SocketPeer(websocket, address)
     hub.join(peer)
-    peer.send_state(await today_of(state))
     bucket = RateLimit(settings.ws_rate_per_second, settings.ws_rate_burst)
     try:
+        peer.send_state(await today_of(state))  # (inside: a failed read gives its place back too)
         while peer.close_code is None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -2463,7 +2468,9 @@ app = create_app(SETTINGS)
 #   ``transport``, and ``scope`` built in ``handle_connect`` before the app's task first runs; ``close_sent``
 #   only ever assigned as an attribute (ours is a property that tells the listener), ``disconnected`` set in
 #   ``connection_lost``, and ``writable`` changed only in ``pause_writing``, ``resume_writing`` and
-#   ``connection_lost`` (the hooks where we tell the listener its writes stopped or flow again).
+#   ``connection_lost`` (the hooks where we tell the listener its writes stopped or flow again); where it
+#   writes a close frame without ``close_sent`` (answering the peer's close, ``shutdown``), it closes the
+#   transport in the same step, which the fan-out's ``is_closing()`` sees;
 # - with WORKERS > 1, ``Config.bind_socket`` and ``supervisors.Multiprocess`` (its ``run`` and ``processes``,
 #   each with ``exitcode``), and ``config.STARTUP_FAILURE``: uvicorn.run returns normally, so exits 0, when a
 #   worker fails to start.
@@ -2757,10 +2764,28 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     whatever the parser (trailers: cut, their request under way). Requests sent ahead are parsed, and
     kept, 256 KiB at a time: a client
     sending small GETs for ever grew the process by 120 MB a second, so past MAX_PIPELINED it is cut.
+
+    When such a connection is lost, httptools tells only the newest request (the last one sent ahead)
+    that its client went: the one being answered never heard, and an /events stream with a request sent
+    behind it kept its listener's place in the hub for ever. Here the request being answered is told too.
     """
 
     head_bytes = 0  # of the request head being received (while no request is in progress)
     trailer_bytes = 0  # of the trailers of the chunked body being received
+    running: Any = None  # (httptools) the cycle being answered; those sent ahead wait in ``pipeline``
+
+    def on_headers_complete(self) -> None:
+        """(httptools) A whole head: its request is answered now, or waits behind the one that is."""
+        super().on_headers_complete()
+        if not self.pipeline:
+            self.running = self.cycle
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        running = self.running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True  # (what uvicorn does for self.cycle alone)
+            running.message_event.set()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         for start in range(0, len(data), HEAD_PIECE):
@@ -2792,7 +2817,11 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().on_header(name, value)
 
     def on_response_complete(self) -> None:
+        pipeline = getattr(self, "pipeline", ())
+        upcoming = pipeline[-1][0] if pipeline else None  # (the next one sent ahead, which starts now)
         super().on_response_complete()
+        if upcoming is not None and all(cycle is not upcoming for cycle, _ in pipeline):
+            self.running = upcoming
         self.listener = None  # (a stream is the only response under way while it lasts: it ended)
         self._tell_door()
 

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.websockets import WebSocketDisconnect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -3572,6 +3572,63 @@ def test_an_events_reader_that_stops_reading_is_closed_and_counted_until_then(se
             assert time.monotonic() < deadline, "the stuck reader still counts after it was closed"
             time.sleep(0.1)
         stuck.close()
+
+
+def test_head_of_the_events_feed_is_its_head_alone_and_the_connection_goes_on(service: Service) -> None:
+    with contextlib.closing(socket.create_connection(("127.0.0.1", service.server.port), timeout=5)) as sock:
+        sock.sendall(b"HEAD /events HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        seen = b""
+        while seen.count(b"HTTP/1.1 200") < 2:  # (it had held the connection as a listener for ever)
+            seen += sock.recv(65536)
+        head, health = seen.split(b"\r\n\r\n", 1)
+        assert b"text/event-stream" in head and health.startswith(b"HTTP/1.1 200")
+    assert not service.state["hub"].open
+
+
+@pytest.mark.parametrize("kind", ["socket", "events"])
+def test_a_listener_whose_first_read_fails_gives_its_place_back(settings: Settings, kind: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    with running(replace(settings, max_connections_per_address=1)) as service:
+        board, hub = service.state["board"], service.state["hub"]
+
+        async def broken(date: str) -> Day:
+            raise OSError("disk I/O error")
+
+        board.day = broken
+        try:
+            with contextlib.suppress(httpx.HTTPError, WebSocketException, TimeoutError):
+                if kind == "events":
+                    with service.http.stream("GET", "/events") as events:
+                        events.read()
+                else:
+                    with ws_connect(service.server.ws_url, open_timeout=5) as ws:
+                        ws.recv(timeout=5)
+        finally:
+            del board.day
+        deadline = time.monotonic() + 5
+        while hub.open:
+            assert time.monotonic() < deadline, "the failed listener still holds its place"
+            time.sleep(0.01)
+        service.socket()  # the address may listen again (and hears the state)
+
+
+def test_an_events_reader_that_sent_a_request_behind_it_and_went_gives_its_place_back(settings: Settings) -> None:
+    """httptools tells only the newest request of a connection that its client went: an /events stream
+    with a request sent ahead behind it never heard, and kept its place among the listeners for ever."""
+    with running(replace(settings, max_connections_per_address=1)) as service:
+        hub = service.state["hub"]
+        for _ in range(3):
+            gone = socket.create_connection(("127.0.0.1", service.server.port))
+            gone.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert gone.recv(12) == b"HTTP/1.1 200"  # the stream has begun
+            gone.close()
+            assert service.book(9).status_code == 200 and service.cancel(9).status_code == 200
+            deadline = time.monotonic() + 5
+            while hub.open:
+                assert time.monotonic() < deadline, "the gone reader still holds its place"
+                time.sleep(0.01)
+        with service.http.stream("GET", "/events") as events:  # the address may listen again
+            assert events.status_code == 200
 
 
 # -- how it keeps bookings safe: at the same instant, across workers, through crashes ------------------------
