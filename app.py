@@ -891,6 +891,8 @@ class Hub:
         except SEND_ERRORS as exc:
             logger.debug("send failed: %r", exc)
             self._drop(peer)
+            if peer.task is not None:
+                peer.task.cancel()  # as its own failed send ends it: its endpoint then leaves
             return True
         peer.sent(day)
         return True
@@ -1033,6 +1035,7 @@ class Hub:
         except asyncio.TimeoutError:
             logger.warning("dropping a listener that took over %.1fs to accept a message", self.send_timeout)
             self._drop(peer)
+            peer.close(1008)  # (closing: nothing is written to it straight away while the close waits)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.send_timeout):  # the close frame may never go either
                     await peer.finish(1008)
@@ -2460,7 +2463,10 @@ app = create_app(SETTINGS)
 #   for the /events chunks written straight (EventWire), the cycle's ``response_started``,
 #   ``chunked_encoding``, ``response_complete``, ``disconnected``, ``flow`` and ``transport``, ``send``
 #   framing a chunk as we do, and ``disconnected`` and the flow's ``write_paused`` changed only in the
-#   protocol's ``pause_writing``, ``resume_writing`` and ``connection_lost`` (where we tell the listener);
+#   protocol's ``pause_writing``, ``resume_writing`` and ``connection_lost`` (where we tell the listener;
+#   our connection_lost also tells the request being answered), and ``response_complete`` only in
+#   ``send`` (run by the stream's pump, which is not idle while it sends) before ``on_response_complete``
+#   (where we tell the listener);
 # - sans-I/O WebSockets: ``close_sent``, ``read_paused``, ``client``, and ``send`` waiting on ``writable``
 #   (cleared by ``pause_writing``) before it writes anything: a send cut off by a zero timeout wrote nothing;
 #   for the direct writes, ``conn`` (websockets' ServerProtocol, made in __init__ from ``config``, and
@@ -2772,7 +2778,7 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     head_bytes = 0  # of the request head being received (while no request is in progress)
     trailer_bytes = 0  # of the trailers of the chunked body being received
-    running: Any = None  # (httptools) the cycle being answered; those sent ahead wait in ``pipeline``
+    running: Any = None  # (httptools) the cycle answered last (until the next head); those sent ahead wait
 
     def on_headers_complete(self) -> None:
         """(httptools) A whole head: its request is answered now, or waits behind the one that is."""
@@ -2801,7 +2807,7 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 self.head_bytes = self.trailer_bytes = 0
                 if len(getattr(self, "pipeline", ())) > MAX_PIPELINED:
                     return cut(self.transport)
-                if self.cycle.scope.get("path") in STREAM_PATHS:
+                if self.cycle.scope.get("path") in STREAM_PATHS and self.cycle.scope.get("method") == "GET":
                     keep_send_buffer_small(self.transport)
                     self.listening()
                     if DIRECT_CHUNKS and not self.pipeline:  # (started now; one sent ahead goes through ASGI)
@@ -2822,7 +2828,8 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().on_response_complete()
         if upcoming is not None and all(cycle is not upcoming for cycle, _ in pipeline):
             self.running = upcoming
-        self.listener = None  # (a stream is the only response under way while it lasts: it ended)
+        self.tell_listener()  # (a stream is the only response under way while it lasts: it ended)
+        self.listener = None
         self._tell_door()
 
     def _tell_door(self) -> None:
@@ -2847,6 +2854,10 @@ class GuardedHttp(Counted, AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.transport.close()
 
     def handle_websocket_upgrade(self, *args: Any) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            # sent ahead behind a response under way (an /events stream: for ever): the WebSocket would take
+            # the connection from under it, and the stream would never hear of its end
+            return cut(self.transport)
         door = door_of(self)
         if door is not None:
             door.leave(self)  # the WebSocket protocol that takes over the connection enters it anew

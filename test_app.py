@@ -3261,6 +3261,35 @@ def test_a_listener_whose_reads_lag_leaves_the_straight_path_until_it_reads_agai
         assert hub.direct_writes - before == 2  # the newest state, straight to both
 
 
+def test_an_events_reader_dropped_for_not_reading_is_not_written_straight_once_it_reads(settings: Settings) -> None:
+    """Dropped, it is closing: when it reads again it gets the end of the stream, and its peer is never
+    again one to write to straight away (a round that began before the drop would have written after the
+    end)."""
+    with running(replace(settings, send_timeout=0.5)) as service:
+        lagging = service.stack.enter_context(contextlib.closing(
+            raw_events_reader_that_never_reads(service.server.port)))
+        hub = service.state["hub"]
+        service.state["door"].stall_timeout = 30  # (its connection is not aborted meanwhile)
+        deadline = time.monotonic() + 5
+        while not (peer := next((peer for peer in hub.peers if isinstance(peer.wire, app_module.EventWire)), None)):
+            assert time.monotonic() < deadline, "the reader never joined"
+            time.sleep(0.01)
+        change = 0
+        while peer.wire.flowing:  # change after change until our writes to it back up
+            assert (service.cancel(9) if change % 2 else service.book(9)).status_code == 200
+            change += 1
+            assert change < 400, "the reader's writes never backed up"
+        assert (service.cancel(9) if change % 2 else service.book(9)).status_code == 200  # its pump's, now
+        while peer in hub.peers:  # and nothing more is owed it when it is dropped for not reading
+            assert time.monotonic() < deadline + 5, "the reader was never dropped"
+            time.sleep(0.01)
+        lagging.settimeout(5)
+        seen = b""
+        while not seen.endswith(b"\r\n0\r\n\r\n"):  # it reads at once: the stream's end comes
+            seen = seen[-16:] + lagging.recv(65536)
+        assert peer.direct is None
+
+
 class RawEvents:
     """An /events reader on a plain socket that takes the chunked body apart strictly: each chunk its size
     in hex, CRLF, that many bytes, CRLF; and each chunk one whole event."""
@@ -3269,6 +3298,7 @@ class RawEvents:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.sock.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.buffer = b""
+        self.heartbeats = 0
         head = self.take(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
 
@@ -3287,11 +3317,13 @@ class RawEvents:
         return chunk
 
     def events_until(self, slots: list[int]) -> list[tuple[int, bytes]]:
-        """The (id, data) of the events until one shows ``slots`` booked (heartbeats are skipped)."""
+        """The (id, data) of the events until one shows ``slots`` booked (heartbeats are counted)."""
         events = []
         while True:
             chunk = self.chunk()
-            if chunk != b": keep-alive\n\n":
+            if chunk == b": keep-alive\n\n":
+                self.heartbeats += 1
+            else:
                 id_line, data_line, _, _ = chunk.split(b"\n")
                 assert id_line.startswith(b"id: ") and data_line.startswith(b"data: ")
                 events.append((int(id_line[4:]), data_line[6:]))
@@ -3313,7 +3345,9 @@ def test_an_events_reader_gets_each_state_as_one_whole_chunk_written_straight_or
         before = hub.direct_writes
         for slot in range(3, 15):
             assert service.book(slot).status_code == 200
+            time.sleep(0.01)  # (heartbeats come in between)
         events = reader.events_until(list(range(3, 15)))
+        assert reader.heartbeats
         ids = [id for id, _ in events]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
         (newest,) = hub.newest.values()
@@ -3612,15 +3646,32 @@ def test_a_listener_whose_first_read_fails_gives_its_place_back(settings: Settin
         service.socket()  # the address may listen again (and hears the state)
 
 
-def test_an_events_reader_that_sent_a_request_behind_it_and_went_gives_its_place_back(settings: Settings) -> None:
+UPGRADE = (b"GET /slot-booking HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.parametrize("behind", ["a request in the same write", "a request after the head", "an upgrade"])
+def test_an_events_reader_that_sent_a_request_behind_it_and_went_gives_its_place_back(settings: Settings,
+                                                                                      behind: str) -> None:
     """httptools tells only the newest request of a connection that its client went: an /events stream
-    with a request sent ahead behind it never heard, and kept its place among the listeners for ever."""
+    with a request sent ahead behind it never heard, and kept its place among the listeners for ever. A
+    WebSocket upgrade sent behind it would take the connection from under the stream: it is cut."""
     with running(replace(settings, max_connections_per_address=1)) as service:
         hub = service.state["hub"]
         for _ in range(3):
-            gone = socket.create_connection(("127.0.0.1", service.server.port))
-            gone.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            gone = socket.create_connection(("127.0.0.1", service.server.port), timeout=5)
+            stream = b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n"
+            health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            gone.sendall(stream + health if behind == "a request in the same write" else stream)
             assert gone.recv(12) == b"HTTP/1.1 200"  # the stream has begun
+            if behind != "a request in the same write":
+                deadline = time.monotonic() + 5
+                while not any(isinstance(peer.wire, app_module.EventWire) for peer in hub.peers):
+                    assert time.monotonic() < deadline, "the stream is not written straight"
+                    time.sleep(0.01)
+                gone.sendall(health if behind == "a request after the head" else UPGRADE)
+            if behind == "an upgrade":
+                assert closed_by_server(gone, within=5)
             gone.close()
             assert service.book(9).status_code == 200 and service.cancel(9).status_code == 200
             deadline = time.monotonic() + 5
@@ -4407,10 +4458,11 @@ def test_the_uvicorn_internals_we_rely_on_are_there() -> None:
     import uvicorn.protocols.http.httptools_impl as httptools_impl
 
     for where, hooked in ((app_module.WebSocketsSansIOProtocol, {"writable": hooks, "disconnected": hooks}),
-                          (httptools_impl, {"flow": hooks, "disconnected": hooks}),
+                          (httptools_impl, {"flow": hooks, "disconnected": hooks,
+                                            "response_complete": {"__init__", "send"}}),
                           (flow_control.FlowControl, {"write_paused": hooks})):
         for function in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(where)))):
-            if isinstance(function, ast.FunctionDef):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(function):
                     changed = (node.value.attr if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                                and node.attr in ("set", "clear", "pause_writing", "resume_writing") else
