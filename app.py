@@ -704,7 +704,8 @@ class Peer:
 
     async def write(self, item: str | Day) -> None:
         """Write one reply or state (``sending`` while it is under way, however it ends)."""
-        self.sending, self.direct = True, None
+        self.sending = True
+        self.reckon()
         try:
             await (self.deliver(item) if isinstance(item, str) else self.deliver_day(item))
         finally:
@@ -718,7 +719,8 @@ class Peer:
 
     def close(self, code: int) -> None:
         if self.close_code is None:
-            self.close_code, self.direct = code, None
+            self.close_code = code
+            self.reckon()
             self.wake.set()
 
     async def deliver(self, text: str) -> None:
